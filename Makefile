@@ -1,0 +1,57 @@
+# kafka-cutover: the two commands are `make demo` and `make test`; each does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CUTOVER := $(VENV)/bin/cutover
+STACK_ENV := .stack/env
+# Export the local stack's CUTOVER_* variables to every recipe that needs them.
+WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
+
+.PHONY: help venv up down status test unit integration lint demo bench clean
+
+help:
+	@echo "make demo    stack up, load the reference shop, prefill, a short workload, a summary"
+	@echo "make test    stack up, lint (ruff, mypy strict), unit + integration tests"
+	@echo "make up      start Kafka (KRaft) + legacy and commerce PostgreSQL 15 on 127.0.0.1"
+	@echo "make down    stop everything 'make up' started"
+	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+up: venv
+	$(PY) -m cutover.stack up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m cutover.stack down; else echo "nothing to stop"; fi
+
+status: venv
+	$(PY) -m cutover.stack status
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit -q
+
+integration: up
+	$(WITH_ENV) $(VENV)/bin/pytest tests/integration -q
+
+test: up lint
+	$(WITH_ENV) $(VENV)/bin/pytest tests -q
+
+demo: up
+	$(WITH_ENV) bash examples/shop/demo.sh
+
+bench: up
+	$(WITH_ENV) $(PY) bench/workload_rate.py
+
+clean: down
+	rm -rf .stack

@@ -1,0 +1,264 @@
+"""Typed, frozen configuration, built once at the entry point and passed down.
+
+Sources, later ones winning:
+
+1. the TOML file (``--config``, else ``$CUTOVER_CONFIG``, else ``./cutover.toml``);
+2. the environment: ``CUTOVER_SOURCE_DSN``, ``CUTOVER_TARGET_DSN``, ``CUTOVER_KAFKA_BOOTSTRAP``,
+   ``CUTOVER_TOPIC_PREFIX``.
+
+Nothing below the entry point reads the environment: :func:`load_settings` takes it as an
+argument. Unknown keys are errors (a typo must not silently fall back to a default). Relative
+paths in the file (the mapping file) are resolved against the file's folder. DSNs hold secrets:
+they are never put in a message (see :func:`cutover.errors.redact_dsn`) and ``Settings.__repr__``
+masks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from cutover.errors import ConfigError, redact_dsn
+
+ENV_PREFIX = "CUTOVER_"
+DOMAINS: tuple[str, ...] = ("payment", "data", "merchant")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """The legacy (old shop) PostgreSQL database and its logical-decoding objects."""
+
+    dsn: str = field(repr=False)
+    slot: str = "cutover_slot"
+    publication: str = "cutover_pub"
+    # How many pgoutput messages one peek may return: bounds producer memory.
+    peek_batch: int = 20_000
+    heartbeat_interval_s: float = 5.0
+    snapshot_chunk_rows: int = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSettings:
+    """The commerce PostgreSQL database the consumers apply into."""
+
+    dsn: str = field(repr=False)
+    # Schema holding the tool's own control tables (offsets, dead letters, state, audit).
+    control_schema: str = "cutover"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """Kafka connection, topic layout, and librdkafka pass-through settings."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "shop"
+    partitions: int = 6
+    replication_factor: int = 1
+    schema_registry_url: str | None = None
+    producer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    consumer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+
+    def topic(self, domain: str) -> str:
+        return f"{self.topic_prefix}.{domain}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    @property
+    def control_topic(self) -> str:
+        return f"{self.topic_prefix}.control"
+
+    @property
+    def schemas_topic(self) -> str:
+        return f"{self.topic_prefix}.schemas"
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySettings:
+    """Apply-consumer behaviour."""
+
+    group_id: str = "cutover-apply"
+    batch_max_events: int = 5_000
+    batch_max_wait_ms: int = 100
+    dlq_policy: Literal["dlq", "halt"] = "dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class GateSettings:
+    """Thresholds of the cutover gates."""
+
+    verify_max_age_minutes: int = 15
+    max_apply_lag_events: int = 1_000
+    max_heartbeat_age_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a command needs, resolved once."""
+
+    source: SourceSettings
+    target: TargetSettings
+    kafka: KafkaSettings
+    mapping_path: Path
+    apply: ApplySettings = ApplySettings()
+    gates: GateSettings = GateSettings()
+    metrics_port: int | None = None
+    config_path: Path | None = None
+
+
+_SECTION_TYPES: dict[str, type[Any]] = {
+    "source": SourceSettings,
+    "target": TargetSettings,
+    "kafka": KafkaSettings,
+    "apply": ApplySettings,
+    "gates": GateSettings,
+}
+_TOP_KEYS = {*_SECTION_TYPES, "mapping", "metrics"}
+
+
+def _check_type(section: str, key: str, value: Any, expected: str) -> Any:
+    """Return ``value`` if it fits the annotated type ``expected`` (a string annotation)."""
+    if expected.startswith("Mapping"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{section}] {key} must be a table of librdkafka settings")
+        return dict(value)
+    if expected.startswith("Literal"):
+        allowed = [a.strip().strip("'\"") for a in expected[len("Literal[") : -1].split(",")]
+        if value not in allowed:
+            raise ConfigError(f"[{section}] {key} must be one of {allowed}, not {value!r}")
+        return value
+    kinds: dict[str, tuple[type, ...]] = {
+        "str": (str,),
+        "int": (int,),
+        "float": (int, float),
+        "str | None": (str,),
+    }
+    allowed_types = kinds.get(expected, (object,))
+    if isinstance(value, bool) or not isinstance(value, allowed_types):
+        raise ConfigError(f"[{section}] {key} must be of type {expected}, not {value!r}")
+    if expected in ("int", "float"):
+        number = cast(float, value)
+        if number <= 0:
+            raise ConfigError(f"[{section}] {key} must be positive, not {value!r}")
+        return float(number) if expected == "float" else value
+    return value
+
+
+def _build(section: str, cls: type[Any], raw: Mapping[str, Any], extra: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in {**raw, **extra}.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown setting [{section}] {key}; known settings: {known}")
+        values[key] = _check_type(section, key, value, str(fields[key].type))
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        env = {"dsn": f"{ENV_PREFIX}{section.upper()}_DSN"}.get(missing[0], "")
+        hint = f" or set {env}" if env else ""
+        raise ConfigError(
+            f"missing setting [{section}] {missing[0]}: add it to the config file{hint}"
+        )
+    return cls(**values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found: pass --config FILE or set CUTOVER_CONFIG"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_settings(
+    path: Path | None,
+    environ: Mapping[str, str],
+    *,
+    require_file: bool = True,
+) -> Settings:
+    """Build :class:`Settings` from the config file and the ``CUTOVER_*`` variables in ``environ``.
+
+    ``path`` None means ``$CUTOVER_CONFIG`` or ``./cutover.toml``. With ``require_file`` False, a
+    missing default file is allowed when the environment supplies what is required.
+    """
+    explicit = path is not None or "CUTOVER_CONFIG" in environ
+    config_path = path or Path(environ.get("CUTOVER_CONFIG", "cutover.toml"))
+    raw: dict[str, Any] = {}
+    if explicit or require_file or config_path.exists():
+        raw = _read_toml(config_path)
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown section {sorted(unknown)[0]!r} in {config_path}; "
+            f"known sections: {', '.join(sorted(_TOP_KEYS))}"
+        )
+    env_over: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_TYPES}
+    for var, (section, key) in {
+        "CUTOVER_SOURCE_DSN": ("source", "dsn"),
+        "CUTOVER_TARGET_DSN": ("target", "dsn"),
+        "CUTOVER_KAFKA_BOOTSTRAP": ("kafka", "bootstrap"),
+        "CUTOVER_TOPIC_PREFIX": ("kafka", "topic_prefix"),
+    }.items():
+        if environ.get(var):
+            env_over[section][key] = environ[var]
+    sections = {
+        name: _build(name, cls, _table(raw, name, config_path), env_over[name])
+        for name, cls in _SECTION_TYPES.items()
+    }
+    mapping_raw = _table(raw, "mapping", config_path)
+    mapping_file = mapping_raw.get("file", "mapping.toml")
+    if not isinstance(mapping_file, str) or set(mapping_raw) - {"file"}:
+        raise ConfigError(f'[mapping] takes one setting, file = "PATH" (in {config_path})')
+    base = config_path.parent if config_path.exists() else Path.cwd()
+    metrics = _table(raw, "metrics", config_path)
+    port = metrics.get("port")
+    if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
+        raise ConfigError(f"[metrics] port must be an integer 0-65535, not {port!r}")
+    return Settings(
+        source=sections["source"],
+        target=sections["target"],
+        kafka=sections["kafka"],
+        apply=sections["apply"],
+        gates=sections["gates"],
+        mapping_path=(base / mapping_file).resolve(),
+        metrics_port=port,
+        config_path=config_path.resolve() if config_path.exists() else None,
+    )
+
+
+def _table(raw: Mapping[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] in {path} must be a table")
+    return value
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """A secret-free view of the settings, for logs and ``--json`` output."""
+    out = dataclasses.asdict(settings)
+    out["source"]["dsn"] = redact_dsn(settings.source.dsn)
+    out["target"]["dsn"] = redact_dsn(settings.target.dsn)
+    out["mapping_path"] = str(settings.mapping_path)
+    out["config_path"] = str(settings.config_path) if settings.config_path else None
+    return out
+
+
+def environ_snapshot() -> dict[str, str]:
+    """The only place the process environment is read for settings (the CLI entry point)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}

@@ -1,0 +1,168 @@
+"""The one exception tree of kafka-cutover.
+
+Every error the tool raises on purpose derives from :class:`CutoverError`. Vendor exceptions
+(psycopg, confluent-kafka, fastavro) are translated into this tree once, at the edge where the
+vendor call is made, so callers and the CLI only ever see these classes. Each class carries the
+data a caller needs (SQLSTATE, Kafka error code, table, key, file and line) and the exit code the
+CLI maps it to::
+
+    CutoverError                      exit 3 unless a subclass says otherwise
+    ├── UsageError                    exit 2  bad command line
+    │   └── ConfigError               exit 2  bad cutover.toml / environment
+    │       └── MappingError          exit 2  bad mapping file (names file, line, problem)
+    ├── CheckFailed                   exit 1  a check ran and said no
+    │   ├── VerifyMismatch            exit 1  verify found persistent differences
+    │   └── GateRefused               exit 1  a cutover gate refused
+    └── RuntimeFailure                exit 3  the tool could not do its job
+        ├── PrerequisiteMissing       a program the stack needs is not installed
+        ├── StackError                a local-stack server did not start or answer
+        ├── DatabaseError             PostgreSQL said no (carries sqlstate, which side)
+        ├── KafkaError                Kafka said no (carries the librdkafka error code)
+        ├── DecodeError               bytes that are not what the protocol promises
+        ├── UnmappableRow             a row the mapping cannot map (a poison message)
+        └── SlotSafetyError           the slot moved behind our back: re-snapshot required
+
+Messages name the thing and the fix. They never contain secrets: DSNs pass through
+:func:`redact_dsn` before they reach a message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+__all__ = [
+    "CheckFailed",
+    "ConfigError",
+    "CutoverError",
+    "DatabaseError",
+    "DecodeError",
+    "GateRefused",
+    "KafkaError",
+    "MappingError",
+    "PrerequisiteMissing",
+    "RuntimeFailure",
+    "SlotSafetyError",
+    "StackError",
+    "UnmappableRow",
+    "UsageError",
+    "VerifyMismatch",
+    "redact_dsn",
+]
+
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_PASSWORD_URL = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+
+
+def redact_dsn(text: str) -> str:
+    """Return ``text`` with every password of a libpq DSN (key=value or URL form) masked."""
+    text = _PASSWORD_KV.sub(r"\1***", text)
+    return _PASSWORD_URL.sub(r"\1***\3", text)
+
+
+class CutoverError(Exception):
+    """Base of every error kafka-cutover raises on purpose."""
+
+    exit_code: ClassVar[int] = 3
+
+    def __init__(self, message: str) -> None:
+        self.message = redact_dsn(message)
+        super().__init__(self.message)
+
+
+class UsageError(CutoverError):
+    """The command line asks for something that cannot be done as written."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """The configuration (file or ``CUTOVER_*`` environment) is missing or wrong."""
+
+
+class MappingError(ConfigError):
+    """The mapping file is invalid; names the file, the line (when known) and the problem."""
+
+    def __init__(self, path: str, problem: str, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        self.problem = problem
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {problem}")
+
+
+class CheckFailed(CutoverError):
+    """A check ran to the end and its answer is no."""
+
+    exit_code = 1
+
+
+class VerifyMismatch(CheckFailed):
+    """Verify found differences that persisted after the consumers caught up."""
+
+
+class GateRefused(CheckFailed):
+    """A cutover gate refused the transition; ``failing`` lists the gates and their evidence."""
+
+    def __init__(self, message: str, failing: list[str] | None = None) -> None:
+        self.failing = failing or []
+        super().__init__(message)
+
+
+class RuntimeFailure(CutoverError):
+    """The tool could not do its job (a server is down, a delivery failed, ...)."""
+
+    exit_code = 3
+
+
+class PrerequisiteMissing(RuntimeFailure):
+    """A program the local stack needs is not installed; says how to install it."""
+
+    def __init__(self, program: str, install_hint: str) -> None:
+        self.program = program
+        self.install_hint = install_hint
+        super().__init__(
+            f"{program} is required but was not found; install it with: {install_hint}"
+        )
+
+
+class StackError(RuntimeFailure):
+    """A local-stack server did not start or did not answer in time."""
+
+
+class DatabaseError(RuntimeFailure):
+    """PostgreSQL refused or failed; carries which side (source/target) and the SQLSTATE."""
+
+    def __init__(self, message: str, *, side: str, sqlstate: str | None = None) -> None:
+        self.side = side
+        self.sqlstate = sqlstate
+        suffix = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+        super().__init__(f"{side} database: {message}{suffix}")
+
+
+class KafkaError(RuntimeFailure):
+    """Kafka refused or failed; carries the librdkafka error name when there is one."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.code = code
+        suffix = f" ({code})" if code else ""
+        super().__init__(f"kafka: {message}{suffix}")
+
+
+class DecodeError(RuntimeFailure):
+    """Bytes that do not follow the protocol or encoding they claim (pgoutput, Avro)."""
+
+
+class UnmappableRow(RuntimeFailure):
+    """A row the mapping cannot map: a poison message, routed to the dead-letter topic."""
+
+    def __init__(self, table: str, column: str | None, problem: str) -> None:
+        self.table = table
+        self.column = column
+        self.problem = problem
+        where = f"{table}.{column}" if column else table
+        super().__init__(f"cannot map {where}: {problem}")
+
+
+class SlotSafetyError(RuntimeFailure):
+    """The replication slot disagrees with what we delivered: possible data loss."""

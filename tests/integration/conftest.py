@@ -1,0 +1,101 @@
+"""Fixtures for tests on the real local stack (Kafka KRaft + two PostgreSQL 15 clusters).
+
+The stack is started by ``make up`` (``make test`` does it); its addresses come from the
+``CUTOVER_*`` environment variables or, failing that, from ``.stack/env``. Without a stack the
+tests are skipped locally, but under ``CI=true`` a missing service is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "shop"
+
+
+def _read_stack_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    path = REPO / ".stack" / "env"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    for key in ("CUTOVER_SOURCE_DSN", "CUTOVER_TARGET_DSN", "CUTOVER_KAFKA_BOOTSTRAP"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def _need(env: dict[str, str], key: str) -> str:
+    if key not in env:
+        message = f"{key} not set and .stack/env missing: run `make up` first"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return env[key]
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> dict[str, str]:
+    return _read_stack_env()
+
+
+@pytest.fixture(scope="session")
+def source_dsn(stack_env: dict[str, str]) -> str:
+    """DSN of the legacy cluster's default database (admin use: create scratch databases)."""
+    return _need(stack_env, "CUTOVER_SOURCE_DSN")
+
+
+@pytest.fixture(scope="session")
+def target_dsn(stack_env: dict[str, str]) -> str:
+    return _need(stack_env, "CUTOVER_TARGET_DSN")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack_env: dict[str, str]) -> str:
+    return _need(stack_env, "CUTOVER_KAFKA_BOOTSTRAP")
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def scratch_database(admin_dsn: str, ddl_file: Path | None, prefix: str) -> Iterator[str]:
+    """Create a uniquely named database (optionally loaded with ``ddl_file``), yield its DSN,
+    drop it afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _with_dbname(admin_dsn, name)
+    try:
+        if ddl_file is not None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(ddl_file.read_text().encode())
+        yield dsn
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def fresh_legacy(source_dsn: str) -> Iterator[str]:
+    """A new database on the legacy cluster holding the empty legacy schema (examples/shop)."""
+    yield from scratch_database(source_dsn, EXAMPLES / "legacy.sql", "legacy")
+
+
+@pytest.fixture
+def fresh_commerce(target_dsn: str) -> Iterator[str]:
+    """A new database on the commerce cluster holding the empty commerce schema."""
+    yield from scratch_database(target_dsn, EXAMPLES / "commerce.sql", "commerce")
