@@ -19,6 +19,8 @@ CLI maps it to::
         ├── DatabaseError             PostgreSQL said no (carries sqlstate, which side)
         ├── KafkaError                Kafka said no (carries the librdkafka error code)
         ├── DecodeError               bytes that are not what the protocol promises
+        │   └── UnknownSchema         an Avro fingerprint no schema is known for
+        ├── SchemaIncompatible        a source table changed in a way readers cannot follow
         ├── UnmappableRow             a row the mapping cannot map (a poison message)
         └── SlotSafetyError           the slot moved behind our back: re-snapshot required
 
@@ -43,7 +45,9 @@ __all__ = [
     "PrerequisiteMissing",
     "RuntimeFailure",
     "SlotSafetyError",
+    "SchemaIncompatible",
     "StackError",
+    "UnknownSchema",
     "UnmappableRow",
     "UsageError",
     "VerifyMismatch",
@@ -151,6 +155,24 @@ class KafkaError(RuntimeFailure):
 
 class DecodeError(RuntimeFailure):
     """Bytes that do not follow the protocol or encoding they claim (pgoutput, Avro)."""
+
+
+class UnknownSchema(DecodeError):
+    """A single-object message whose writer fingerprint is in no known schema."""
+
+    def __init__(self, fingerprint: int) -> None:
+        self.fingerprint = fingerprint
+        super().__init__(
+            f"unknown Avro schema fingerprint {fingerprint:016x}: not in the schemas topic"
+        )
+
+
+class SchemaIncompatible(RuntimeFailure):
+    """A source table changed in a way consumers cannot follow (e.g. a column changed type)."""
+
+    def __init__(self, table: str, problem: str) -> None:
+        self.table = table
+        super().__init__(f"incompatible schema change of {table}: {problem}")
 
 
 class UnmappableRow(RuntimeFailure):

@@ -1,0 +1,241 @@
+"""Avro change events: schemas generated from source tables, single-object encoding, decoding.
+
+Every Kafka message value kafka-cutover writes is Avro **single-object encoded**: the magic bytes
+``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's parsing
+canonical form, then the Avro binary body. Every writer schema is also published to the compacted
+schemas topic (key = fingerprint in hex, value = the schema JSON), so any consumer can decode any
+message it finds (:class:`SchemaStore`).
+
+Per source table the codec builds a Debezium-shaped envelope (template ``schemas/envelope.avsc``)
+whose ``Value`` record has one nullable field per published column. Column types map to Avro as:
+
+=====================  ==========================================================
+PostgreSQL             Avro
+=====================  ==========================================================
+int8                   long
+int2, int4             int
+numeric(p, s)          bytes, logicalType decimal (precision p, scale s): exact
+numeric (no typmod)    string (exact decimal text)
+timestamptz            long, logicalType timestamp-micros (UTC)
+timestamp              long, logicalType local-timestamp-micros
+date                   int, logicalType date
+bool                   boolean
+uuid                   string, logicalType uuid
+bytea                  bytes
+float4, float8         double
+json, jsonb, text, …   string
+=====================  ==========================================================
+
+Schema evolution: a table's new column list (``ALTER TABLE ... ADD COLUMN`` shows up as a new
+pgoutput Relation message) yields a new schema version; :func:`check_evolution` accepts added and
+dropped columns (every field is nullable with a null default, so readers of either version can
+read the other) and refuses a changed type with :class:`~cutover.errors.SchemaIncompatible`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+import schemas
+from cutover.errors import DecodeError, SchemaIncompatible, UnknownSchema
+
+MAGIC: Final = b"\xc3\x01"
+HEADER_SIZE: Final = 10
+_FP = struct.Struct("<Q")
+
+# PostgreSQL type OIDs (pg_type.h) the codec knows how to carry exactly.
+_AVRO_BY_OID: Final[dict[int, Any]] = {
+    20: "long",
+    21: "int",
+    23: "int",
+    26: "long",
+    16: "boolean",
+    700: "double",
+    701: "double",
+    17: "bytes",
+    1184: {"type": "long", "logicalType": "timestamp-micros"},
+    1114: {"type": "long", "logicalType": "local-timestamp-micros"},
+    1082: {"type": "int", "logicalType": "date"},
+    2950: {"type": "string", "logicalType": "uuid"},
+}
+NUMERIC_OID: Final = 1700
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSpec:
+    """A published source column as the codec needs it."""
+
+    name: str
+    type_oid: int
+    type_modifier: int
+
+
+def avro_type(type_oid: int, type_modifier: int) -> Any:
+    """The Avro type carrying values of a PostgreSQL type exactly (see the module table)."""
+    if type_oid == NUMERIC_OID:
+        if type_modifier >= 4:
+            packed = type_modifier - 4
+            precision, scale = (packed >> 16) & 0xFFFF, packed & 0xFFFF
+            return {"type": "bytes", "logicalType": "decimal", "precision": precision,
+                    "scale": scale}  # fmt: skip
+        return "string"
+    return _AVRO_BY_OID.get(type_oid, "string")
+
+
+def _avro_name(name: str) -> str:
+    """Avro names allow [A-Za-z0-9_]; PostgreSQL identifiers allow more."""
+    cleaned = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"_{cleaned}"
+
+
+def envelope_schema(db_schema: str, table: str, columns: Iterable[ColumnSpec]) -> dict[str, Any]:
+    """The change-event envelope schema of one source table with the given published columns."""
+    namespace = f"cutover.{_avro_name(db_schema)}.{_avro_name(table)}"
+    value = {
+        "type": "record",
+        "name": "Value",
+        "namespace": namespace,
+        "fields": [
+            {
+                "name": col.name,
+                "type": ["null", avro_type(col.type_oid, col.type_modifier)],
+                "default": None,
+            }
+            for col in columns
+        ],
+    }
+    envelope = schemas.load("envelope")
+    envelope["namespace"] = namespace
+    envelope["doc"] = f"Change event of {db_schema}.{table}"
+    fields = envelope["fields"]
+    # Inline the named types at their first use; later uses refer to them by name.
+    fields[0]["type"] = ["null", value]
+    fields[2]["type"] = schemas.load("source")
+    fields[5]["type"] = ["null", schemas.load("transaction")]
+    return envelope
+
+
+def heartbeat_schema() -> dict[str, Any]:
+    return schemas.load("heartbeat")
+
+
+def check_evolution(table: str, old: Iterable[ColumnSpec], new: Iterable[ColumnSpec]) -> list[str]:
+    """Describe the compatible changes from ``old`` to ``new`` columns; raise on a type change."""
+    before = {c.name: c for c in old}
+    after = {c.name: c for c in new}
+    changes = []
+    for name, col in after.items():
+        prev = before.get(name)
+        if prev is None:
+            changes.append(f"added {name}")
+        elif avro_type(prev.type_oid, prev.type_modifier) != avro_type(
+            col.type_oid, col.type_modifier
+        ):
+            raise SchemaIncompatible(
+                table,
+                f"column {name} changed type (oid {prev.type_oid} typmod {prev.type_modifier} "
+                f"-> oid {col.type_oid} typmod {col.type_modifier}); consumers could not read "
+                "old and new events alike. Revert the change, or re-snapshot the table under a "
+                "new topic prefix",
+            )
+    changes.extend(f"dropped {name}" for name in before if name not in after)
+    return changes
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSchema:
+    """A parsed schema with its fingerprint and the 10-byte single-object header."""
+
+    name: str
+    fingerprint: int
+    header: bytes
+    parsed: Any
+    canonical: str
+    # The full schema JSON (logical types, defaults, docs): what the schemas topic carries. The
+    # canonical form alone would lose logical types (decimals would read back as bytes).
+    json: str
+
+    @property
+    def fingerprint_hex(self) -> str:
+        return f"{self.fingerprint:016x}"
+
+
+def writer_schema(schema: Mapping[str, Any]) -> WriterSchema:
+    text = json.dumps(schema, separators=(",", ":"), sort_keys=True)
+    parsed = parse_schema(json.loads(text), _write_hint=False)
+    canonical = to_parsing_canonical_form(parsed)
+    fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16)
+    name = str(parsed["name"]) if isinstance(parsed, dict) else str(parsed)
+    return WriterSchema(name, fp, MAGIC + _FP.pack(fp), parsed, canonical, text)
+
+
+def encode(schema: WriterSchema, record: Mapping[str, Any]) -> bytes:
+    """Single-object encoding of ``record`` with ``schema``."""
+    out = io.BytesIO()
+    out.write(schema.header)
+    schemaless_writer(out, schema.parsed, record)
+    return out.getvalue()
+
+
+def read_fingerprint(data: bytes) -> int:
+    """The writer fingerprint of a single-object encoded message; DecodeError if it is not one."""
+    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+        head = data[:2].hex() or "nothing"
+        raise DecodeError(
+            f"not an Avro single-object message: expected magic c301, found {head} "
+            f"({len(data)} bytes)"
+        )
+    fp: int = _FP.unpack_from(data, 2)[0]
+    return fp
+
+
+class SchemaStore:
+    """Writer schemas by fingerprint: what was registered here or read from the schemas topic."""
+
+    def __init__(self) -> None:
+        self._by_fp: dict[int, WriterSchema] = {}
+
+    def add(self, schema: Mapping[str, Any] | WriterSchema) -> WriterSchema:
+        ws = schema if isinstance(schema, WriterSchema) else writer_schema(schema)
+        self._by_fp.setdefault(ws.fingerprint, ws)
+        return self._by_fp[ws.fingerprint]
+
+    def add_json(self, text: str | bytes) -> WriterSchema:
+        try:
+            return self.add(json.loads(text))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DecodeError(f"schemas topic holds an invalid schema: {exc}") from None
+
+    def get(self, fp: int) -> WriterSchema | None:
+        return self._by_fp.get(fp)
+
+    def __contains__(self, fp: int) -> bool:
+        return fp in self._by_fp
+
+    def __len__(self) -> int:
+        return len(self._by_fp)
+
+    def decode(self, data: bytes) -> tuple[WriterSchema, dict[str, Any]]:
+        """Decode a single-object message; UnknownSchema if its fingerprint is not known."""
+        fp = read_fingerprint(data)
+        ws = self._by_fp.get(fp)
+        if ws is None:
+            raise UnknownSchema(fp)
+        try:
+            record = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), ws.parsed, None)
+        except Exception as exc:  # fastavro raises many kinds for corrupt bodies
+            raise DecodeError(
+                f"corrupt Avro body for schema {ws.name} ({ws.fingerprint_hex}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        if not isinstance(record, dict):
+            raise DecodeError(f"schema {ws.name} does not describe a record")
+        return ws, record
