@@ -34,6 +34,16 @@ def _mask_secrets(
     return event
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now: capture tools (pytest, rich) swap it at will."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(*, level: str = "info", json: bool | None = None) -> None:
     """Configure structlog for the whole process. Call once, at the entry point."""
     use_json = (not sys.stderr.isatty()) if json is None else json
@@ -54,12 +64,12 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger bound with ``logger=name``; the event names are the interface, not the text."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(logger=name)
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(logger=name)
     return logger

@@ -55,8 +55,9 @@ class StackState:
     kafka_pid: int | None = None
 
     def env(self) -> dict[str, str]:
+        # URL form: no spaces, so `.stack/env` can be sourced by a shell as it is.
         def dsn(port: int, db: str) -> str:
-            return f"host=127.0.0.1 port={port} dbname={db} user=cutover password={self.password}"
+            return f"postgresql://cutover:{self.password}@127.0.0.1:{port}/{db}"
 
         return {
             "CUTOVER_SOURCE_DSN": dsn(self.legacy_port, "legacy"),

@@ -77,9 +77,12 @@ def test_environment_variables_match_stack_env() -> None:
     env = state.env()
     for name, var in (("legacy", "CUTOVER_SOURCE_DSN"), ("commerce", "CUTOVER_TARGET_DSN")):
         e = services[name]["environment"]
-        assert f"dbname={e['POSTGRES_DB']}" in env[var]
-        assert f"user={e['POSTGRES_USER']}" in env[var]
-        assert f"password={e['POSTGRES_PASSWORD']}" in env[var]
+        port = services[name]["ports"][0].split(":")[1]
+        expected = (
+            f"postgresql://{e['POSTGRES_USER']}:{e['POSTGRES_PASSWORD']}@127.0.0.1:{port}/"
+            f"{e['POSTGRES_DB']}"
+        )
+        assert env[var] == expected
     compose_text = (REPO / "docker-compose.yml").read_text()
     for var, value in env.items():
-        assert f'{var}="{value}"' in compose_text or f"{var}={value}" in compose_text, var
+        assert f"export {var}={value}" in compose_text, var

@@ -1,0 +1,147 @@
+"""Benchmark: the workload generator's achieved rate against the asked rate, and prefill speed.
+
+Creates a scratch database on the legacy cluster, loads examples/shop/legacy.sql, prefills it
+(100,000 orders by default, timed), then runs the workload for ``--duration`` seconds at each
+asked rate (and once unthrottled, to show the ceiling), one after the other on the growing data
+set. Prints the results as JSON and as a Markdown table, and writes the JSON to
+bench/results/workload_rate.json. The scratch database is dropped afterwards.
+
+    CUTOVER_SOURCE_DSN='host=127.0.0.1 port=5432 user=postgres dbname=postgres' \\
+        .venv/bin/python -m bench.workload_rate
+
+The DSN comes from --dsn, else $CUTOVER_SOURCE_DSN, else .stack/env (``make up``); it must be
+allowed to CREATE DATABASE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import conninfo, sql
+
+from cutover.workload import prefill, run_workload
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "workload_rate.json"
+UNTHROTTLED = 1_000_000.0
+
+
+def _default_dsn() -> str | None:
+    if os.environ.get("CUTOVER_SOURCE_DSN"):
+        return os.environ["CUTOVER_SOURCE_DSN"]
+    env = REPO / ".stack" / "env"
+    if env.exists():
+        for line in env.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "CUTOVER_SOURCE_DSN":
+                return value.strip()
+    return None
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    params = conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def bench(
+    admin_dsn: str, rates: list[float], duration: float, orders: int, seed: int
+) -> dict[str, Any]:
+    name = f"bench_workload_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        server = conn.execute("SHOW server_version").fetchone()
+    dsn = _with_dbname(admin_dsn, name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute((REPO / "examples" / "shop" / "legacy.sql").read_text())
+        print(f"prefilling {orders:,} orders ...", file=sys.stderr)
+        filled = prefill(dsn, orders=orders, seed=seed)
+        runs = []
+        for rate in [*rates, UNTHROTTLED]:
+            label = "unthrottled" if rate == UNTHROTTLED else f"{rate:g} tx/s"
+            print(f"running {label} for {duration:g} s ...", file=sys.stderr)
+            report = run_workload(dsn, rate=rate, duration=duration, seed=seed)
+            runs.append(
+                {
+                    "asked_tx_s": None if rate == UNTHROTTLED else rate,
+                    "achieved_tx_s": round(report.achieved_rate, 1),
+                    "ratio": None if rate == UNTHROTTLED else round(report.achieved_rate / rate, 4),
+                    "transactions": report.transactions,
+                    "rolled_back": report.rolled_back,
+                    "statements": report.statements,
+                    "statements_s": round(report.statements / report.elapsed_s, 1),
+                    "elapsed_s": round(report.elapsed_s, 3),
+                    "max_behind_s": round(report.max_behind_s, 3),
+                    "bulk_reprices": report.counts.get("product.bulk_reprice", 0),
+                }
+            )
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+    return {
+        "benchmark": "workload_rate",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "postgresql": server[0] if server else None,
+        },
+        "seed": seed,
+        "duration_s": duration,
+        "prefill": filled.to_dict(),
+        "runs": runs,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    fill = result["prefill"]
+    lines = [
+        f"Prefill: {fill['rows']['orders']:,} orders ({fill['total_rows']:,} rows) in "
+        f"{fill['elapsed_s']:.1f} s ({fill['rows_per_s']:,} rows/s)",
+        "",
+        "| asked tx/s | achieved tx/s | ratio | statements/s | worst lateness s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for run in result["runs"]:
+        asked = "unthrottled" if run["asked_tx_s"] is None else f"{run['asked_tx_s']:,.0f}"
+        ratio = "" if run["ratio"] is None else f"{run['ratio']:.3f}"
+        lines.append(
+            f"| {asked} | {run['achieved_tx_s']:,.1f} | {ratio} | {run['statements_s']:,.0f} |"
+            f" {run['max_behind_s']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--dsn", default=_default_dsn(), help="admin DSN of the legacy cluster")
+    parser.add_argument("--rates", default="250,500,1000,1500,2000", help="asked rates (tx/s)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--orders", type=int, default=100_000, help="prefill size")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not args.dsn:
+        parser.error("no DSN: pass --dsn, set CUTOVER_SOURCE_DSN, or run `make up`")
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    result = bench(args.dsn, rates, args.duration, args.orders, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print()
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

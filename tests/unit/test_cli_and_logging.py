@@ -1,0 +1,66 @@
+"""The CLI shell (help, exit codes, error mapping) and logging as an interface."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from cutover import logging as cutover_logging
+from cutover.cli import COMMAND_MODULES, build_parser, main
+
+SECRET = "hunter2-do-not-print"
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for name in COMMAND_MODULES:
+        assert name in text
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert "usage: cutover" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert "see 'cutover --help'" in capsys.readouterr().err
+
+
+def test_config_error_exits_2_without_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "cutover.toml"
+    config.write_text(f"[source]\ndsn = 'host=x password={SECRET}'\nbogus = 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "cutover.cli", "--config", str(config), "workload", "--max-transactions", "1"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "unknown setting [source] bogus" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+def test_log_events_have_stable_names_and_no_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    cutover_logging.configure(level="info", json=True)
+    log = cutover_logging.get_logger("test")
+    log.info("slot.advanced", lsn="0/16B3748", dsn=f"host=a password={SECRET}")
+    log.info("x.y", detail=f"connect postgresql://u:{SECRET}@h/db failed", password=SECRET)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert lines[0]["event"] == "slot.advanced"
+    assert lines[0]["lsn"] == "0/16B3748"
+    assert SECRET not in json.dumps(lines)
+    structlog.reset_defaults()
+
+
+def test_capture_logs_sees_events() -> None:
+    with capture_logs() as logs:
+        cutover_logging.get_logger("t").warning("apply.batch_committed", events=3)
+    assert logs == [{"event": "apply.batch_committed", "events": 3, "log_level": "warning",
+                     "logger": "t"}]  # fmt: skip
