@@ -39,7 +39,8 @@ def test_config_error_exits_2_without_secrets(tmp_path: Path) -> None:
     config = tmp_path / "cutover.toml"
     config.write_text(f"[source]\ndsn = 'host=x password={SECRET}'\nbogus = 1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "cutover.cli", "--config", str(config), "workload", "--max-transactions", "1"],
+        [sys.executable, "-m", "cutover.cli", "--config", str(config),
+         "workload", "--max-transactions", "1"],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
