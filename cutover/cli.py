@@ -20,7 +20,19 @@ from cutover.config import Settings, environ_snapshot, load_settings
 from cutover.errors import CutoverError
 
 # Order here is the order in `cutover --help`.
-COMMAND_MODULES: tuple[str, ...] = ("init", "produce", "snapshot", "apply", "dlq", "workload")
+COMMAND_MODULES: tuple[str, ...] = (
+    "init",
+    "produce",
+    "snapshot",
+    "apply",
+    "dlq",
+    "verify",
+    "status",
+    "switch_reads",
+    "rollback",
+    "audit",
+    "workload",
+)
 
 Handler = Callable[[argparse.Namespace, "Context"], int]
 

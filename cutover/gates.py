@@ -1,0 +1,599 @@
+"""The gates of ``cutover switch-reads D`` (DESIGN §6): evidence in, pass/fail with reasons out.
+
+Two halves, kept apart so the decision is testable without services:
+
+* :func:`collect` gathers the :class:`Evidence` of a domain (I/O, each probe isolated: a probe
+  that fails becomes evidence of its own ``error`` instead of aborting the others);
+* :func:`evaluate` turns evidence and thresholds into one :class:`GateResult` per gate, and
+  :func:`decide` says whether the switch may go ahead, with ``--force`` or without (pure).
+
+The gates and their thresholds (``[gates]`` in the config):
+
+=================== ====================================================== =================
+gate                passes when                                            critical failure
+=================== ====================================================== =================
+verify              the latest verify covering the domain passed and is    the latest verify
+                    younger than ``verify_max_age_minutes``                found mismatches
+apply_lag           Σ over the domain topic's partitions of (Kafka high    —
+                    watermark − consumer_offsets.next_offset) is at most
+                    ``max_apply_lag_events``
+dead_letters        no open (unhandled) dead letter of the domain          —
+producer_heartbeat  legacy cutover.producer_state.heartbeat_at is younger  —
+                    than ``max_heartbeat_age_s``
+slot                the replication slot exists and its wal_status is not  slot missing or
+                    'lost' (nor 'unreserved': about to be lost)            lost
+=================== ====================================================== =================
+
+``--force --reason TEXT`` overrides failing gates except critical failures: a missing or lost
+slot means commerce can no longer follow legacy (re-snapshot required), and a verify that found
+persistent differences means commerce is known to be wrong; no reason makes either safe.
+A probe that could not run (a server down) fails its gate without being critical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cutover.config import GateSettings, Settings
+from cutover.errors import KafkaError
+
+__all__ = [
+    "GATES",
+    "Decision",
+    "Evidence",
+    "GateResult",
+    "apply_lag",
+    "collect",
+    "decide",
+    "evaluate",
+    "fetch_watermarks",
+    "kafka_consumer",
+]
+
+Conn = psycopg.Connection[Any]
+
+GATES: tuple[str, ...] = ("verify", "apply_lag", "dead_letters", "producer_heartbeat", "slot")
+#: Schema of the producer's control tables in the LEGACY database.
+LEGACY_CONTROL_SCHEMA = "cutover"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyEvidence:
+    run_id: int | None = None
+    passed: bool | None = None  # for this domain
+    age_s: float | None = None
+    finished_at: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LagEvidence:
+    topic: str = ""
+    partitions: Mapping[int, int] = field(default_factory=dict)  # partition -> events behind
+    total: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEvidence:
+    open: int | None = None
+    sample_ids: tuple[int, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatEvidence:
+    age_s: float | None = None
+    producer: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotEvidence:
+    slot: str = ""
+    exists: bool | None = None
+    wal_status: str | None = None
+    active: bool | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Everything the gates of one domain look at."""
+
+    domain: str
+    verify: VerifyEvidence
+    lag: LagEvidence
+    dead_letters: DeadLetterEvidence
+    heartbeat: HeartbeatEvidence
+    slot: SlotEvidence
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lag"]["partitions"] = {str(k): v for k, v in self.lag.partitions.items()}
+        out["dead_letters"]["sample_ids"] = list(self.dead_letters.sample_ids)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    """One gate's verdict; ``critical`` failures cannot be forced."""
+
+    name: str
+    passed: bool
+    why: str
+    critical: bool = False
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gate": self.name,
+            "passed": self.passed,
+            "critical": self.critical,
+            "why": self.why,
+            "evidence": dict(self.evidence),
+        }
+
+    def line(self) -> str:
+        mark = "pass" if self.passed else ("FAIL (critical)" if self.critical else "FAIL")
+        return f"{self.name}: {mark}: {self.why}"
+
+
+def apply_lag(
+    watermarks: Mapping[int, tuple[int, int]], next_offsets: Mapping[int, int]
+) -> dict[int, int]:
+    """Events not yet applied per partition: high watermark − next offset to consume.
+
+    A partition the consumers never stored an offset for starts at its low watermark (what is
+    still retained is what it has to apply).
+    """
+    out: dict[int, int] = {}
+    for p, (low, high) in sorted(watermarks.items()):
+        position = max(next_offsets.get(p, low), low)
+        out[p] = max(0, high - position)
+    return out
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def evaluate(ev: Evidence, limits: GateSettings) -> list[GateResult]:
+    """One result per gate, in :data:`GATES` order."""
+    d = ev.domain
+    results: list[GateResult] = []
+
+    v = ev.verify
+    ve = asdict(v)
+    max_age_s = limits.verify_max_age_minutes * 60
+    if v.error is not None:
+        results.append(
+            GateResult("verify", False, f"could not read verify results: {v.error}", evidence=ve)
+        )
+    elif v.run_id is None:
+        results.append(
+            GateResult(
+                "verify",
+                False,
+                f"no verify run covers all tables of {d}: run `cutover verify --domain {d}`",
+                evidence=ve,
+            )
+        )
+    elif not v.passed:
+        results.append(
+            GateResult(
+                "verify",
+                False,
+                f"the latest verify of {d} (run {v.run_id}, {_minutes(v.age_s or 0)} ago) found "
+                "persistent differences: fix them and verify again",
+                critical=True,
+                evidence=ve,
+            )
+        )
+    elif v.age_s is None or v.age_s > max_age_s:
+        results.append(
+            GateResult(
+                "verify",
+                False,
+                f"the latest passing verify of {d} (run {v.run_id}) is "
+                f"{_minutes(v.age_s or 0)} old; the limit is {limits.verify_max_age_minutes} min: "
+                f"run `cutover verify --domain {d}`",
+                evidence=ve,
+            )
+        )
+    else:
+        results.append(
+            GateResult(
+                "verify",
+                True,
+                f"run {v.run_id} passed {_minutes(v.age_s)} ago (limit "
+                f"{limits.verify_max_age_minutes} min)",
+                evidence=ve,
+            )
+        )
+
+    lag = ev.lag
+    le = {
+        "topic": lag.topic,
+        "total": lag.total,
+        "partitions": {str(k): n for k, n in lag.partitions.items()},
+        "error": lag.error,
+    }
+    if lag.error is not None or lag.total is None:
+        results.append(
+            GateResult(
+                "apply_lag", False, f"could not measure the apply lag: {lag.error}", evidence=le
+            )
+        )
+    elif lag.total > limits.max_apply_lag_events:
+        behind = ", ".join(f"p{p}={n}" for p, n in lag.partitions.items() if n)
+        results.append(
+            GateResult(
+                "apply_lag",
+                False,
+                f"{lag.total} events of {lag.topic} not applied yet (limit "
+                f"{limits.max_apply_lag_events}; {behind})",
+                evidence=le,
+            )
+        )
+    else:
+        results.append(
+            GateResult(
+                "apply_lag",
+                True,
+                f"{lag.total} events behind on {lag.topic} (limit {limits.max_apply_lag_events})",
+                evidence=le,
+            )
+        )
+
+    dl = ev.dead_letters
+    de = asdict(dl)
+    if dl.error is not None or dl.open is None:
+        results.append(
+            GateResult(
+                "dead_letters", False, f"could not read dead letters: {dl.error}", evidence=de
+            )
+        )
+    elif dl.open:
+        ids = ", ".join(str(i) for i in dl.sample_ids)
+        results.append(
+            GateResult(
+                "dead_letters",
+                False,
+                f"{dl.open} open dead letters of {d} (ids {ids}): inspect with `cutover dlq list`, "
+                "re-drive with `cutover dlq retry`",
+                evidence=de,
+            )
+        )
+    else:
+        results.append(
+            GateResult("dead_letters", True, f"no open dead letters of {d}", evidence=de)
+        )
+
+    hb = ev.heartbeat
+    he = asdict(hb)
+    if hb.error is not None or hb.age_s is None:
+        results.append(
+            GateResult(
+                "producer_heartbeat",
+                False,
+                f"no producer heartbeat: {hb.error or 'never recorded'}",
+                evidence=he,
+            )
+        )
+    elif hb.age_s > limits.max_heartbeat_age_s:
+        results.append(
+            GateResult(
+                "producer_heartbeat",
+                False,
+                f"the producer's last heartbeat is {hb.age_s:.0f} s old (limit "
+                f"{limits.max_heartbeat_age_s:g} s): is `cutover produce` running?",
+                evidence=he,
+            )
+        )
+    else:
+        results.append(
+            GateResult(
+                "producer_heartbeat",
+                True,
+                f"heartbeat {hb.age_s:.1f} s ago from {hb.producer or '?'} (limit "
+                f"{limits.max_heartbeat_age_s:g} s)",
+                evidence=he,
+            )
+        )
+
+    sl = ev.slot
+    se = asdict(sl)
+    if sl.error is not None or sl.exists is None:
+        results.append(
+            GateResult("slot", False, f"could not check slot {sl.slot}: {sl.error}", evidence=se)
+        )
+    elif not sl.exists:
+        results.append(
+            GateResult(
+                "slot",
+                False,
+                f"replication slot {sl.slot} does not exist: changes are no longer captured, "
+                "re-snapshot required",
+                critical=True,
+                evidence=se,
+            )
+        )
+    elif sl.wal_status == "lost":
+        results.append(
+            GateResult(
+                "slot",
+                False,
+                f"replication slot {sl.slot} lost required WAL (wal_status lost): re-snapshot "
+                "required",
+                critical=True,
+                evidence=se,
+            )
+        )
+    elif sl.wal_status == "unreserved":
+        results.append(
+            GateResult(
+                "slot",
+                False,
+                f"replication slot {sl.slot} is about to lose WAL (wal_status unreserved): the "
+                "producer must catch up",
+                evidence=se,
+            )
+        )
+    else:
+        results.append(
+            GateResult(
+                "slot",
+                True,
+                f"slot {sl.slot} wal_status {sl.wal_status}, "
+                f"{'active' if sl.active else 'inactive'}",
+                evidence=se,
+            )
+        )
+    return results
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether a switch may proceed; ``overridden`` gates were failing but forced."""
+
+    allowed: bool
+    failing: tuple[GateResult, ...]
+    blocking: tuple[GateResult, ...]
+    overridden: tuple[GateResult, ...]
+
+    def refusal(self, domain: str, command: str = "switch-reads") -> str:
+        lines = [f"{command} {domain} refused by {len(self.blocking)} gate(s):"]
+        lines += [f"  - {g.line()}" for g in self.blocking]
+        critical = any(g.critical for g in self.blocking)
+        forceable = any(not g.critical for g in self.blocking)
+        if critical:
+            lines.append("  (critical gates cannot be forced)")
+        if forceable:
+            others = "the others" if critical else "these gates"
+            lines.append(f"  (--force --reason TEXT overrides {others}; the override is audited)")
+        return "\n".join(lines)
+
+
+def decide(results: Sequence[GateResult], *, force: bool) -> Decision:
+    """Allowed when every gate passes, or with ``force`` when no failing gate is critical."""
+    failing = tuple(r for r in results if not r.passed)
+    if not force:
+        return Decision(not failing, failing, failing, ())
+    blocking = tuple(r for r in failing if r.critical)
+    overridden = tuple(r for r in failing if not r.critical)
+    return Decision(not blocking, failing, blocking, overridden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting evidence (I/O)
+# ---------------------------------------------------------------------------------------------
+
+
+def kafka_consumer(settings: Settings) -> Any:
+    """A consumer for metadata and watermarks only: never subscribes, never commits."""
+    from confluent_kafka import Consumer
+
+    return Consumer(
+        {
+            **settings.kafka.consumer,
+            "bootstrap.servers": settings.kafka.bootstrap,
+            "group.id": "cutover-control-probe",
+            "enable.auto.commit": False,
+            "allow.auto.create.topics": False,
+        }
+    )
+
+
+def fetch_watermarks(
+    consumer: Any, topic: str, *, timeout_s: float = 5.0
+) -> dict[int, tuple[int, int]]:
+    """(low, high) watermark per partition of ``topic``; KafkaError if it is unknown or down."""
+    from confluent_kafka import TopicPartition
+
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s)
+        info = meta.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            reason = (
+                info.error.str() if info is not None and info.error is not None else "no partitions"
+            )
+            raise KafkaError(f"topic {topic} is not available: {reason}")
+        out: dict[int, tuple[int, int]] = {}
+        for p in sorted(info.partitions):
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=timeout_s, cached=False
+            )
+            out[p] = (int(low), int(high))
+        return out
+    except KafkaError:
+        raise
+    except Exception as exc:
+        raise KafkaError(f"reading watermarks of {topic}: {exc}") from None
+
+
+def _err(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+def _exists(conn: Conn, schema: str, table: str) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(schema, table).as_string(conn)]
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def verify_evidence(conn: Conn, control_schema: str, domain: str) -> VerifyEvidence:
+    try:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT run_id, NOT (%s = ANY(failed_domains)), "
+                "EXTRACT(EPOCH FROM now() - finished_at)::float8, finished_at "
+                "FROM {} WHERE status = 'finished' AND %s = ANY(domains) "
+                "ORDER BY finished_at DESC, run_id DESC LIMIT 1"
+            ).format(sql.Identifier(control_schema, "verify_runs")),
+            [domain, domain],
+        ).fetchone()
+    except psycopg.Error as exc:
+        return VerifyEvidence(error=_err(exc))
+    if row is None:
+        return VerifyEvidence()
+    return VerifyEvidence(
+        run_id=int(row[0]), passed=bool(row[1]), age_s=float(row[2]), finished_at=row[3].isoformat()
+    )
+
+
+def lag_evidence(settings: Settings, conn: Conn, domain: str, consumer: Any) -> LagEvidence:
+    topic = settings.kafka.topic(domain)
+    try:
+        rows = []
+        if _exists(conn, settings.target.control_schema, "consumer_offsets"):
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT kafka_partition, next_offset FROM {} WHERE group_id = %s AND topic = %s"
+                ).format(sql.Identifier(settings.target.control_schema, "consumer_offsets")),
+                [settings.apply.group_id, topic],
+            ).fetchall()
+        marks = fetch_watermarks(consumer, topic)
+    except (psycopg.Error, KafkaError) as exc:
+        return LagEvidence(topic=topic, error=_err(exc))
+    per = apply_lag(marks, {int(p): int(n) for p, n in rows})
+    return LagEvidence(topic=topic, partitions=per, total=sum(per.values()))
+
+
+def dead_letter_evidence(settings: Settings, conn: Conn, domain: str) -> DeadLetterEvidence:
+    schema = settings.target.control_schema
+    try:
+        if not _exists(conn, schema, "dead_letters"):
+            return DeadLetterEvidence(open=0)
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*), (array_agg(id ORDER BY id))[1:10] FROM {} "
+                "WHERE status = 'open' AND (domain = %s OR topic = %s)"
+            ).format(sql.Identifier(schema, "dead_letters")),
+            [domain, settings.kafka.topic(domain)],
+        ).fetchone()
+    except psycopg.Error as exc:
+        return DeadLetterEvidence(error=_err(exc))
+    assert row is not None
+    return DeadLetterEvidence(open=int(row[0]), sample_ids=tuple(int(i) for i in row[1] or ()))
+
+
+def heartbeat_evidence(settings: Settings, legacy: Conn) -> HeartbeatEvidence:
+    try:
+        if not _exists(legacy, LEGACY_CONTROL_SCHEMA, "producer_state"):
+            return HeartbeatEvidence(error="the producer never ran (no cutover.producer_state)")
+        row = legacy.execute(
+            sql.SQL(
+                "SELECT EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, producer FROM {} "
+                "WHERE slot_name = %s"
+            ).format(sql.Identifier(LEGACY_CONTROL_SCHEMA, "producer_state")),
+            [settings.source.slot],
+        ).fetchone()
+    except psycopg.Error as exc:
+        return HeartbeatEvidence(error=_err(exc))
+    if row is None or row[0] is None:
+        return HeartbeatEvidence(
+            error=f"no heartbeat recorded for slot {settings.source.slot} in cutover.producer_state"
+        )
+    return HeartbeatEvidence(age_s=max(0.0, float(row[0])), producer=row[1])
+
+
+def slot_evidence(settings: Settings, legacy: Conn) -> SlotEvidence:
+    slot = settings.source.slot
+    try:
+        row = legacy.execute(
+            "SELECT wal_status, active FROM pg_replication_slots "
+            "WHERE slot_name = %s AND database = current_database()",
+            [slot],
+        ).fetchone()
+    except psycopg.Error as exc:
+        return SlotEvidence(slot=slot, error=_err(exc))
+    if row is None:
+        return SlotEvidence(slot=slot, exists=False)
+    return SlotEvidence(slot=slot, exists=True, wal_status=row[0], active=bool(row[1]))
+
+
+def _connect(dsn: str) -> Conn:
+    conn = psycopg.connect(
+        dsn, autocommit=True, connect_timeout=5, application_name="cutover-gates"
+    )
+    return conn
+
+
+def collect(settings: Settings, domain: str, *, consumer: Any | None = None) -> Evidence:
+    """Gather the evidence of every gate of ``domain`` (each probe fails on its own)."""
+    own_consumer = consumer is None
+    failed_legacy: str | None = None
+    failed_commerce: str | None = None
+    legacy: Conn | None = None
+    commerce: Conn | None = None
+    try:
+        try:
+            legacy = _connect(settings.source.dsn)
+        except psycopg.Error as exc:
+            failed_legacy = f"legacy database unreachable: {_err(exc)}"
+        try:
+            commerce = _connect(settings.target.dsn)
+        except psycopg.Error as exc:
+            failed_commerce = f"commerce database unreachable: {_err(exc)}"
+        if consumer is None:
+            consumer = kafka_consumer(settings)
+        schema = settings.target.control_schema
+        if commerce is not None:
+            ver = verify_evidence(commerce, schema, domain)
+            lag = lag_evidence(settings, commerce, domain, consumer)
+            dls = dead_letter_evidence(settings, commerce, domain)
+        else:
+            ver = VerifyEvidence(error=failed_commerce)
+            lag = LagEvidence(topic=settings.kafka.topic(domain), error=failed_commerce)
+            dls = DeadLetterEvidence(error=failed_commerce)
+        if legacy is not None:
+            hb = heartbeat_evidence(settings, legacy)
+            slot = slot_evidence(settings, legacy)
+        else:
+            hb = HeartbeatEvidence(error=failed_legacy)
+            slot = SlotEvidence(slot=settings.source.slot, error=failed_legacy)
+        return Evidence(domain, ver, lag, dls, hb, slot)
+    finally:
+        for conn in (legacy, commerce):
+            if conn is not None:
+                conn.close()
+        if own_consumer and consumer is not None:
+            consumer.close()
