@@ -1,17 +1,94 @@
-"""`cutover init` (being written)."""
+"""``cutover init``: preflight checks, then create (idempotently) what the pipeline needs.
+
+Thin shell over :func:`producers.init.run_init`: parse, call, print (a rich table, or JSON with
+``--json``). Exit 0 when everything exists or was created, 1 when a preflight check failed
+(nothing is changed then), 3 when a server refused.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cutover.errors import UsageError
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from cutover.cli import Context
+
+DESCRIPTION = """\
+Check the source database, then create what is missing, and say what was created and what was
+already there. Running it again changes nothing.
+
+Preflight (nothing is changed unless all pass): PostgreSQL >= 15, wal_level = logical, a free
+replication slot, the REPLICATION privilege; every mapped table exists, has the mapping's primary
+key and a usable replica identity; every column is either read by the mapping or excluded.
+
+Creates: the legacy control tables (schema cutover), a replica-identity index where a table's
+aggregate key is not in its primary key (so deletes carry their Kafka key), the publication with
+column lists (excluded columns are never decoded; an existing publication with other columns is
+altered, and init says so), the pgoutput slot, the Kafka topics (domain topics, dlq, compacted
+control and schemas), the commerce control tables, and with --target-ddl the commerce schema.
+"""
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("init", help="(not implemented yet)")
+    parser = sub.add_parser(
+        "init",
+        help="preflight checks; create publication, slot, topics, control tables (idempotent)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target-ddl",
+        type=Path,
+        metavar="FILE",
+        help="load this DDL into the commerce database if the target schema is missing "
+        "(e.g. examples/shop/commerce.sql)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="run the preflight checks and change nothing"
+    )
+    parser.add_argument(
+        "--resnapshot",
+        action="store_true",
+        help="after a lost or moved slot: accept the slot's position and snapshot every table "
+        "again on the next `cutover produce`",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, context: Any) -> int:
-    raise UsageError("cutover init is not implemented yet")
+def run(args: argparse.Namespace, context: Context) -> int:
+    from producers.init import run_init
+
+    report = run_init(
+        context.settings,
+        target_ddl=args.target_ddl,
+        dry_run=args.dry_run,
+        resnapshot_all=args.resnapshot,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    console = Console(file=sys.stdout)
+    checks = Table(title="preflight", show_lines=False)
+    checks.add_column("check")
+    checks.add_column("ok")
+    checks.add_column("detail", overflow="fold")
+    for c in report.checks:
+        checks.add_row(c["check"], "yes" if c["ok"] else "NO", c["detail"])
+    console.print(checks)
+    actions = Table(title="objects" + (" (dry run)" if report.dry_run else ""))
+    actions.add_column("object")
+    actions.add_column("status")
+    actions.add_column("detail", overflow="fold")
+    for a in report.actions:
+        actions.add_row(a["object"], a["status"], a.get("detail", ""))
+    console.print(actions)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    return 0

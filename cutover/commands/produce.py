@@ -1,17 +1,111 @@
-"""`cutover produce` (being written)."""
+"""``cutover produce``: run the CDC producer (initial snapshot if needed, then stream).
+
+Thin shell over :func:`producers.producer.run_producer`. The environment is read here and only
+here: ``CUTOVER_CRASH_AT`` (fault tests) goes into the frozen :class:`ProducerOptions`. SIGTERM
+and SIGINT finish the deliveries in flight, advance the slot and exit 0. A failed delivery, a
+slot that moved behind our back or an incompatible schema change exit 3; a second producer on
+the same slot is refused with exit 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import sys
+from typing import TYPE_CHECKING, Any
 
-from cutover.errors import UsageError
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from cutover.cli import Context
+
+DESCRIPTION = """\
+Read every committed change of the captured tables from the logical slot (pgoutput, peek), turn
+it into an Avro change event and produce it to the domain topic with key = aggregate id. The
+slot is advanced only after Kafka acknowledged every event up to that commit, so a crash loses
+nothing (it may repeat events, with the same source position). Tables that were never
+snapshotted are loaded first, in chunks interleaved with the stream (DBLog watermarks);
+requests from `cutover snapshot` are picked up while running.
+
+Stop with SIGTERM or Ctrl-C: in-flight deliveries finish, the slot is advanced, exit 0.
+"""
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("produce", help="(not implemented yet)")
+    parser = sub.add_parser(
+        "produce",
+        help="run the CDC producer (initial snapshot if needed, then stream)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--no-initial-snapshot",
+        action="store_true",
+        help="do not queue initial snapshots of tables that were never snapshotted",
+    )
+    parser.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="stop (exit 0) once the slot is drained and no snapshot is left",
+    )
+    parser.add_argument(
+        "--max-runtime", type=float, metavar="SECONDS", help="stop (exit 0) after this long"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON report when stopped")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, context: Any) -> int:
-    raise UsageError("cutover produce is not implemented yet")
+class _SnapshotBars:
+    """A rich progress bar per snapshot request, with rows/s (only on a terminal)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("snapshot {task.fields[table]}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.fields[estimate]} rows"),
+            TextColumn("{task.fields[rate]} rows/s"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.tasks: dict[int, TaskID] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        request = int(event["request"])
+        estimate = event.get("estimate")
+        if request not in self.tasks:
+            self.tasks[request] = self.progress.add_task(
+                "snapshot",
+                total=estimate or None,
+                table=event["table"],
+                estimate=f"{estimate:,}" if estimate else "?",
+                rate="-",
+            )
+        task_id = self.tasks[request]
+        self.progress.update(task_id, completed=event["rows"])
+        task = self.progress.tasks[self.tasks[request]]
+        speed = task.speed
+        self.progress.update(task_id, rate=f"{speed:,.0f}" if speed else "-")
+        if event.get("done"):
+            self.progress.update(task_id, total=event["rows"], completed=event["rows"])
+
+
+def run(args: argparse.Namespace, context: Context) -> int:
+    from producers.producer import options_from_environ, run_producer
+
+    options = options_from_environ(
+        context.environ,
+        initial_snapshot=not args.no_initial_snapshot,
+        exit_when_idle=args.exit_when_idle,
+        max_runtime_s=args.max_runtime,
+    )
+    settings = context.settings
+    if sys.stderr.isatty():
+        bars = _SnapshotBars()
+        with bars.progress:
+            report = run_producer(settings, options, progress=bars, install_signals=True)
+    else:
+        # Not a terminal: progress is in the snapshot.chunk_done log events.
+        report = run_producer(settings, options, install_signals=True)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    return 0

@@ -1,0 +1,654 @@
+"""Pure core of the CDC producer: decoded pgoutput messages in, encoded Kafka records out.
+
+Nothing here does I/O. :class:`ChangeStream` is fed the pgoutput messages of a slot in order
+and calls ``emit(topic, partition, key, value)`` for every record to produce, so the whole
+decoding / routing / hold-back / snapshot-window logic is unit-tested with hand-built messages.
+
+Rules implemented here (docs/ARCHITECTURE.md is the contract):
+
+* **Routing**: a change of source table T goes to ``<prefix>.<domain of T>``; its key is the
+  aggregate id (:func:`cutover.mapping.aggregate_key`) as UTF-8 text; its partition is
+  ``crc32(key) % partitions`` (:func:`partition_for`), chosen here so that we know which event is
+  the last of its source transaction in each partition.
+* **Hold-back** (:class:`HoldBack`): the latest event of the open transaction is kept back per
+  (topic, partition); the next event for that partition releases it with
+  ``last_in_partition = false``; the Commit releases the rest with ``last_in_partition = true``.
+  At most one event per partition is held, so a 1,000,000-row transaction streams through.
+* **Values**: decoded typed values go into the ``Value`` record as they are, except uuid → text
+  and unconstrained numeric → exact decimal text (their Avro types are strings). An unchanged
+  TOAST value becomes null *and* its column is listed in ``unchanged_toast``.
+* **Positions**: ``source.lsn`` is the commit LSN (``Begin.final_lsn``), ``source.seq`` the
+  0-based ordinal of the event among the published events of its transaction; re-reading the
+  same WAL yields the same (lsn, seq), so duplicates after a crash are recognisable.
+* **Snapshot windows** (DBLog, :class:`ChunkWindow`): between a chunk's low and high watermark
+  every key changed in the stream is dropped from the chunk; at the high watermark the rest is
+  emitted as op ``r`` at the high watermark's commit LSN, so a streamed change always wins.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final, Generic, TypeVar
+from uuid import UUID
+
+from cutover import codec
+from cutover.codec import ColumnSpec, WriterSchema
+from cutover.errors import DecodeError, UnmappableRow
+from cutover.mapping import MappingSpec, TableMapping, aggregate_key
+from cutover.values import UNCHANGED
+from producers import pgoutput
+from producers.pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Relation,
+    Truncate,
+    Update,
+)
+
+__all__ = [
+    "HEARTBEAT_KEY",
+    "HEARTBEAT_PREFIX",
+    "SNAPSHOT_HIGH_PREFIX",
+    "SNAPSHOT_LOW_PREFIX",
+    "ChangeStream",
+    "ChunkWindow",
+    "HoldBack",
+    "SourceInfo",
+    "TableRoute",
+    "TxContext",
+    "build_route",
+    "partition_for",
+    "pg_time_to_ms",
+]
+
+HEARTBEAT_PREFIX: Final = "cutover.heartbeat"
+SNAPSHOT_LOW_PREFIX: Final = "cutover.snapshot.low"
+SNAPSHOT_HIGH_PREFIX: Final = "cutover.snapshot.high"
+HEARTBEAT_KEY: Final = b"__heartbeat__"
+# Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 UTC).
+_PG_EPOCH_US: Final = 946_684_800_000_000
+_UUID_OID: Final = 2950
+
+Emit = Callable[[str, int, bytes, bytes], None]
+Encoder = Callable[[Mapping[str, Any]], bytes]
+
+
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition of a message key: ``crc32(key as UTF-8) % partitions`` (the contract)."""
+    data = key.encode() if isinstance(key, str) else key
+    return zlib.crc32(data) % partitions
+
+
+def pg_time_to_ms(pg_us: int) -> int:
+    """A protocol timestamp (µs since 2000-01-01 UTC) as Unix milliseconds."""
+    return (pg_us + _PG_EPOCH_US) // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """The constant part of every event's ``source`` block."""
+
+    version: str
+    name: str  # the logical server name: the topic prefix
+    db: str
+    connector: str = "postgresql"
+
+
+@dataclass(frozen=True, slots=True)
+class TxContext:
+    """The source transaction being read (from its Begin message)."""
+
+    xid: int
+    commit_lsn: int
+    ts_ms: int
+
+
+def _to_text_decimal(value: object) -> object:
+    if isinstance(value, Decimal):
+        return format(value, "f") if value.is_finite() else str(value)
+    return value
+
+
+def _to_text_uuid(value: object) -> object:
+    return str(value) if isinstance(value, UUID) else value
+
+
+def _converter(col: ColumnSpec) -> Callable[[object], object] | None:
+    """How a decoded value must change to fit the column's Avro type (None: as it is)."""
+    if col.type_oid == _UUID_OID:
+        return _to_text_uuid
+    if codec.avro_type(col.type_oid, col.type_modifier) == "string":
+        # Unconstrained numeric is carried as exact text; other string types decode to str.
+        return _to_text_decimal if col.type_oid == codec.NUMERIC_OID else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TableRoute:
+    """Where and how the changes of one source table go, for one version of its columns."""
+
+    schema: str
+    table: str
+    mapping: TableMapping
+    columns: tuple[ColumnSpec, ...]
+    writer: WriterSchema
+    topic: str
+    partitions: int
+    encoder: Encoder
+    # Columns whose decoded value needs a conversion (uuid, unconstrained numeric).
+    conversions: tuple[tuple[str, Callable[[object], object]], ...] = ()
+    source_block: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def key_of(self, row: Mapping[str, object]) -> tuple[str, int]:
+        """(message key, partition) of a row: the aggregate id, crc32 partitioning."""
+        key = aggregate_key(self.mapping, row)
+        return key, zlib.crc32(key.encode()) % self.partitions
+
+    def pk_of(self, row: Mapping[str, object]) -> tuple[object, ...]:
+        return tuple(row.get(c) for c in self.mapping.primary_key)
+
+
+def build_route(
+    mapping: TableMapping,
+    schema: str,
+    columns: Sequence[ColumnSpec],
+    *,
+    topic: str,
+    partitions: int,
+    source: SourceInfo,
+    encoder_factory: Callable[[WriterSchema], Encoder] | None = None,
+) -> TableRoute:
+    """A :class:`TableRoute` for ``schema.table`` with the published ``columns``."""
+    cols = tuple(columns)
+    writer = codec.writer_schema(codec.envelope_schema(schema, mapping.source_table, cols))
+    encoder: Encoder
+    if encoder_factory is None:
+
+        def encoder(record: Mapping[str, Any]) -> bytes:
+            return codec.encode(writer, record)
+
+    else:
+        encoder = encoder_factory(writer)
+    conversions = tuple((c.name, conv) for c in cols if (conv := _converter(c)) is not None)
+    block = {
+        "version": source.version,
+        "connector": source.connector,
+        "name": source.name,
+        "db": source.db,
+        "schema": schema,
+        "table": mapping.source_table,
+    }
+    return TableRoute(
+        schema=schema,
+        table=mapping.source_table,
+        mapping=mapping,
+        columns=cols,
+        writer=writer,
+        topic=topic,
+        partitions=partitions,
+        encoder=encoder,
+        conversions=conversions,
+        source_block=block,
+    )
+
+
+def avro_row(route: TableRoute, row: dict[str, object]) -> tuple[dict[str, object], list[str]]:
+    """The ``Value`` record of a decoded row (modified in place) and its unchanged-TOAST columns.
+
+    Columns that are not in the route's column list are dropped (they cannot be encoded); the
+    caller guarantees the row came from a tuple of this route's Relation.
+    """
+    unchanged: list[str] = []
+    for name, value in row.items():
+        if value is UNCHANGED:
+            unchanged.append(name)
+            row[name] = None
+    for name, convert in route.conversions:
+        value = row.get(name)
+        if value is not None:
+            row[name] = convert(value)
+    return row, unchanged
+
+
+T = TypeVar("T")
+
+
+class HoldBack(Generic[T]):
+    """Keep back the latest item per partition so the last one of a transaction can be marked.
+
+    ``push`` returns the item it displaces (to be sent with ``last_in_partition = false``);
+    ``drain`` returns every held item (to be sent with ``last_in_partition = true``) and
+    forgets them. Holds at most one item per (topic, partition).
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, int], T] = {}
+
+    def push(self, topic: str, partition: int, item: T) -> T | None:
+        slot = (topic, partition)
+        previous = self._held.get(slot)
+        self._held[slot] = item
+        return previous
+
+    def drain(self) -> list[T]:
+        items = list(self._held.values())
+        self._held.clear()
+        return items
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One encoded-on-release event: the envelope record and where it goes."""
+
+    route: TableRoute
+    key: bytes
+    partition: int
+    record: dict[str, Any]
+
+
+@dataclass(slots=True)
+class ChunkWindow:
+    """One snapshot chunk between its low and high watermark (the DBLog window).
+
+    ``rows`` maps primary-key tuple → decoded row (published columns), in primary-key order.
+    While the window is open every key changed in the stream is removed from ``rows``; at the
+    high watermark what remains is emitted.
+    """
+
+    chunk_id: str
+    route: TableRoute
+    rows: dict[tuple[object, ...], dict[str, object]]
+    request_id: int = 0
+    last_pk: tuple[str, ...] = ()  # text of the last selected primary key (resume point)
+    selected: int = 0
+    final: bool = False  # the select returned fewer rows than a chunk: the request is done
+    state: str = "waiting"  # waiting -> open -> closed (or failed)
+    dropped: int = 0
+    emitted: int = 0
+    high_lsn: int = 0
+    # Keys dropped because of a streamed UPDATE that left TOAST values out (unchanged): the
+    # stream does not carry their whole row, so they must be read again (a key chunk).
+    reread: list[tuple[object, ...]] = field(default_factory=list)
+    # A key chunk re-reads ``reread`` keys of ``parent`` (whose progress waits for it).
+    parent: ChunkWindow | None = None
+    keys: tuple[tuple[object, ...], ...] = ()
+    attempt: int = 0
+
+    def open(self) -> None:
+        if self.state == "waiting":
+            self.state = "open"
+
+    def drop(self, key: tuple[object, ...], *, partial: bool = False) -> None:
+        """A change of ``key`` was streamed inside the window: the chunk's row is stale."""
+        if self.state == "open" and self.rows.pop(key, None) is not None:
+            self.dropped += 1
+            if partial:
+                self.reread.append(key)
+
+    def fail(self) -> None:
+        """The high watermark came without the low one: the window cannot be trusted."""
+        self.state = "failed"
+        self.rows = {}
+
+    def close(self) -> list[dict[str, object]]:
+        """Close the window; the rows to emit, in primary-key order."""
+        self.state = "closed"
+        rows = list(self.rows.values())
+        self.rows = {}
+        return rows
+
+
+class ChangeStream:
+    """Turns the pgoutput messages of one slot into encoded Kafka records (see module doc).
+
+    Callbacks (all synchronous, called before any event that depends on them is emitted):
+
+    * ``emit(topic, partition, key, value)``: produce one record;
+    * ``on_schema(route, changes)``: a writer schema not seen before is about to be used; the
+      callee publishes it to the schemas topic (and waits for the ack) before returning.
+      ``changes`` describes a compatible evolution (empty for a table's first schema);
+    * ``on_message(message, tx)``: a logical message other than our watermarks.
+    """
+
+    def __init__(
+        self,
+        mapping: MappingSpec,
+        source: SourceInfo,
+        *,
+        partitions: Mapping[str, int],
+        topic_for: Callable[[str], str],
+        emit: Emit,
+        on_schema: Callable[[TableRoute, list[str]], None],
+        known_columns: Mapping[str, tuple[ColumnSpec, ...]] | None = None,
+        clock_ms: Callable[[], int],
+        encoder_factory: Callable[[WriterSchema], Encoder] | None = None,
+        on_message: Callable[[LogicalMessage, TxContext | None], None] | None = None,
+    ) -> None:
+        self._mapping = mapping
+        self._source = source
+        self._partitions = dict(partitions)
+        self._topic_for = topic_for
+        self._emit = emit
+        self._on_schema = on_schema
+        self._on_message = on_message
+        self._clock_ms = clock_ms
+        self._encoder_factory = encoder_factory
+        # Last column list per schema.table: persisted ones first, then what the stream showed.
+        self._columns: dict[str, tuple[ColumnSpec, ...]] = dict(known_columns or {})
+        self._routes: dict[int, TableRoute] = {}  # relation oid -> route
+        self._relations: dict[int, Relation] = {}
+        self._route_cache: dict[tuple[str, tuple[ColumnSpec, ...]], TableRoute] = {}
+        self._hold: HoldBack[_Pending] = HoldBack()
+        self._windows: dict[str, ChunkWindow] = {}
+        self._windows_by_table: dict[str, list[ChunkWindow]] = {}
+        self._closing: list[ChunkWindow] = []
+        self.completed_chunks: list[ChunkWindow] = []
+        self.tx: TxContext | None = None
+        self._seq = 0
+        self._per_table: dict[str, int] = {}
+        # Progress counters, read by the producer loop.
+        self.events = 0
+        self.snapshot_rows = 0
+        self.transactions = 0
+        self.changes_in_batch = 0
+        self.last_commit_end_lsn: int | None = None
+
+    # -- snapshot windows ----------------------------------------------------------------------
+
+    def add_window(self, window: ChunkWindow) -> None:
+        """Register a chunk whose watermarks are (or will be) in the stream."""
+        self._windows[window.chunk_id] = window
+        self._windows_by_table.setdefault(window.route.qualified, []).append(window)
+
+    @property
+    def windows(self) -> Mapping[str, ChunkWindow]:
+        return self._windows
+
+    def forget_windows(self) -> None:
+        self._windows.clear()
+        self._windows_by_table.clear()
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def route_for(self, schema: str, table: str, columns: Sequence[ColumnSpec]) -> TableRoute:
+        """The route of ``schema.table`` with these published columns (cached; may publish)."""
+        qualified = f"{schema}.{table}"
+        cols = tuple(columns)
+        cached = self._route_cache.get((qualified, cols))
+        if cached is not None:
+            return cached
+        tm = self._table_mapping(schema, table)
+        previous = self._columns.get(qualified)
+        changes = (
+            codec.check_evolution(qualified, previous, cols)
+            if previous is not None and previous != cols
+            else []
+        )
+        topic = self._topic_for(tm.domain)
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            raise UnmappableRow(qualified, None, f"topic {topic} of domain {tm.domain} is unknown")
+        route = build_route(
+            tm,
+            schema,
+            cols,
+            topic=topic,
+            partitions=partitions,
+            source=self._source,
+            encoder_factory=self._encoder_factory,
+        )
+        self._on_schema(route, changes)
+        self._route_cache[(qualified, cols)] = route
+        self._columns[qualified] = cols
+        return route
+
+    def _table_mapping(self, schema: str, table: str) -> TableMapping:
+        tm = self._mapping.tables.get(table)
+        if tm is None or schema != self._mapping.source_schema:
+            raise UnmappableRow(
+                f"{schema}.{table}",
+                None,
+                "the table is published but not in the mapping; remove it from the "
+                "publication or add it to the mapping, then re-run cutover init",
+            )
+        return tm
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Handle one raw pgoutput message."""
+        self.handle(pgoutput.parse_message(data))
+
+    def handle(self, msg: pgoutput.Message) -> None:
+        kind = type(msg)
+        if kind is Insert:
+            assert isinstance(msg, Insert)
+            route, rel = self._route_rel(msg.relation_oid)
+            row = pgoutput.decode_tuple(rel, msg.new)
+            self._change(route, "c", None, row)
+        elif kind is Update:
+            assert isinstance(msg, Update)
+            route, rel = self._route_rel(msg.relation_oid)
+            row = pgoutput.decode_tuple(rel, msg.new)
+            old = pgoutput.decode_tuple(rel, msg.old) if msg.old is not None else None
+            self._change(route, "u", old, row)
+        elif kind is Delete:
+            assert isinstance(msg, Delete)
+            route, rel = self._route_rel(msg.relation_oid)
+            old = pgoutput.decode_tuple(rel, msg.old)
+            self._change(route, "d", old, None)
+        elif kind is Begin:
+            assert isinstance(msg, Begin)
+            self.tx = TxContext(msg.xid, msg.final_lsn, pg_time_to_ms(msg.commit_time_us))
+            self._seq = 0
+            self._per_table.clear()
+        elif kind is Commit:
+            assert isinstance(msg, Commit)
+            self._commit(msg)
+        elif kind is Relation:
+            assert isinstance(msg, Relation)
+            self._relation(msg)
+        elif kind is LogicalMessage:
+            assert isinstance(msg, LogicalMessage)
+            self._logical_message(msg)
+        elif kind is Truncate:
+            assert isinstance(msg, Truncate)
+            names = ", ".join(
+                self._relations[o].qualified_name if o in self._relations else str(o)
+                for o in msg.relation_oids
+            )
+            raise DecodeError(
+                f"TRUNCATE of {names} (commit LSN {self._lsn_text()}) cannot be carried as "
+                "change events; the producer stops before it. Re-snapshot the tables "
+                "(cutover snapshot --table T) after resolving, or advance past it deliberately"
+            )
+        # Origin and Type messages carry nothing the events need.
+
+    def _lsn_text(self) -> str:
+        return pgoutput.lsn_to_str(self.tx.commit_lsn) if self.tx else "?"
+
+    def _relation(self, rel: Relation) -> None:
+        self._relations[rel.oid] = rel
+        cols = tuple(ColumnSpec(c.name, c.type_oid, c.type_modifier) for c in rel.columns)
+        self._routes[rel.oid] = self.route_for(rel.namespace, rel.name, cols)
+
+    def _route_rel(self, oid: int) -> tuple[TableRoute, Relation]:
+        try:
+            return self._routes[oid], self._relations[oid]
+        except KeyError:
+            raise DecodeError(
+                f"change for relation oid {oid} before its Relation message"
+            ) from None
+
+    def _change(
+        self,
+        route: TableRoute,
+        op: str,
+        old: dict[str, object] | None,
+        new: dict[str, object] | None,
+    ) -> None:
+        tx = self.tx
+        if tx is None:
+            raise DecodeError("pgoutput change outside a transaction (no Begin message)")
+        if self._windows:
+            self._drop_from_windows(route, old, new)
+        keyed = new if new is not None else old
+        assert keyed is not None
+        key, partition = route.key_of(keyed)
+        before: dict[str, object] | None = None
+        after: dict[str, object] | None = None
+        unchanged: list[str] = []
+        if old is not None:
+            before = avro_row(route, old)[0]
+        if new is not None:
+            after, unchanged = avro_row(route, new)
+        seq = self._seq
+        self._seq = seq + 1
+        table = route.table
+        order = self._per_table.get(table, 0) + 1
+        self._per_table[table] = order
+        source = dict(route.source_block)
+        source["ts_ms"] = tx.ts_ms
+        source["snapshot"] = "false"
+        source["txId"] = tx.xid
+        source["lsn"] = tx.commit_lsn
+        source["seq"] = seq
+        record = {
+            "before": before,
+            "after": after,
+            "source": source,
+            "op": op,
+            "ts_ms": self._clock_ms(),
+            "transaction": {
+                "id": f"{tx.xid}:{tx.commit_lsn}",
+                "total_order": seq + 1,
+                "data_collection_order": order,
+                "last_in_partition": False,
+            },
+            "unchanged_toast": unchanged,
+        }
+        pending = _Pending(route, key.encode(), partition, record)
+        previous = self._hold.push(route.topic, partition, pending)
+        if previous is not None:
+            self._send(previous)
+        self.changes_in_batch += 1
+
+    def _drop_from_windows(
+        self, route: TableRoute, old: dict[str, object] | None, new: dict[str, object] | None
+    ) -> None:
+        windows = self._windows_by_table.get(route.qualified)
+        if not windows:
+            return
+        partial = new is not None and any(v is UNCHANGED for v in new.values())
+        for window in windows:
+            if old is not None:
+                window.drop(route.pk_of(old))
+            if new is not None:
+                window.drop(route.pk_of(new), partial=partial)
+
+    def _send(self, pending: _Pending) -> None:
+        self._emit(
+            pending.route.topic,
+            pending.partition,
+            pending.key,
+            pending.route.encoder(pending.record),
+        )
+        self.events += 1
+
+    def _commit(self, msg: Commit) -> None:
+        for pending in self._hold.drain():
+            pending.record["transaction"]["last_in_partition"] = True
+            self._send(pending)
+        if self._closing:
+            tx = self.tx
+            assert tx is not None
+            for window in self._closing:
+                self._emit_chunk(window, tx)
+            self._closing.clear()
+        self.tx = None
+        self.transactions += 1
+        self.last_commit_end_lsn = msg.end_lsn
+
+    def _logical_message(self, msg: LogicalMessage) -> None:
+        prefix = msg.prefix
+        if prefix in (SNAPSHOT_LOW_PREFIX, SNAPSHOT_HIGH_PREFIX):
+            window = self._windows.get(msg.content.decode("utf-8", "replace"))
+            if window is None:
+                return  # a chunk of an earlier run (killed before it finished): ignored
+            if prefix == SNAPSHOT_LOW_PREFIX:
+                window.open()
+            elif window.state == "open" and self.tx is not None:
+                # Emitted at the Commit of this transaction, after any held-back event.
+                self._closing.append(window)
+            else:
+                # No low watermark seen: changes in the window were not filtered. The chunk
+                # is dropped unemitted; the producer reads it again under new watermarks.
+                window.fail()
+                self._remove_window(window)
+                self.completed_chunks.append(window)
+            return
+        if self._on_message is not None:
+            self._on_message(msg, self.tx)
+
+    def _emit_chunk(self, window: ChunkWindow, tx: TxContext) -> None:
+        """Emit the rows left in a closed window as op ``r`` at the high watermark's position."""
+        route = window.route
+        window.high_lsn = tx.commit_lsn
+        rows = window.close()
+        now = self._clock_ms()
+        for index, row in enumerate(rows):
+            key, partition = route.key_of(row)
+            after, unchanged = avro_row(route, row)
+            source = dict(route.source_block)
+            source["ts_ms"] = tx.ts_ms
+            source["snapshot"] = "true"
+            source["txId"] = tx.xid
+            source["lsn"] = tx.commit_lsn
+            source["seq"] = index
+            record = {
+                "before": None,
+                "after": after,
+                "source": source,
+                "op": "r",
+                "ts_ms": now,
+                "transaction": None,
+                "unchanged_toast": unchanged,
+            }
+            self._emit(route.topic, partition, key.encode(), route.encoder(record))
+        window.emitted = len(rows)
+        self.snapshot_rows += len(rows)
+        self._remove_window(window)
+        self.completed_chunks.append(window)
+
+    def _remove_window(self, window: ChunkWindow) -> None:
+        self._windows.pop(window.chunk_id, None)
+        table_windows = self._windows_by_table.get(window.route.qualified, [])
+        if window in table_windows:
+            table_windows.remove(window)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tx is not None
+
+    def reset_batch_counters(self) -> None:
+        self.changes_in_batch = 0
+
+
+def heartbeat_record(ts_ms: int, lsn: int, producer: str) -> dict[str, Any]:
+    """The value of a Heartbeat message (``codec.heartbeat_schema``)."""
+    return {"ts_ms": ts_ms, "lsn": lsn, "producer": producer}
