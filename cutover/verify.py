@@ -369,8 +369,11 @@ def select_tables(
 class PositionReader:
     """Reads what source position the consumers of a domain have applied (see the module doc)."""
 
-    def __init__(self, settings: Settings, legacy: Conn, commerce: Conn) -> None:
+    def __init__(
+        self, settings: Settings, mapping: MappingSpec, legacy: Conn, commerce: Conn
+    ) -> None:
         self.settings = settings
+        self.mapping = mapping
         self.legacy = legacy
         self.commerce = commerce
         self._consumer: Any = None
@@ -398,12 +401,35 @@ class PositionReader:
         )
         if not rows:
             return None
+        if self._snapshot_unfinished(domain):
+            # Snapshot rows of chunks not read yet carry no position below the delivered one:
+            # until the snapshot is done, nothing of this domain counts as applied.
+            return 0
         offsets = {int(p): (int(n), None if lsn is None else int(lsn)) for p, n, lsn in rows}
         delivered = self._delivered()
         watermarks = self._watermarks(topic) if delivered is not None else None
         return dg.applied_position(
             range(self.settings.kafka.partitions), offsets, delivered, watermarks
         )
+
+    def _snapshot_unfinished(self, domain: str) -> bool:
+        """Whether a snapshot of one of the domain's tables is pending or running."""
+        if not _table_exists(self.legacy, "source", LEGACY_CONTROL_SCHEMA, "snapshot_requests"):
+            return False
+        tables = [t.source_table for t in self.mapping.tables_of(domain)]
+        rows = _query(
+            self.legacy,
+            "source",
+            sql.SQL(
+                "SELECT count(*) FROM {} WHERE slot_name = %s AND source_table = ANY(%s)"
+                " AND status IN ('pending', 'running')"
+            ).format(sql.Identifier(LEGACY_CONTROL_SCHEMA, "snapshot_requests")),
+            [self.settings.source.slot, tables],
+        )
+        unfinished = bool(rows and rows[0][0])
+        if unfinished:
+            log.info("verify.snapshot_unfinished", domain=domain)
+        return unfinished
 
     def _delivered(self) -> int | None:
         if not _table_exists(self.legacy, "source", LEGACY_CONTROL_SCHEMA, "producer_state"):
@@ -472,7 +498,7 @@ class _Verifier:
         # A third connection for control writes, so the query connections stay single-purpose.
         self.control = connect(settings.target.dsn, "target")
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-commerce")
-        self.positions = PositionReader(settings, self.legacy, self.control)
+        self.positions = PositionReader(settings, mapping, self.legacy, self.control)
         self.control_schema = settings.target.control_schema
 
     def close(self) -> None:

@@ -1,42 +1,70 @@
 #!/usr/bin/env bash
-# `make demo`: the reference shop on the local stack, narrated. Run by the Makefile after
-# `make up`, with the stack's CUTOVER_* variables exported. Safe to run again: it starts from a
-# fresh legacy schema each time (the local stack is a sandbox).
+# `make demo`: the whole cutover of the reference shop on the local stack, narrated.
+# Run by the Makefile after `make up`, with the stack's CUTOVER_* variables exported.
+# Safe to run again: it starts from a fresh legacy shop, commerce DB, slot and topic prefix.
+# Ctrl-C stops the producer and consumers it started (the stack itself keeps running).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CUTOVER=.venv/bin/cutover
 ORDERS=${DEMO_ORDERS:-100000}
-RATE=${DEMO_RATE:-500}
-DURATION=${DEMO_DURATION:-15}
+RATE=${DEMO_RATE:-300}
+DURATION=${DEMO_DURATION:-20}
 export CUTOVER_CONFIG=examples/shop/cutover.toml
+# A new topic prefix per run: topics of earlier runs never mix into this one.
+export CUTOVER_TOPIC_PREFIX="demo$(date +%s)"
+LOGS=.stack/demo
+mkdir -p "$LOGS"
+pids=()
+
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'echo; echo "interrupted: stopping the producer and consumers"; exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+sql() { psql "$1" -q -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" "${@:2}"; }
 
-step "1. The old shop: a fresh legacy schema (examples/shop/legacy.sql)"
-psql "$CUTOVER_SOURCE_DSN" -q -v ON_ERROR_STOP=1 \
-  -c "SET client_min_messages = warning" -c "DROP SCHEMA IF EXISTS shop CASCADE" \
-  -f examples/shop/legacy.sql
+step "0. A clean sandbox: legacy shop, commerce DB, slot (topic prefix $CUTOVER_TOPIC_PREFIX)"
+sql "$CUTOVER_SOURCE_DSN" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cutover_slot'" >/dev/null
+sql "$CUTOVER_SOURCE_DSN" -c "DROP PUBLICATION IF EXISTS cutover_pub" -c "DROP SCHEMA IF EXISTS shop CASCADE" -c "DROP SCHEMA IF EXISTS cutover CASCADE"
+sql "$CUTOVER_TARGET_DSN" -c "DROP SCHEMA IF EXISTS commerce CASCADE" -c "DROP SCHEMA IF EXISTS cutover CASCADE"
+sql "$CUTOVER_SOURCE_DSN" -f examples/shop/legacy.sql
 
-step "2. Prefill: $ORDERS orders with their lines, payments and invoices, plus users, merchants, products"
+step "1. The old shop: $ORDERS orders with their lines, payments and invoices, plus users, merchants, products"
 $CUTOVER workload --prefill --orders "$ORDERS" --seed 7
 
-step "3. Live traffic: $RATE transactions/s for $DURATION s (signups, listings, orders, payments, rollbacks)"
-$CUTOVER workload --rate "$RATE" --duration "$DURATION" --seed 7
+step "2. cutover init: preflight, publication without the social columns, slot, topics, commerce schema"
+$CUTOVER init --target-ddl examples/shop/commerce.sql
 
-step "4. What the old shop holds now"
-psql "$CUTOVER_SOURCE_DSN" -q -v ON_ERROR_STOP=1 <<'SQL'
-SELECT 'users' AS "table", count(*) AS rows FROM shop.users
-UNION ALL SELECT 'merchants', count(*) FROM shop.merchants
-UNION ALL SELECT 'products', count(*) FROM shop.products
-UNION ALL SELECT 'orders', count(*) FROM shop.orders
-UNION ALL SELECT 'order_items', count(*) FROM shop.order_items
-UNION ALL SELECT 'payments', count(*) FROM shop.payments
-UNION ALL SELECT 'invoices', count(*) FROM shop.invoices;
-SELECT count(*) FILTER (WHERE o.total_idr <> s.sum) AS orders_with_wrong_total,
-       count(*) AS orders_checked
-FROM shop.orders o
-JOIN (SELECT order_id, sum(qty * unit_price_idr) AS sum FROM shop.order_items GROUP BY order_id) s
-  ON s.order_id = o.id;
-SQL
+step "3. The CDC producer (initial snapshot, then streaming) and two apply consumers (logs in $LOGS/)"
+$CUTOVER --log-json produce >"$LOGS/produce.log" 2>&1 & pids+=($!)
+$CUTOVER --log-json apply >"$LOGS/apply-1.log" 2>&1 & pids+=($!)
+$CUTOVER --log-json apply >"$LOGS/apply-2.log" 2>&1 & pids+=($!)
+echo "producer pid ${pids[0]}, consumers ${pids[1]} ${pids[2]}"
 
-step "Done. The stack keeps running (make down stops it)."
+step "4. The shop keeps selling: $RATE transactions/s for $DURATION s while the snapshot and stream run"
+$CUTOVER workload --rate "$RATE" --duration "$DURATION" --seed 8
+
+step "5. cutover verify: legacy mapped through the mapping vs commerce, row by row"
+for attempt in 1 2 3 4 5 6; do
+  if $CUTOVER verify; then break; fi
+  [ "$attempt" = 6 ] && { echo "verify failed"; exit 1; }
+  echo "(consumers still catching up; verifying again)"; sleep 5
+done
+
+step "6. Switch reads, domain by domain, each through its gates"
+for domain in data merchant payment; do
+  $CUTOVER switch-reads "$domain" --dry-run || true
+  $CUTOVER verify --domain "$domain" --no-progress >/dev/null
+  $CUTOVER switch-reads "$domain" --yes
+done
+
+step "7. cutover status"
+$CUTOVER status
+
+step "8. The audit trail"
+$CUTOVER audit
+
+step "Done. Producer and consumers are stopped; the stack keeps running (make down stops it)."
