@@ -71,5 +71,7 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger bound with ``logger=name``; the event names are the interface, not the text."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(logger=name)
+    # Lazy: the logger is built at first use, after configure(), even when this runs at import.
+    # (The key is "component": "logger" would collide with structlog.wrap_logger's parameter.)
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
     return logger

@@ -61,8 +61,18 @@ def test_log_events_have_stable_names_and_no_secrets(capsys: pytest.CaptureFixtu
     structlog.reset_defaults()
 
 
+def test_module_level_logger_follows_later_configure(capsys: pytest.CaptureFixture[str]) -> None:
+    log = cutover_logging.get_logger("made.before.configure")
+    cutover_logging.configure(level="info", json=True)
+    log.info("x.happened", n=1)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["event"] == "x.happened"
+    assert line["component"] == "made.before.configure"
+    structlog.reset_defaults()
+
+
 def test_capture_logs_sees_events() -> None:
     with capture_logs() as logs:
         cutover_logging.get_logger("t").warning("apply.batch_committed", events=3)
     assert logs == [{"event": "apply.batch_committed", "events": 3, "log_level": "warning",
-                     "logger": "t"}]  # fmt: skip
+                     "component": "t"}]  # fmt: skip

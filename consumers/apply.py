@@ -1,0 +1,754 @@
+"""`cutover apply`: the apply consumer loop (exactly-once effect into the commerce database).
+
+One process = one member of the consumer group ``apply.group_id`` (cooperative-sticky
+assignment, ``read_committed``, no auto commit), subscribed to the domain topics of the mapping.
+The loop is thin; the decisions live in pure modules (:mod:`consumers.events`,
+:mod:`consumers.batch`, :mod:`consumers.sql`) and the database work in :mod:`consumers.sink`.
+
+Exactly-once effect, in three parts:
+
+* **offsets live in the commerce database**, in the transaction that applies the rows
+  (``cutover.consumer_offsets``). On assignment a partition is sought to the stored
+  ``next_offset`` (or the beginning); Kafka's committed offsets are only a monitoring hint;
+* **a fence**: a batch locks its partitions' offsets rows (``FOR UPDATE``) and checks that
+  ``next_offset`` is still what this member started from. If another member progressed (this
+  one is a zombie of a rebalance it has not heard of yet) the partition is dropped from the
+  batch and re-sought from the database;
+* **position guards**: every row write applies only if its source position is newer (see
+  :mod:`consumers.sql`), so whatever is applied twice (a crash between COMMIT and the next
+  poll, a rebalance, a replay from offset 0) changes nothing.
+
+Per-aggregate atomicity: a partition's messages are committed only up to its last event that
+closes a unit (:func:`consumers.batch.closed_prefix`); the open tail is buffered, not stored. A
+tail that grows past ``long_tx_events`` (a huge source transaction) is applied in sub-batches
+inside one database transaction kept open across polls — the other partitions are paused
+meanwhile — and committed when its closing event arrives. Memory stays bounded by the sub-batch
+size and librdkafka's prefetch queue (``queued.max.messages.kbytes``, 32 MB by default here).
+
+Rebalances: revoked or lost partitions lose their buffered state; if an open long transaction
+held work of a revoked partition it is rolled back and the remaining partitions are re-sought
+from the database. Commerce database unavailable: the batch is abandoned, the loop reconnects
+for up to ``db_retry_s`` seconds and re-seeks every partition from the stored offsets, or stops
+with a DatabaseError (exit 3). SIGTERM/SIGINT (``stop``): the current batch is finished and
+committed, an open long transaction is rolled back (it cannot commit half a source
+transaction), the consumer leaves the group cleanly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as RdKafkaError
+from structlog.typing import FilteringBoundLogger
+
+from consumers.batch import Entry, closed_prefix
+from consumers.dlq import DeadLetter, DlqPublisher, PoisonHalt
+from consumers.events import Change, Heartbeat, from_record
+from consumers.schemas import SchemaReader, kafka_error
+from consumers.sink import OffsetUpdate, Sink, translate
+from consumers.sql import NEW_ROW_OFFSET
+from cutover.config import Settings
+from cutover.errors import CutoverError, DatabaseError, DecodeError, KafkaError, UnknownSchema
+from cutover.logging import get_logger
+from cutover.mapping import MappingSpec, load_mapping
+
+
+def log() -> FilteringBoundLogger:
+    # Looked up at each use, not at import: a logger bound before cutover.logging.configure()
+    # runs would keep structlog's defaults (console renderer on stdout).
+    return get_logger(__name__)
+
+
+TP = tuple[str, int]
+
+# Settings the exactly-once protocol depends on: the pass-through cannot change them.
+_FORCED = {
+    "partition.assignment.strategy": "cooperative-sticky",
+    "isolation.level": "read_committed",
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+}
+_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",
+    # Bounded prefetch: part of the memory budget (librdkafka's default is 64 MB).
+    "queued.max.messages.kbytes": 32768,
+}
+# SQLSTATEs worth a rollback and a retry of the batch rather than stopping.
+_TRANSIENT = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03"})
+
+
+@dataclass(frozen=True, slots=True)
+class CommitInfo:
+    """What one COMMIT made visible (for observers: the benchmark, metrics)."""
+
+    committed_at_ms: int
+    source_ts_ms: Sequence[int]
+    events: int
+    dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOptions:
+    """Knobs of one apply process that are not in the config file."""
+
+    #: Open-tail length (events) from which a partition's source transaction is applied in
+    #: sub-batches inside one long database transaction. Default: 2 × batch_max_events.
+    long_tx_events: int | None = None
+    #: How long to keep reconnecting to an unavailable commerce database before exit 3.
+    db_retry_s: float = 60.0
+    #: Stop (exit 0) after this long without a message and with nothing pending.
+    exit_when_idle_s: float | None = None
+    #: Called after every COMMIT.
+    on_commit: Callable[[CommitInfo], None] | None = None
+
+
+@dataclass(slots=True)
+class ApplySummary:
+    events: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    dead_letters: int = 0
+    commits: int = 0
+
+
+@dataclass(slots=True)
+class _Partition:
+    topic: str
+    partition: int
+    #: next_offset as this member believes the database holds it (None: no row yet).
+    committed: int | None
+    #: The next offset accepted from the consumer: drops messages fetched before a seek.
+    cursor: int
+    buffer: list[Entry] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Tx:
+    """The open commerce-database transaction."""
+
+    locked: set[TP] = field(default_factory=set)
+    pending: dict[TP, OffsetUpdate] = field(default_factory=dict)
+    events: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    letters: int = 0
+    source_ts: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+class ApplyConsumer:
+    """One apply process. ``run()`` until ``stop`` is set (or idle, see :class:`ApplyOptions`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        mapping: MappingSpec | None = None,
+        options: ApplyOptions | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.mapping = mapping if mapping is not None else load_mapping(settings.mapping_path)
+        self.options = options or ApplyOptions()
+        self.stop = stop or threading.Event()
+        self.group = settings.apply.group_id
+        self.control = settings.target.control_schema
+        self.batch_max = settings.apply.batch_max_events
+        self.long_tx_events = self.options.long_tx_events or 2 * self.batch_max
+        self.topics = [settings.kafka.topic(d) for d in self.mapping.domains]
+        self._domain_of = {settings.kafka.topic(d): d for d in self.mapping.domains}
+        self.summary = ApplySummary()
+        self._parts: dict[TP, _Partition] = {}
+        self._streaming: set[TP] = set()
+        self._paused: set[TP] = set()
+        self._need_reseek: set[TP] = set()
+        self._tx: _Tx | None = None
+        self._db_broken = False
+        self._callback_error: BaseException | None = None
+        self._sink: Sink | None = None
+        self._consumer: Any = None
+        self._dlq: DlqPublisher | None = None
+        self._schemas: SchemaReader | None = None
+
+    # ================================================================== lifecycle
+
+    def run(self) -> ApplySummary:
+        try:
+            self._start()
+            self._loop()
+        except BaseException:
+            self._abandon_tx("error")
+            raise
+        finally:
+            self._close()
+        return self.summary
+
+    def _start(self) -> None:
+        self._connect()
+        self._check_control_tables()
+        self._schemas = SchemaReader(self.settings.kafka, self.group)
+        self._schemas.refresh()
+        self._consumer = Consumer(self._consumer_conf())
+        self._consumer.subscribe(
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        log().info(
+            "apply.started",
+            group_id=self.group,
+            topics=self.topics,
+            batch_max_events=self.batch_max,
+            long_tx_events=self.long_tx_events,
+        )
+
+    def _loop(self) -> None:
+        last_message = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                msgs = self._consumer.consume(
+                    self.batch_max, self.settings.apply.batch_max_wait_ms / 1000
+                )
+            except KafkaException as exc:
+                raise kafka_error(exc, "consuming") from None
+            self._raise_callback_error()
+            if msgs:
+                last_message = time.monotonic()
+            try:
+                if self._db_broken:
+                    raise DatabaseError("connection lost", side="target")
+                self._ingest(msgs)
+                self._step()
+            except DatabaseError as exc:
+                if not self._recoverable(exc):
+                    raise
+                self._recover(exc)
+            idle = self.options.exit_when_idle_s
+            if (
+                idle is not None
+                and self._tx is None
+                and time.monotonic() - last_message > idle
+                and not any(p.buffer for p in self._parts.values())
+            ):
+                log().info("apply.idle_exit", idle_s=idle)
+                break
+        if self._tx is not None:
+            # Stopping inside a long source transaction: it cannot be committed in part.
+            # Whoever gets the partitions next re-applies it from the stored offsets.
+            self._abandon_tx("stopping inside a long source transaction")
+
+    def _consumer_conf(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.settings.kafka.bootstrap,
+            **_DEFAULTS,
+            **self.settings.kafka.consumer,
+        }
+        for key, value in _FORCED.items():
+            if key in conf and conf[key] != value:
+                log().warning("apply.setting_ignored", setting=key, value=conf[key], used=value)
+            conf[key] = value
+        conf["group.id"] = self.group
+        conf["error_cb"] = self._on_kafka_error
+        return conf
+
+    def _on_kafka_error(self, err: RdKafkaError) -> None:
+        log().warning("apply.kafka_error", error=err.str(), code=err.name(), fatal=err.fatal())
+
+    def _close(self) -> None:
+        log().info("apply.stopping", **_summary_fields(self.summary))
+        if self._consumer is not None:
+            try:
+                # Leaves the group: the remaining members get our partitions at once.
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log().warning("apply.close_failed", error=str(exc))
+            self._consumer = None
+        if self._dlq is not None:
+            self._dlq.close()
+        if self._schemas is not None:
+            self._schemas.close()
+        if self._sink is not None and not self._sink.conn.closed:
+            self._sink.conn.close()
+        log().info("apply.stopped")
+
+    # ================================================================== database connection
+
+    def _connect(self) -> None:
+        try:
+            conn = psycopg.connect(
+                self.settings.target.dsn,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=f"cutover-apply:{self.group}",
+            )
+        except psycopg.Error as exc:
+            raise translate(exc, "connecting") from exc
+        self._sink = Sink(conn, self.mapping, self.control)
+        self._db_broken = False
+
+    @property
+    def sink(self) -> Sink:
+        assert self._sink is not None
+        return self._sink
+
+    def _check_control_tables(self) -> None:
+        for table in ("consumer_offsets", "tombstones", "dead_letters"):
+            name = f"{self.control}.{table}"
+            row = self.sink.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+            if row is None or row[0] is None:
+                raise DatabaseError(
+                    f"control table {name} does not exist: run `cutover init` first",
+                    side="target",
+                )
+
+    def _recoverable(self, exc: DatabaseError) -> bool:
+        conn = self._sink.conn if self._sink else None
+        if conn is None or conn.closed or conn.broken or self._db_broken:
+            return True
+        state = exc.sqlstate or ""
+        return state in _TRANSIENT or state.startswith("08")
+
+    def _recover(self, exc: DatabaseError) -> None:
+        """Abandon the batch, reconnect, and re-seek every partition from the stored offsets."""
+        log().warning("apply.db_retry", error=exc.message, sqlstate=exc.sqlstate)
+        self._abandon_tx("database error")
+        deadline = time.monotonic() + self.options.db_retry_s
+        delay = 0.2
+        while True:
+            try:
+                if self._sink is None or self._sink.conn.closed or self._sink.conn.broken:
+                    if self._sink is not None:
+                        self._sink.conn.close()
+                    self._connect()
+                self._reseek(list(self._parts))
+                break
+            except DatabaseError as again:
+                if time.monotonic() > deadline:
+                    raise DatabaseError(
+                        f"commerce database unavailable for {self.options.db_retry_s:.0f}s, "
+                        f"giving up: {again.message}",
+                        side="target",
+                        sqlstate=again.sqlstate,
+                    ) from None
+                if self._sink is not None and not self._sink.conn.closed:
+                    self._sink.conn.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        log().info("apply.db_recovered")
+
+    def _abandon_tx(self, reason: str) -> None:
+        if self._tx is not None:
+            log().warning(
+                "apply.tx_rolled_back",
+                reason=reason,
+                events=self._tx.events,
+                partitions=len(self._tx.locked),
+            )
+        self._tx = None
+        self._streaming.clear()
+        if self._sink is not None:
+            try:
+                self._sink.rollback()
+            except DatabaseError:
+                self._db_broken = True
+        self._resume_all()
+
+    # ================================================================== rebalance callbacks
+    # They run inside consume(); an exception there is kept and raised after consume returns.
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        try:
+            tps = [(p.topic, p.partition) for p in partitions]
+            try:
+                offsets = self.sink.read_offsets(self.group, tps, lock=False)
+                reseek = False
+            except DatabaseError as exc:
+                # Assign now (the group protocol needs it) and seek once the database is back.
+                log().warning("apply.assign_db_error", error=exc.message)
+                offsets, reseek = {}, True
+                self._db_broken = True
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                off = offsets.get(tp)
+                if off is None or off < 0:
+                    p.offset = OFFSET_BEGINNING
+                    self._parts[tp] = _Partition(p.topic, p.partition, None, 0)
+                else:
+                    p.offset = off
+                    self._parts[tp] = _Partition(p.topic, p.partition, off, off)
+                if reseek:
+                    self._need_reseek.add(tp)
+            consumer.incremental_assign(partitions)
+            log().info(
+                "apply.partitions_assigned",
+                partitions=_tp_text(tps),
+                offsets={f"{t}[{p}]": offsets.get((t, p)) for t, p in tps},
+            )
+        except BaseException as exc:
+            self._callback_error = exc
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._drop_partitions(partitions, "apply.partitions_revoked")
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._drop_partitions(partitions, "apply.partitions_lost")
+
+    def _drop_partitions(self, partitions: list[TopicPartition], event: str) -> None:
+        try:
+            tps = {(p.topic, p.partition) for p in partitions}
+            tx = self._tx
+            if tx is not None and (tps & tx.locked or tps & self._streaming):
+                # The open long transaction holds uncommitted work of a partition we no longer
+                # own: it can never commit. Roll back; the partitions we keep restart from the
+                # database offsets.
+                keep = tx.locked - tps
+                self._abandon_tx("partitions revoked during a long transaction")
+                self._need_reseek |= keep
+            for tp in tps:
+                self._parts.pop(tp, None)
+                self._streaming.discard(tp)
+                self._paused.discard(tp)
+                self._need_reseek.discard(tp)
+            log().info(event, partitions=_tp_text(sorted(tps)))
+        except BaseException as exc:
+            self._callback_error = exc
+
+    def _raise_callback_error(self) -> None:
+        if self._callback_error is not None:
+            exc, self._callback_error = self._callback_error, None
+            raise exc
+
+    # ================================================================== seeking
+
+    def _reseek(self, tps: Sequence[TP]) -> None:
+        """Point partitions back at the stored offsets, forgetting what was buffered."""
+        tps = [tp for tp in tps if tp in self._parts]
+        if not tps:
+            return
+        offsets = self.sink.read_offsets(self.group, tps, lock=False)
+        for tp in tps:
+            part = self._parts[tp]
+            off = offsets.get(tp)
+            if off is not None and off < 0:
+                off = None
+            part.committed = off
+            part.cursor = off or 0
+            part.buffer.clear()
+            try:
+                self._consumer.seek(
+                    TopicPartition(tp[0], tp[1], OFFSET_BEGINNING if off is None else off)
+                )
+                self._need_reseek.discard(tp)
+            except KafkaException as exc:
+                # E.g. the fetcher has not started on a just-assigned partition: try again on
+                # the next loop; until then its messages are dropped.
+                log().info("apply.seek_deferred", partition=_tp_text([tp]), error=str(exc))
+                self._need_reseek.add(tp)
+        log().info("apply.reseeked", offsets={f"{t}[{p}]": offsets.get((t, p)) for t, p in tps})
+
+    def _resume_all(self) -> None:
+        if self._paused and self._consumer is not None:
+            self._resume(list(self._paused))
+
+    def _resume(self, tps: list[TP]) -> None:
+        self._consumer.resume([TopicPartition(t, p) for t, p in tps])
+        for tp in tps:
+            self._paused.discard(tp)
+            part = self._parts.get(tp)
+            if part is None:
+                continue
+            # Fetching restarts where this member stopped taking messages.
+            try:
+                self._consumer.seek(TopicPartition(tp[0], tp[1], part.cursor))
+            except KafkaException:
+                self._need_reseek.add(tp)
+
+    def _update_pause(self) -> None:
+        """While a long transaction is open only its partitions are fetched."""
+        want = (set(self._parts) - self._streaming) if self._streaming else set()
+        pause = want - self._paused
+        resume = self._paused - want
+        if pause:
+            self._consumer.pause([TopicPartition(t, p) for t, p in pause])
+            self._paused |= pause
+        if resume:
+            self._resume(list(resume))
+
+    # ================================================================== ingest: decode, buffer
+
+    def _ingest(self, msgs: Sequence[Any]) -> None:
+        if self._need_reseek:
+            pending = set(self._need_reseek)
+            self._reseek(list(pending))
+            skip = pending  # messages of this poll predate the seek
+        else:
+            skip = set()
+        refreshed = False
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaError(f"consumer failed: {err.str()}", code=err.name())
+                if err.code() != RdKafkaError._PARTITION_EOF:
+                    log().warning("apply.kafka_error", error=err.str(), code=err.name())
+                continue
+            tp = (msg.topic(), msg.partition())
+            part = self._parts.get(tp)
+            if part is None or tp in skip or tp in self._need_reseek:
+                continue
+            offset = msg.offset()
+            if offset < part.cursor:
+                continue  # fetched before a seek, or already taken
+            part.cursor = offset + 1
+            entry = Entry(offset, msg.key(), msg.value())
+            refreshed = self._decode(entry, refreshed)
+            part.buffer.append(entry)
+
+    def _decode(self, entry: Entry, refreshed: bool) -> bool:
+        """Decode ``entry`` in place; returns whether the schemas topic was re-read."""
+        assert self._schemas is not None
+        if entry.value is None:
+            entry.error = DecodeError("message has no value (null)")
+            return refreshed
+        try:
+            try:
+                ws, record = self._schemas.store.decode(entry.value)
+            except UnknownSchema:
+                if refreshed:
+                    raise
+                # Only a fingerprint unknown after re-reading the schemas topic is poison.
+                self._schemas.refresh()
+                refreshed = True
+                ws, record = self._schemas.store.decode(entry.value)
+            entry.event = from_record(ws.name, record)
+        except DecodeError as exc:
+            entry.error = exc
+        return refreshed
+
+    # ================================================================== step: plan, apply, commit
+
+    def _step(self) -> None:
+        plan = self._plan()
+        if plan:
+            self._apply(plan)
+        if self._tx is not None and not self._streaming:
+            self._commit()
+        self._update_pause()
+
+    def _plan(self) -> dict[TP, list[Entry]]:
+        """Take, per partition, the entries this step applies (see the module docstring)."""
+        # Bound the memory of open tails as a whole, not only per partition.
+        tails = {tp: len(p.buffer) - self._closed(tp) for tp, p in self._parts.items()}
+        total = sum(len(p.buffer) for p in self._parts.values())
+        while total > 2 * self.long_tx_events:
+            candidates = [tp for tp in tails if tp not in self._streaming and tails[tp] > 0]
+            if not candidates:
+                break
+            big = max(candidates, key=lambda tp: tails[tp])
+            self._start_streaming(big, tails[big])
+            total -= len(self._parts[big].buffer)
+        plan: dict[TP, list[Entry]] = {}
+        for tp, part in self._parts.items():
+            buf = part.buffer
+            if not buf:
+                continue
+            cut = self._closed(tp)
+            if tp in self._streaming:
+                if cut:
+                    take = cut  # its closing event arrived: commit once all are closed
+                    self._streaming.discard(tp)
+                    log().info("apply.long_tx_closed", partition=_tp_text([tp]))
+                elif len(buf) >= self.batch_max:
+                    take = len(buf)
+                else:
+                    take = 0
+            elif len(buf) - cut >= self.long_tx_events:
+                self._start_streaming(tp, len(buf) - cut)
+                take = len(buf)
+            else:
+                take = cut
+            if take:
+                plan[tp] = buf[:take]
+                del buf[:take]
+        return plan
+
+    def _closed(self, tp: TP) -> int:
+        # A streaming partition's buffer starts inside its open source transaction.
+        return closed_prefix(self._parts[tp].buffer, at_boundary=tp not in self._streaming)
+
+    def _start_streaming(self, tp: TP, tail: int) -> None:
+        self._streaming.add(tp)
+        log().info("apply.long_tx_opened", partition=_tp_text([tp]), open_tail=tail)
+
+    def _apply(self, plan: dict[TP, list[Entry]]) -> None:
+        # Commit protocol, part 1 (the rest is in _commit):
+        # 1. BEGIN, unless a long transaction is already open.
+        if self._tx is None:
+            self.sink.begin()
+            self._tx = _Tx()
+        tx = self._tx
+        # 2. Fence: lock the offsets rows of partitions new to this transaction and check they
+        #    still hold what this member started from. A partition another member moved on is
+        #    dropped from the batch and re-sought from the database.
+        new = [tp for tp in plan if tp not in tx.locked]
+        if new:
+            for tp in self._fence(new):
+                del plan[tp]
+                self._streaming.discard(tp)
+                self._reseek([tp])
+        # 3. Decode errors become dead letters; heartbeats only update the offsets row;
+        #    changes go to the sink, which applies them set-based with position guards.
+        changes: list[Change] = []
+        refs: list[tuple[TP, Entry]] = []
+        letters: list[DeadLetter] = []
+        for tp, entries in plan.items():
+            upd = tx.pending.get(tp)
+            if upd is None:
+                upd = tx.pending[tp] = OffsetUpdate(tp[0], tp[1], entries[0].offset)
+            for entry in entries:
+                event = entry.event
+                if entry.error is not None or event is None:
+                    letters.append(self._letter(tp, entry, entry.error, None))
+                elif isinstance(event, Heartbeat):
+                    upd.last_heartbeat_ms = max(upd.last_heartbeat_ms or 0, event.ts_ms)
+                else:
+                    changes.append(event)
+                    refs.append((tp, entry))
+                    upd.last_source_lsn = max(upd.last_source_lsn or 0, event.lsn)
+                    upd.last_source_ts_ms = max(upd.last_source_ts_ms or 0, event.ts_ms)
+                    if self.options.on_commit is not None:  # bounded memory otherwise
+                        tx.source_ts.append(event.ts_ms)
+            # Only offsets of whole units are ever committed: at COMMIT every partition of the
+            # transaction ended on a closing event (streaming ones are committed when closed).
+            upd.next_offset = entries[-1].offset + 1
+        stats, failures = self.sink.apply(changes)
+        for i, error in failures:
+            tp, entry = refs[i]
+            letters.append(self._letter(tp, entry, error, changes[i].table))
+        # 4. Poison messages: halt, or record them in this transaction and send them to the
+        #    dead-letter topic (flushed before COMMIT, in _commit).
+        if letters:
+            letters.sort(key=lambda letter: (letter.topic, letter.partition, letter.offset))
+            if self.settings.apply.dlq_policy == "halt":
+                first = letters[0]
+                log().error(
+                    "dlq.halt",
+                    topic=first.topic,
+                    partition=first.partition,
+                    offset=first.offset,
+                    error_class=first.error_class,
+                    error=first.error.message,
+                )
+                raise PoisonHalt(first.topic, first.partition, first.offset, first.error)
+            self.sink.record_dead_letters([letter.db_row(self.group) for letter in letters])
+            if self._dlq is None:
+                self._dlq = DlqPublisher(self.settings)
+            self._dlq.send(letters)
+        tx.events += sum(len(entries) for entries in plan.values())
+        tx.upserted += stats.upserted
+        tx.deleted += stats.deleted
+        tx.letters += len(letters)
+
+    def _fence(self, tps: list[TP]) -> set[TP]:
+        tx = self._tx
+        assert tx is not None
+        absent = [tp for tp in tps if self._parts[tp].committed is None]
+        if absent:
+            self.sink.claim_offsets(self.group, absent)
+        stored = self.sink.read_offsets(self.group, tps, lock=True)
+        fenced: set[TP] = set()
+        for tp in tps:
+            expected = self._parts[tp].committed
+            got = stored.get(tp)
+            ok = got == (NEW_ROW_OFFSET if expected is None else expected)
+            if ok:
+                tx.locked.add(tp)
+            else:
+                fenced.add(tp)
+                log().warning(
+                    "apply.fenced", partition=_tp_text([tp]), expected=expected, stored=got
+                )
+        return fenced
+
+    def _commit(self) -> None:
+        tx = self._tx
+        assert tx is not None
+        # Commit protocol, part 2:
+        # 5. Dead letters sent in this transaction are acknowledged by Kafka before COMMIT. A
+        #    crash after this and before 7 redoes the batch and sends them again: at least once
+        #    on the topic, exactly once in cutover.dead_letters (unique per offset).
+        if tx.letters and self._dlq is not None:
+            self._dlq.flush()
+        # 6. Store next_offset (last offset of the batch + 1) and the source progress of every
+        #    partition in the transaction; the rows were written in 3.
+        if tx.pending:
+            self.sink.store_offsets(self.group, list(tx.pending.values()))
+        # 7. COMMIT: rows, tombstones, dead letters and offsets become visible together.
+        self.sink.commit()
+        self._tx = None
+        committed_at = int(time.time() * 1000)
+        # 8. Remember what is stored (the fence of the next batch expects it), then tell Kafka
+        #    too, asynchronously: only a monitoring hint, never read back.
+        hints: list[TopicPartition] = []
+        for tp, upd in tx.pending.items():
+            part = self._parts.get(tp)
+            if part is not None:
+                part.committed = upd.next_offset
+                hints.append(TopicPartition(tp[0], tp[1], upd.next_offset))
+        if hints:
+            try:
+                self._consumer.commit(offsets=hints, asynchronous=True)
+            except KafkaException as exc:
+                log().debug("apply.kafka_commit_hint_failed", error=str(exc))
+        s = self.summary
+        s.events += tx.events
+        s.upserted += tx.upserted
+        s.deleted += tx.deleted
+        s.dead_letters += tx.letters
+        s.commits += 1
+        log().info(
+            "apply.batch_committed",
+            events=tx.events,
+            partitions=len(tx.pending),
+            upserted=tx.upserted,
+            deleted=tx.deleted,
+            dead_letters=tx.letters,
+            ms=round((time.monotonic() - tx.started) * 1000, 1),
+        )
+        if self.options.on_commit is not None:
+            self.options.on_commit(CommitInfo(committed_at, tx.source_ts, tx.events, tx.letters))
+
+    def _letter(
+        self, tp: TP, entry: Entry, error: CutoverError | None, table: str | None
+    ) -> DeadLetter:
+        return DeadLetter(
+            topic=tp[0],
+            partition=tp[1],
+            offset=entry.offset,
+            key=entry.key,
+            value=entry.value,
+            error=error or DecodeError("undecodable message"),
+            domain=self._domain_of.get(tp[0]),
+            source_table=table,
+        )
+
+
+def _tp_text(tps: Sequence[TP]) -> list[str]:
+    return [f"{t}[{p}]" for t, p in tps]
+
+
+def _summary_fields(summary: ApplySummary) -> dict[str, int]:
+    return {
+        "events": summary.events,
+        "upserted": summary.upserted,
+        "deleted": summary.deleted,
+        "dead_letters": summary.dead_letters,
+        "commits": summary.commits,
+    }

@@ -1,0 +1,118 @@
+"""Reads the compacted schemas topic into a :class:`~cutover.codec.SchemaStore`.
+
+Every writer schema the producer uses is published to ``<prefix>.schemas`` (key = fingerprint
+hex, value = schema JSON). The consumer reads the topic from the beginning at start, and again
+(from where it stopped) when a message names a fingerprint it does not know: only a fingerprint
+still unknown after that refresh is a poison message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as RdKafkaError
+from structlog.typing import FilteringBoundLogger
+
+from cutover.codec import SchemaStore, heartbeat_schema
+from cutover.config import KafkaSettings
+from cutover.errors import DecodeError, KafkaError
+from cutover.logging import get_logger
+
+
+def log() -> FilteringBoundLogger:
+    # Looked up at each use, not at import: a logger bound before cutover.logging.configure()
+    # runs would keep structlog's defaults (console renderer on stdout).
+    return get_logger(__name__)
+
+
+def kafka_error(exc: KafkaException | RdKafkaError, what: str) -> KafkaError:
+    """A confluent-kafka error as the project's KafkaError."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    if isinstance(err, RdKafkaError):
+        return KafkaError(f"{what}: {err.str()}", code=err.name())
+    return KafkaError(f"{what}: {exc}")
+
+
+class SchemaReader:
+    """Keeps ``store`` up to date with the schemas topic."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        group_id: str,
+        store: SchemaStore | None = None,
+        timeout_s: float = 15.0,
+    ) -> None:
+        self.topic = kafka.schemas_topic
+        self.store = store if store is not None else SchemaStore()
+        # The producer publishes the heartbeat schema too; knowing it locally costs nothing.
+        self.store.add(heartbeat_schema())
+        self.timeout_s = timeout_s
+        self._next: dict[int, int] = {}
+        conf: dict[str, Any] = {
+            "bootstrap.servers": kafka.bootstrap,
+            # A group id is required by the client; nothing is ever committed under it.
+            "group.id": f"{group_id}.schemas-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+        for key, value in kafka.consumer.items():
+            if key not in ("group.id", "partition.assignment.strategy", "group.instance.id"):
+                conf[key] = value
+        self._consumer = Consumer(conf)
+
+    def refresh(self) -> int:
+        """Read every schema published since the last refresh; returns how many were new."""
+        before = len(self.store)
+        try:
+            meta = self._consumer.list_topics(self.topic, timeout=self.timeout_s)
+            tmeta = meta.topics.get(self.topic)
+            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+                log().warning("schemas.topic_missing", topic=self.topic)
+                return 0
+            for partition in sorted(tmeta.partitions):
+                self._read_partition(partition)
+        except KafkaException as exc:
+            raise kafka_error(exc, f"reading the schemas topic {self.topic}") from None
+        added = len(self.store) - before
+        log().info("schemas.refreshed", topic=self.topic, known=len(self.store), added=added)
+        return added
+
+    def _read_partition(self, partition: int) -> None:
+        tp = TopicPartition(self.topic, partition)
+        _low, high = self._consumer.get_watermark_offsets(tp, timeout=self.timeout_s)
+        start = self._next.get(partition, OFFSET_BEGINNING)
+        if high <= 0 or (start != OFFSET_BEGINNING and start >= high):
+            return
+        self._consumer.assign([TopicPartition(self.topic, partition, start)])
+        deadline = time.monotonic() + self.timeout_s
+        position = start
+        try:
+            while position == OFFSET_BEGINNING or position < high:
+                if time.monotonic() > deadline:
+                    raise KafkaError(
+                        f"timed out reading {self.topic} [{partition}] up to offset {high}"
+                    )
+                msg = self._consumer.poll(0.5)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == RdKafkaError._PARTITION_EOF:
+                        break
+                    raise KafkaError(f"reading {self.topic}: {err.str()}", code=err.name())
+                value = msg.value()
+                if value:  # a compaction tombstone (null value) carries no schema
+                    try:
+                        self.store.add_json(value)
+                    except DecodeError as exc:
+                        log().warning("schemas.invalid", offset=msg.offset(), error=exc.message)
+                position = (msg.offset() or 0) + 1
+        finally:
+            self._consumer.unassign()
+        self._next[partition] = position
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,328 @@
+"""The commerce-database side of the apply path: staging, set-based upserts/deletes, offsets.
+
+:class:`Sink` applies changes inside the transaction its caller opened (the caller owns
+BEGIN/COMMIT: the consumer loop commits rows and offsets together, ``cutover dlq retry``
+commits its own). Per target table, one ``COPY`` into the table's staging table, then one
+``INSERT ... ON CONFLICT DO UPDATE`` per column set and, when there are deletes, one ``DELETE``
+plus one tombstone upsert. Every statement carries the source-position guard (see
+:mod:`consumers.sql` for where positions live), so a redelivered, replayed or older event
+changes nothing.
+
+Poison isolation: each table is applied under a savepoint. When PostgreSQL refuses the data
+(SQLSTATE class 22 data exception or 23 integrity violation, e.g. a CHECK constraint), the
+table's operations are bisected under savepoints down to the failing row, whose source changes
+are then re-applied one by one; only the change that fails alone becomes a dead letter, the good
+rows of the batch are applied. Other database errors are not the data's fault and propagate
+(translated to :class:`~cutover.errors.DatabaseError`).
+
+Vendor errors are translated here, at the edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import psycopg
+from psycopg import sql
+
+from consumers import sql as q
+from consumers.batch import RowOp, column_groups, merge, to_ops
+from consumers.events import Change
+from cutover.errors import CutoverError, DatabaseError, UnmappableRow
+from cutover.mapping import MappingSpec, TableMapping
+
+# SQLSTATE classes that mean "this row's data is wrong", not "the database is unwell".
+_ROW_LEVEL_CLASSES = frozenset({"22", "23"})
+_SAVEPOINT = sql.Identifier("cutover_row_isolation")
+Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
+
+
+def translate(exc: psycopg.Error, what: str) -> DatabaseError:
+    """A psycopg error as the project's DatabaseError (side target), naming ``what`` failed."""
+    diag = exc.diag
+    detail = diag.message_primary or str(exc).strip() or type(exc).__name__
+    if diag.constraint_name:
+        detail = f"{detail} (constraint {diag.constraint_name})"
+    return DatabaseError(f"{what}: {detail}", side="target", sqlstate=exc.sqlstate)
+
+
+def is_row_level(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    return state is not None and state[:2] in _ROW_LEVEL_CLASSES
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    upserted: int = 0
+    deleted: int = 0
+
+    def add(self, other: ApplyStats) -> None:
+        self.upserted += other.upserted
+        self.deleted += other.deleted
+
+
+class _RowRefused(Exception):
+    """Internal: PostgreSQL refused the data of one attempt (carries the translated error)."""
+
+    def __init__(self, error: DatabaseError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Sink:
+    """Applies changes to the commerce tables through one connection (autocommit mode, with
+    transactions opened and ended explicitly by the caller)."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[tuple[object, ...]],
+        mapping: MappingSpec,
+        control_schema: str,
+    ) -> None:
+        self.conn = conn
+        self.mapping = mapping
+        self.control_schema = control_schema
+        self._stages: set[str] = set()
+        self._dirty: set[str] = set()
+
+    # ------------------------------------------------------------------ transaction helpers
+
+    def execute(
+        self, query: sql.Composed | sql.SQL | str, params: Params = None
+    ) -> psycopg.Cursor[tuple[object, ...]]:
+        """Run one statement; psycopg errors become DatabaseError."""
+        try:
+            return self.conn.execute(query, params)
+        except psycopg.Error as exc:
+            raise translate(exc, "statement failed") from exc
+
+    def begin(self) -> None:
+        self.prepare()
+        self.execute("BEGIN")
+
+    def prepare(self) -> None:
+        """Create the staging tables, once per connection and outside any transaction (a
+        rolled-back transaction or savepoint would take a table created inside it along)."""
+        if self._stages:
+            return
+        for tm in self.mapping.tables.values():
+            self.execute(
+                q.create_stage(self.mapping.target_schema, tm.target_table, tm.target_columns)
+            )
+            self._stages.add(tm.target_table)
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+        self._dirty.clear()
+
+    def rollback(self) -> None:
+        """Roll back the open transaction, if the connection still has one."""
+        self._dirty.clear()
+        if self.conn.broken or self.conn.closed:
+            return
+        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        return (
+            not self.conn.closed
+            and self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        )
+
+    # ------------------------------------------------------------------ applying changes
+
+    def apply(self, changes: Sequence[Change]) -> tuple[ApplyStats, list[tuple[int, CutoverError]]]:
+        """Apply ``changes`` in the open transaction.
+
+        Returns the statistics and the poison changes as (index into ``changes``, error): those
+        changes had no effect, every other one did.
+        """
+        failures: list[tuple[int, CutoverError]] = []
+        ops: list[RowOp] = []
+        for i, change in enumerate(changes):
+            try:
+                ops.extend(to_ops(self.table_of(change), change, i))
+            except UnmappableRow as exc:
+                failures.append((i, exc))
+        by_table: dict[str, list[RowOp]] = {}
+        for op in merge(ops):
+            by_table.setdefault(op.table.target_table, []).append(op)
+        stats = ApplyStats()
+        for target, table_ops in by_table.items():
+            tm = self.mapping.by_target(target)
+            stats.add(self._apply_isolating(tm, table_ops, changes, failures))
+        return stats, failures
+
+    def table_of(self, change: Change) -> TableMapping:
+        tm = self.mapping.tables.get(change.table)
+        if tm is None or change.schema != self.mapping.source_schema:
+            raise UnmappableRow(
+                f"{change.schema}.{change.table}",
+                None,
+                "no [tables] entry in the mapping file for this source table",
+            )
+        return tm
+
+    def _apply_isolating(
+        self,
+        tm: TableMapping,
+        ops: list[RowOp],
+        changes: Sequence[Change],
+        failures: list[tuple[int, CutoverError]],
+    ) -> ApplyStats:
+        try:
+            with self._savepoint():
+                return self._apply_table(tm, ops)
+        except _RowRefused as refused:
+            if len(ops) > 1:
+                # Bisect: a poison row among thousands costs ~2·log2(n) attempts, not n.
+                mid = len(ops) // 2
+                stats = self._apply_isolating(tm, ops[:mid], changes, failures)
+                stats.add(self._apply_isolating(tm, ops[mid:], changes, failures))
+                return stats
+            return self._apply_origins(tm, ops[0], changes, failures, refused.error)
+
+    def _apply_origins(
+        self,
+        tm: TableMapping,
+        op: RowOp,
+        changes: Sequence[Change],
+        failures: list[tuple[int, CutoverError]],
+        error: DatabaseError,
+    ) -> ApplyStats:
+        """The merged row failed: re-apply its source changes one at a time, in order."""
+        stats = ApplyStats()
+        if len(op.origins) == 1:
+            failures.append((op.origins[0], error))
+            return stats
+        for i in op.origins:
+            try:
+                with self._savepoint():
+                    stats.add(self._apply_table(tm, merge(to_ops(tm, changes[i], i))))
+            except _RowRefused as refused:
+                failures.append((i, refused.error))
+        return stats
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        self.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
+        try:
+            yield
+        except _RowRefused:
+            self.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(_SAVEPOINT))
+            self.execute(sql.SQL("RELEASE SAVEPOINT {}").format(_SAVEPOINT))
+            raise
+        self.execute(sql.SQL("RELEASE SAVEPOINT {}").format(_SAVEPOINT))
+
+    def _ensure_stage(self, tm: TableMapping) -> None:
+        target = tm.target_table
+        if target in self._dirty:
+            # ON COMMIT DELETE ROWS empties it at COMMIT; within one (long) transaction the
+            # previous sub-batch's rows are still there.
+            self.execute(q.truncate_stage(target))
+        self._dirty.add(target)
+
+    def _apply_table(self, tm: TableMapping, ops: Sequence[RowOp]) -> ApplyStats:
+        """Stage ``ops`` (merged, one per key) and apply them with the position guards."""
+        target = tm.target_table
+        columns = tm.target_columns
+        groups = column_groups(ops)
+        deletes = [op for op in ops if op.delete]
+        key_at = [columns.index(k) for k in tm.target_key]
+        stats = ApplyStats()
+        try:
+            self._ensure_stage(tm)
+            with self.conn.cursor() as cur:
+                with cur.copy(q.copy_stage(target, columns)) as copy:
+                    write = copy.write_row
+                    for n, group in enumerate(groups.values()):
+                        for op in group:
+                            get = op.values.get
+                            row = [get(c) for c in columns]
+                            row.extend((op.position[0], op.position[1], False, n, op.row_key))
+                            write(row)
+                    for op in deletes:
+                        row = [None] * len(columns)
+                        for i, value in zip(key_at, op.key, strict=True):
+                            row[i] = value
+                        row.extend((op.position[0], op.position[1], True, None, op.row_key))
+                        write(row)
+                schema = self.mapping.target_schema
+                for n, cols in enumerate(groups):
+                    upsert = q.upsert_from_stage(
+                        schema,
+                        target,
+                        control_schema=self.control_schema,
+                        key=tm.target_key,
+                        columns=cols,
+                        group=n,
+                    )
+                    cur.execute(upsert)
+                    stats.upserted += max(cur.rowcount, 0)
+                if deletes:
+                    cur.execute(q.delete_from_stage(schema, target, tm.target_key))
+                    stats.deleted += max(cur.rowcount, 0)
+                    cur.execute(q.tombstones_from_stage(self.control_schema, target))
+        except psycopg.Error as exc:
+            if is_row_level(exc):
+                raise _RowRefused(translate(exc, f"applying to {target}")) from exc
+            raise translate(exc, f"applying to {target}") from exc
+        return stats
+
+    # ------------------------------------------------------------------ offsets and letters
+
+    def read_offsets(
+        self, group: str, partitions: Sequence[tuple[str, int]], *, lock: bool
+    ) -> dict[tuple[str, int], int]:
+        params = _partition_params(group, partitions)
+        rows = self.execute(q.read_offsets(self.control_schema, lock=lock), params).fetchall()
+        return {(str(t), int(p)): int(n) for t, p, n in rows}  # type: ignore[call-overload]
+
+    def claim_offsets(self, group: str, partitions: Sequence[tuple[str, int]]) -> None:
+        self.execute(q.claim_offsets(self.control_schema), _partition_params(group, partitions))
+
+    def store_offsets(self, group: str, updates: Sequence[OffsetUpdate]) -> None:
+        params: dict[str, Any] = {
+            "group": group,
+            "topics": [u.topic for u in updates],
+            "parts": [u.partition for u in updates],
+            "next": [u.next_offset for u in updates],
+            "lsn": [u.last_source_lsn for u in updates],
+            "ts": [u.last_source_ts_ms for u in updates],
+            "hb": [u.last_heartbeat_ms for u in updates],
+        }
+        self.execute(q.upsert_offsets(self.control_schema), params)
+
+    def record_dead_letters(self, rows: Sequence[Sequence[object]]) -> None:
+        """Insert dead letters (tuples in :data:`consumers.sql.DEAD_LETTER_COLUMNS` order)."""
+        if not rows:
+            return
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(q.insert_dead_letter(self.control_schema), rows)
+        except psycopg.Error as exc:
+            raise translate(exc, "recording dead letters") from exc
+
+
+@dataclass(slots=True)
+class OffsetUpdate:
+    """What one partition's offsets row becomes at COMMIT."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    last_source_lsn: int | None = None
+    last_source_ts_ms: int | None = None
+    last_heartbeat_ms: int | None = None
+
+
+def _partition_params(group: str, partitions: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "group": group,
+        "topics": [t for t, _ in partitions],
+        "parts": [p for _, p in partitions],
+    }

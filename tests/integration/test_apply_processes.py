@@ -1,0 +1,196 @@
+"""`cutover apply` as processes on the real stack: SIGTERM finishes and leaves cleanly (exit 0);
+kill -9 mid-stream then restart gives the exact final state; members joining and dying under
+load (cooperative-sticky rebalances, fenced zombies) lose and duplicate nothing.
+
+The expected final state is computed by the test's own model of the legacy shop
+(:class:`ShopModel`), never by the code under test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_apply_support import (
+    EventFactory,
+    Message,
+    ShopModel,
+    Topics,
+    cli_env,
+    delete_topics,
+    diff,
+    fetch_commerce,
+    init_control,
+    make_topics,
+    produce,
+    producer,
+    publish_schemas,
+    start_apply,
+    stop_apply,
+    total_offsets,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def topics(kafka_bootstrap: str) -> Iterator[Topics]:
+    t = make_topics(kafka_bootstrap, partitions=6)
+    try:
+        yield t
+    finally:
+        delete_topics(t)
+
+
+@pytest.fixture
+def commerce(fresh_commerce: str) -> str:
+    init_control(fresh_commerce)
+    return fresh_commerce
+
+
+def _stream(topics: Topics, transactions: int, seed: int) -> tuple[ShopModel, list[Message]]:
+    model = ShopModel(EventFactory(topics.prefix, topics.partitions), seed=seed)
+    publish_schemas(topics, model.factory)
+    return model, [m for _ in range(transactions) for m in model.step()]
+
+
+def _log_text(*paths: Path) -> str:
+    return "\n".join(p.read_text() for p in paths if p.exists())
+
+
+def test_sigterm_finishes_the_batch_and_exits_0(
+    commerce: str, topics: Topics, tmp_path: Path
+) -> None:
+    model, msgs = _stream(topics, 1500, seed=3)
+    produce(topics.bootstrap, msgs)
+    group = "sigterm"
+    config = write_config(tmp_path, topics, group=group, batch_max_events=500)
+    env = cli_env(commerce, topics.bootstrap)
+    log = tmp_path / "apply.log"
+    proc = start_apply(config, env, log=log)
+    try:
+        wait_for(lambda: total_offsets(commerce, group) > 0, 60, "a first commit")
+    finally:
+        code = stop_apply(proc, timeout=30)
+    text = log.read_text()
+    assert code == 0, text
+    assert '"apply.signal"' in text and '"apply.stopped"' in text
+    # Restart: it continues from the stored offsets to the exact final state.
+    proc = start_apply(config, env, "--exit-when-idle", "3", log=log)
+    assert proc.wait(120) == 0, log.read_text()
+    assert total_offsets(commerce, group) == len(msgs)
+    assert diff(model.expected(), fetch_commerce(commerce)) == []
+
+
+def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
+    commerce: str, topics: Topics, tmp_path: Path
+) -> None:
+    model, msgs = _stream(topics, 4000, seed=11)
+    produce(topics.bootstrap, msgs)
+    group = "kill9"
+    config = write_config(tmp_path, topics, group=group, batch_max_events=300)
+    env = cli_env(commerce, topics.bootstrap)
+    logs = []
+    for attempt in range(3):  # killed twice at different points, then left to finish
+        log = tmp_path / f"apply-{attempt}.log"
+        logs.append(log)
+        proc = start_apply(config, env, log=log)
+        if attempt < 2:
+            start = total_offsets(commerce, group)
+            wait_for(lambda s=start: total_offsets(commerce, group) > s + 500, 90, "progress")  # type: ignore[misc]
+            time.sleep(0.05 * (attempt + 1))  # somewhere inside a batch, before or after COMMIT
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        else:
+            wait_for(lambda: total_offsets(commerce, group) == len(msgs), 180, "the end")
+            assert stop_apply(proc) == 0, _log_text(*logs)
+    assert diff(model.expected(), fetch_commerce(commerce)) == []
+
+
+def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
+    commerce: str, topics: Topics, tmp_path: Path
+) -> None:
+    model, msgs = _stream(topics, 9000, seed=23)
+    group = "rebalance"
+    config = write_config(tmp_path, topics, group=group, batch_max_events=400)
+    env = cli_env(commerce, topics.bootstrap)
+    cli = shutil.which("cutover", path=str(Path(os.sys.executable).parent))  # type: ignore[attr-defined]
+
+    # Load: the stream is produced while the members come and go.
+    done = threading.Event()
+
+    def feed() -> None:
+        prod = producer(topics.bootstrap)
+        for i in range(0, len(msgs), 200):  # about 2,000 events/s for ~20 s
+            produce(topics.bootstrap, msgs[i : i + 200], prod)
+            prod.flush(10)
+            time.sleep(0.1)
+        assert prod.flush(30) == 0
+        done.set()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    procs = {}
+    logs = []
+
+    def start(name: str) -> None:
+        log = tmp_path / f"{name}.log"
+        logs.append(log)
+        procs[name] = start_apply(config, env, log=log)
+
+    def committed(name: str) -> None:
+        log = tmp_path / f"{name}.log"
+        wait_for(lambda: '"apply.batch_committed"' in log.read_text(), 60, f"{name} to commit")
+
+    def progressed(by: int) -> None:
+        base = total_offsets(commerce, group)
+        wait_for(
+            lambda: total_offsets(commerce, group) >= min(base + by, len(msgs)),
+            120,
+            f"{by} more offsets",
+        )
+
+    start("a")
+    progressed(1000)
+    start("b")
+    start("c")
+    committed("b")
+    committed("c")
+    os.kill(procs["b"].pid, signal.SIGKILL)  # dies: its partitions move after session timeout
+    procs["b"].wait(10)
+    start("d")
+    committed("d")
+    progressed(1000)
+    assert stop_apply(procs["a"]) == 0, _log_text(*logs)  # leaves cleanly: immediate rebalance
+    os.kill(procs["c"].pid, signal.SIGKILL)
+    procs["c"].wait(10)
+    if cli is not None:  # the console script, as operators run it
+        import subprocess
+
+        log = tmp_path / "e.log"
+        logs.append(log)
+        procs["e"] = subprocess.Popen(
+            [cli, "--log-json", "--config", str(config), "apply"],
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+    else:
+        start("e")
+    assert not done.is_set(), "the load ended before the membership changes: slow the feed"
+    assert done.wait(180)
+    wait_for(lambda: total_offsets(commerce, group) == len(msgs), 240, "all offsets applied")
+    for name in ("d", "e"):
+        assert stop_apply(procs[name]) == 0, _log_text(*logs)
+    assert diff(model.expected(), fetch_commerce(commerce)) == []
+    text = _log_text(*logs)
+    assert "apply.partitions_assigned" in text and "apply.partitions_revoked" in text
