@@ -1,0 +1,171 @@
+"""End-to-end benchmarks, old DB to commerce DB: initial snapshot and a streamed backlog.
+
+Run with the local stack up (``make up``)::
+
+    .venv/bin/python bench/e2e_throughput.py [--orders 150000] [--transactions 60000]
+
+(a) **snapshot**: a prefilled legacy shop (``--orders`` 150,000 ≈ 960,000 rows in 7 tables,
+    the biggest ≈ 450,000 rows) is loaded by ``cutover produce``'s initial snapshot (DBLog
+    chunks) while two ``cutover apply`` processes apply it. Reported: rows/s into Kafka (the
+    producer's run) and rows/s until commerce holds every row.
+(b) **backlog**: ``--transactions`` of realistic workload traffic are written while nothing
+    runs; then the producer and two consumers start together. Reported: change events/s from the
+    start until the consumers have applied everything the producer delivered.
+
+Each run uses scratch databases, slot, publication and topic prefix, removed at the end. Prints
+JSON and a Markdown table; writes ``bench/results/e2e.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.producer_throughput import scratch, stack_env  # noqa: E402
+from cutover.workload import prefill, run_workload  # noqa: E402
+from producers import harness  # noqa: E402
+from producers.harness import Scenario  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "e2e.json"
+EXAMPLES = REPO / "examples" / "shop"
+TABLES = ("users", "merchants", "products", "orders", "order_items", "payments", "invoices")
+COMMERCE = ("customers", "sellers", "listings", "orders", "order_lines", "payments", "invoices")
+
+
+def _count(dsn: str, schema: str, tables: tuple[str, ...]) -> int:
+    query = " + ".join(f"(SELECT count(*) FROM {schema}.{t})" for t in tables)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT {query}".encode()).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _start(scenario: Scenario, name: str, *args: str) -> subprocess.Popen[bytes]:
+    log = (scenario.workdir / f"{name}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cutover.cli", "--config", str(scenario.config), "--log-json",
+         *args],
+        env=scenario.env(), stdout=log, stderr=log,
+    )  # fmt: skip
+
+
+def _end_offsets(scenario: Scenario) -> int:
+    consumer = Consumer({"bootstrap.servers": scenario.bootstrap, "group.id": "bench-probe"})
+    try:
+        total = 0
+        for topic in scenario.topics():
+            for p in range(scenario.partitions):
+                total += consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        return total
+    finally:
+        consumer.close()
+
+
+def _applied_offsets(scenario: Scenario) -> int:
+    with psycopg.connect(scenario.target_dsn) as conn:
+        row = conn.execute("SELECT coalesce(sum(next_offset), 0) FROM cutover.consumer_offsets")
+        value = row.fetchone()
+    return int(value[0]) if value else 0
+
+
+def _wait_applied(scenario: Scenario, timeout: float) -> float:
+    """Seconds until the consumers stored offsets up to every partition's end offset."""
+    end = _end_offsets(scenario)
+    deadline = time.monotonic() + timeout
+    while _applied_offsets(scenario) < end:
+        if time.monotonic() > deadline:
+            raise SystemExit("consumers did not catch up in time")
+        time.sleep(0.2)
+    return time.monotonic()
+
+
+def run(orders: int, transactions: int) -> dict[str, Any]:
+    env = stack_env()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    with (
+        scratch(env["CUTOVER_SOURCE_DSN"], EXAMPLES / "legacy.sql", "benchlegacy") as source,
+        scratch(env["CUTOVER_TARGET_DSN"], EXAMPLES / "commerce.sql", "benchcommerce") as target,
+        harness.open_scenario(source, target, env["CUTOVER_KAFKA_BOOTSTRAP"], workdir) as sc,
+    ):
+        prefill(source, orders=orders, seed=11)
+        rows = _count(source, "shop", TABLES)
+        harness.init(sc)
+
+        # (a) snapshot: producer alone (rows/s into Kafka), consumers started with it.
+        t0 = time.monotonic()
+        appliers = [_start(sc, f"apply-{i}", "apply") for i in range(2)]
+        done = sc.cli("produce", "--exit-when-idle", "--json", timeout=3600)
+        produced_at = time.monotonic()
+        if done.returncode != 0:
+            raise SystemExit(f"produce failed: {done.stderr[-2000:]}")
+        applied_at = _wait_applied(sc, 1800)
+        snapshot = {
+            "source_rows": rows,
+            "produce_s": round(produced_at - t0, 2),
+            "rows_per_s_into_kafka": round(rows / (produced_at - t0)),
+            "end_to_end_s": round(applied_at - t0, 2),
+            "rows_per_s_end_to_end": round(rows / (applied_at - t0)),
+            "commerce_rows": _count(target, "commerce", COMMERCE),
+        }
+        for p in appliers:
+            harness.stop(p)
+
+        # (b) backlog: written while nothing runs, then drained end to end.
+        before = _end_offsets(sc)
+        report = run_workload(source, rate=1_000_000, max_transactions=transactions, seed=12)
+        t1 = time.monotonic()
+        appliers = [_start(sc, f"apply-b{i}", "apply") for i in range(2)]
+        done = sc.cli("produce", "--exit-when-idle", "--json", timeout=3600)
+        if done.returncode != 0:
+            raise SystemExit(f"produce failed: {done.stderr[-2000:]}")
+        applied_at = _wait_applied(sc, 1800)
+        events = _end_offsets(sc) - before
+        for p in appliers:
+            harness.stop(p)
+        backlog = {
+            "source_transactions": report.committed,
+            "kafka_messages": events,
+            "note": "messages include heartbeats (a few per second per partition)",
+            "end_to_end_s": round(applied_at - t1, 2),
+            "events_per_s_end_to_end": round(events / (applied_at - t1)),
+        }
+    return {
+        "benchmark": "e2e",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "snapshot": snapshot,
+        "backlog": backlog,
+        "targets": {"snapshot_rows_per_s": 50_000, "backlog_events_per_s": 20_000},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=150_000)
+    parser.add_argument("--transactions", type=int, default=60_000)
+    args = parser.parse_args()
+    result = run(args.orders, args.transactions)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    s, b = result["snapshot"], result["backlog"]
+    print("\n| measure | figure | target |\n|---|---|---|")
+    print(f"| snapshot into Kafka | {s['rows_per_s_into_kafka']:,} rows/s | ≥ 50,000 |")
+    print(f"| snapshot end to end | {s['rows_per_s_end_to_end']:,} rows/s | – |")
+    print(f"| backlog end to end | {b['events_per_s_end_to_end']:,} events/s | ≥ 20,000 |")
+
+
+if __name__ == "__main__":
+    main()
