@@ -50,8 +50,16 @@ test: up lint
 demo: up
 	$(WITH_ENV) bash examples/shop/demo.sh
 
+# All of the design's §9 benchmarks, one after the other (about 20 minutes); each writes
+# bench/results/<name>.json, then bench/report.py writes bench/results/summary.md.
 bench: up
-	$(WITH_ENV) $(PY) bench/workload_rate.py
+	$(WITH_ENV) $(PY) -m bench.workload_rate
+	$(WITH_ENV) $(PY) -m bench.producer_throughput
+	$(WITH_ENV) $(PY) -m bench.apply_throughput
+	$(WITH_ENV) $(PY) bench/e2e_throughput.py
+	$(WITH_ENV) $(PY) -m bench.verify_throughput
+	$(WITH_ENV) $(PY) -m bench.replay_throughput
+	$(PY) -m bench.report
 
 clean: down
 	rm -rf .stack
