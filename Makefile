@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CUTOVER := $(VENV)/bin/cutover
 STACK_ENV := .stack/env
+PY_DIRS := cutover producers consumers schemas tests bench
 # Export the local stack's CUTOVER_* variables to every recipe that needs them.
 WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
 
@@ -34,8 +35,8 @@ status: venv
 	$(PY) -m cutover.stack status
 
 lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(VENV)/bin/mypy
 
 unit: venv
