@@ -31,6 +31,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "switch_reads",
     "rollback",
     "audit",
+    "monitor",
+    "replay",
     "workload",
 )
 

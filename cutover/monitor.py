@@ -1,0 +1,619 @@
+"""Figures for ``cutover monitor``: topics, group lag, apply rate and latency, slot, dead letters.
+
+Pure aggregation (:func:`build_report` and the helpers it uses) over raw readings taken by thin
+I/O functions (:func:`read_kafka`, :func:`read_target`, :func:`read_source`), so that every
+figure is unit-tested without services. :class:`Monitor` keeps the connections and the previous
+reading between refreshes (the apply rate is a difference of two readings).
+
+Where each figure comes from (docs/OPERATIONS.md repeats this for operators):
+
+* **end offset** per partition: the high watermark (what ``kafka-consumer-groups`` calls
+  LOG-END-OFFSET);
+* **committed offset** and **lag**: the apply group's offsets committed in Kafka
+  (``Consumer.committed`` for ``[apply] group_id``); lag = end − committed, exactly as
+  ``kafka-consumer-groups --describe`` computes LAG (a partition without a commit has no lag:
+  "-"). The apply consumer commits to Kafka asynchronously after each database COMMIT, as a
+  monitoring hint;
+* **applied offset** and **applied lag**: ``next_offset`` in ``cutover.consumer_offsets``, the
+  truth the consumers resume from (stored with the rows); applied lag = end − applied offset;
+* **apply rate**: messages per second by which the applied offsets of a domain moved between
+  two readings (heartbeats included: they occupy offsets too);
+* **commit-to-applied latency** p50/p99: a coarse estimate, one sample per partition applied in
+  the last minute: ``applied_at − last_source_ts_ms`` of its offsets row (the source commit time
+  of the newest change applied there, and when its batch committed). It overstates by up to one
+  batch when a later heartbeat-only batch moved ``applied_at``. The exact distribution is the
+  ``cutover_apply_latency_seconds`` histogram of each apply process (cutover.metrics);
+* **slot**: ``pg_replication_slots`` of ``[source] slot``: confirmed_flush_lsn, lag in bytes
+  ``pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)``, wal_status, safe_wal_size;
+* **producer heartbeat age**: ``now() − heartbeat_at`` of ``cutover.producer_state`` in the
+  legacy database (set each time the producer advances the slot or heartbeats), computed by the
+  server; **heartbeat applied age**: now − the newest producer heartbeat the consumers passed
+  (``last_heartbeat_ms``) per domain;
+* **dead letters**: open rows of ``cutover.dead_letters`` per domain, and the dead-letter topic's
+  end offset (every poison message ever sent).
+
+A source that cannot be read (a database down, a topic missing) does not stop the monitor: its
+section is empty and ``errors`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from psycopg import sql
+
+from cutover.config import DOMAINS, Settings
+from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
+
+#: Offsets rows applied longer ago than this give no latency sample.
+LATENCY_WINDOW_S = 60.0
+
+TP = tuple[str, int]
+
+# ====================================================================== raw readings
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaReading:
+    """End offsets and the group's committed offsets per (topic, partition)."""
+
+    ends: Mapping[TP, int]
+    committed: Mapping[TP, int | None]
+    #: Topics that could not be read, with the reason.
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetsRow:
+    """One ``cutover.consumer_offsets`` row of the apply group."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    last_source_ts_ms: int | None
+    last_heartbeat_ms: int | None
+    applied_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TargetReading:
+    offsets: Sequence[OffsetsRow]
+    open_dead_letters: Mapping[str, int]  # domain ("" when unknown) → open rows
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotReading:
+    name: str
+    exists: bool
+    active: bool | None = None
+    confirmed_flush_lsn: str | None = None
+    lag_bytes: int | None = None
+    wal_status: str | None = None
+    safe_wal_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceReading:
+    slot: SlotReading
+    heartbeat_age_s: float | None
+    delivered_lsn: int | None
+    producer: str | None
+
+
+# ====================================================================== the report
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionFigures:
+    partition: int
+    end_offset: int
+    committed_offset: int | None
+    lag: int | None
+    applied_offset: int | None
+    applied_lag: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TopicFigures:
+    domain: str
+    topic: str
+    partitions: Sequence[PartitionFigures]
+    error: str | None = None
+    apply_rate: float | None = None
+    latency_p50_s: float | None = None
+    latency_p99_s: float | None = None
+    latency_samples: int = 0
+    heartbeat_applied_age_s: float | None = None
+    dead_letters_open: int = 0
+
+    @property
+    def end_offset(self) -> int:
+        return sum(p.end_offset for p in self.partitions)
+
+    @property
+    def lag(self) -> int | None:
+        """Σ lag of the partitions that have one (None when none has: no commit yet)."""
+        lags = [p.lag for p in self.partitions if p.lag is not None]
+        return sum(lags) if lags else None
+
+    @property
+    def applied_lag(self) -> int | None:
+        lags = [p.applied_lag for p in self.partitions if p.applied_lag is not None]
+        return sum(lags) if lags else None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFigures:
+    open_total: int
+    open_by_domain: Mapping[str, int]
+    dlq_topic: str
+    dlq_end_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorReport:
+    taken_at: datetime
+    group_id: str
+    topics: Sequence[TopicFigures]
+    slot: SlotReading | None
+    producer_heartbeat_age_s: float | None
+    producer_delivered_lsn: int | None
+    dead_letters: DeadLetterFigures
+    errors: Sequence[str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "taken_at": self.taken_at.isoformat(),
+            "group_id": self.group_id,
+            "topics": [_topic_json(t) for t in self.topics],
+            "slot": None
+            if self.slot is None
+            else {
+                "name": self.slot.name,
+                "exists": self.slot.exists,
+                "active": self.slot.active,
+                "confirmed_flush_lsn": self.slot.confirmed_flush_lsn,
+                "lag_bytes": self.slot.lag_bytes,
+                "wal_status": self.slot.wal_status,
+                "safe_wal_size": self.slot.safe_wal_size,
+            },
+            "producer": {
+                "heartbeat_age_s": _round(self.producer_heartbeat_age_s),
+                "delivered_lsn": _lsn_text(self.producer_delivered_lsn),
+            },
+            "dead_letters": {
+                "open_total": self.dead_letters.open_total,
+                "open_by_domain": dict(self.dead_letters.open_by_domain),
+                "dlq_topic": self.dead_letters.dlq_topic,
+                "dlq_end_offset": self.dead_letters.dlq_end_offset,
+            },
+            "errors": list(self.errors),
+        }
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _lsn_text(lsn: int | None) -> str | None:
+    return None if lsn is None else f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def _topic_json(t: TopicFigures) -> dict[str, Any]:
+    return {
+        "domain": t.domain,
+        "topic": t.topic,
+        "error": t.error,
+        "end_offset": t.end_offset,
+        "lag": t.lag,
+        "applied_lag": t.applied_lag,
+        "apply_rate_msgs_per_s": _round(t.apply_rate, 1),
+        "latency_p50_s": _round(t.latency_p50_s),
+        "latency_p99_s": _round(t.latency_p99_s),
+        "latency_samples": t.latency_samples,
+        "heartbeat_applied_age_s": _round(t.heartbeat_applied_age_s),
+        "dead_letters_open": t.dead_letters_open,
+        "partitions": [
+            {
+                "partition": p.partition,
+                "end_offset": p.end_offset,
+                "committed_offset": p.committed_offset,
+                "lag": p.lag,
+                "applied_offset": p.applied_offset,
+                "applied_lag": p.applied_lag,
+            }
+            for p in t.partitions
+        ],
+    }
+
+
+# ====================================================================== pure aggregation
+
+
+def group_lag(end_offset: int, committed: int | None) -> int | None:
+    """Lag as ``kafka-consumer-groups`` computes it: end − committed; None without a commit."""
+    if committed is None or committed < 0:
+        return None
+    return max(0, end_offset - committed)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ``values``; None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def apply_rate(
+    previous: Mapping[TP, int] | None,
+    current: Mapping[TP, int],
+    seconds: float,
+    topic: str,
+) -> float | None:
+    """Messages/s by which the applied offsets of ``topic`` moved between two readings."""
+    if previous is None or seconds <= 0:
+        return None
+    moved = 0
+    for tp, offset in current.items():
+        if tp[0] != topic:
+            continue
+        before = previous.get(tp)
+        if before is not None and offset >= before:
+            moved += offset - before
+    return moved / seconds
+
+
+def latency_samples(
+    rows: Iterable[OffsetsRow], now_ms: int, window_s: float = LATENCY_WINDOW_S
+) -> list[float]:
+    """Commit-to-applied estimates in seconds (see the module doc), one per recent partition."""
+    out = []
+    for row in rows:
+        if row.last_source_ts_ms is None or now_ms - row.applied_at_ms > window_s * 1000:
+            continue
+        if row.applied_at_ms - row.last_source_ts_ms > window_s * 1000:
+            continue  # the newest change applied there is old: the partition is idle
+        out.append(max(0.0, (row.applied_at_ms - row.last_source_ts_ms) / 1000))
+    return out
+
+
+def build_report(
+    settings: Settings,
+    domains: Sequence[str],
+    kafka: KafkaReading | None,
+    target: TargetReading | None,
+    source: SourceReading | None,
+    *,
+    previous_applied: Mapping[TP, int] | None = None,
+    seconds_since_previous: float = 0.0,
+    dlq_end_offset: int | None = None,
+    errors: Sequence[str] = (),
+    taken_at: datetime | None = None,
+) -> MonitorReport:
+    """Combine the readings into the report (pure)."""
+    rows = list(target.offsets) if target is not None else []
+    applied = {(r.topic, r.partition): r.next_offset for r in rows}
+    open_letters = dict(target.open_dead_letters) if target is not None else {}
+    topics: list[TopicFigures] = []
+    for domain in domains:
+        topic = settings.kafka.topic(domain)
+        parts: list[PartitionFigures] = []
+        error: str | None = None
+        if kafka is None:
+            error = "kafka not read"
+        elif topic in kafka.missing:
+            error = kafka.missing[topic]
+        else:
+            for (t, p), end in sorted(kafka.ends.items()):
+                if t != topic:
+                    continue
+                committed = kafka.committed.get((t, p))
+                stored = applied.get((t, p))
+                parts.append(
+                    PartitionFigures(
+                        partition=p,
+                        end_offset=end,
+                        committed_offset=committed,
+                        lag=group_lag(end, committed),
+                        applied_offset=stored,
+                        applied_lag=None if stored is None else max(0, end - stored),
+                    )
+                )
+        mine = [r for r in rows if r.topic == topic]
+        samples = latency_samples(mine, target.now_ms) if target is not None else []
+        beats = [r.last_heartbeat_ms for r in mine if r.last_heartbeat_ms is not None]
+        topics.append(
+            TopicFigures(
+                domain=domain,
+                topic=topic,
+                partitions=parts,
+                error=error,
+                apply_rate=apply_rate(previous_applied, applied, seconds_since_previous, topic)
+                if target is not None
+                else None,
+                latency_p50_s=percentile(samples, 50),
+                latency_p99_s=percentile(samples, 99),
+                latency_samples=len(samples),
+                heartbeat_applied_age_s=(target.now_ms - max(beats)) / 1000
+                if beats and target is not None
+                else None,
+                dead_letters_open=open_letters.get(domain, 0),
+            )
+        )
+    return MonitorReport(
+        taken_at=taken_at or datetime.now(UTC),
+        group_id=settings.apply.group_id,
+        topics=topics,
+        slot=source.slot if source is not None else None,
+        producer_heartbeat_age_s=source.heartbeat_age_s if source is not None else None,
+        producer_delivered_lsn=source.delivered_lsn if source is not None else None,
+        dead_letters=DeadLetterFigures(
+            open_total=sum(open_letters.values()),
+            open_by_domain=open_letters,
+            dlq_topic=settings.kafka.dlq_topic,
+            dlq_end_offset=dlq_end_offset,
+        ),
+        errors=list(errors),
+    )
+
+
+# ====================================================================== I/O: thin readers
+
+
+def _kafka_error(exc: KafkaException, what: str) -> KafkaError:
+    err = exc.args[0] if exc.args else None
+    if err is not None and hasattr(err, "str") and hasattr(err, "name"):
+        return KafkaError(f"{what}: {err.str()}", code=err.name())
+    return KafkaError(f"{what}: {exc}")
+
+
+class KafkaProbe:
+    """A consumer that never joins a group: metadata, watermarks and the apply group's
+    committed offsets (OffsetFetch does not need membership). It commits nothing."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
+        conf: dict[str, Any] = {
+            k: v
+            for k, v in settings.kafka.consumer.items()
+            if k not in ("group.instance.id", "partition.assignment.strategy")
+        }
+        conf.update(
+            {
+                "bootstrap.servers": settings.kafka.bootstrap,
+                "group.id": settings.apply.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "client.id": f"cutover-monitor-{uuid.uuid4().hex[:8]}",
+            }
+        )
+        self.timeout_s = timeout_s
+        self._consumer = Consumer(conf)
+
+    def read(self, topics: Sequence[str]) -> KafkaReading:
+        ends: dict[TP, int] = {}
+        missing: dict[str, str] = {}
+        try:
+            meta = self._consumer.list_topics(timeout=self.timeout_s)
+        except KafkaException as exc:
+            raise _kafka_error(exc, "reading the cluster metadata") from None
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            tmeta = meta.topics.get(topic)
+            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+                missing[topic] = f"topic {topic} does not exist"
+                continue
+            for p in sorted(tmeta.partitions):
+                tps.append(TopicPartition(topic, p))
+        try:
+            for tp in tps:
+                _low, high = self._consumer.get_watermark_offsets(tp, timeout=self.timeout_s)
+                ends[(tp.topic, tp.partition)] = high
+            committed = self._consumer.committed(tps, timeout=self.timeout_s) if tps else []
+        except KafkaException as exc:
+            raise _kafka_error(exc, "reading offsets") from None
+        got: dict[TP, int | None] = {}
+        for tp in committed:
+            # OFFSET_INVALID (-1001): the group never committed this partition.
+            got[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+        return KafkaReading(ends, got, missing)
+
+    def end_offset(self, topic: str) -> int | None:
+        """Σ end offsets of ``topic``; None if it does not exist."""
+        try:
+            reading = self.read([topic])
+        except KafkaError:
+            return None
+        if topic in reading.missing:
+            return None
+        return sum(reading.ends.values())
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _epoch_ms(column: sql.Composable) -> sql.Composed:
+    return sql.SQL("(extract(epoch FROM {}) * 1000)::bigint").format(column)
+
+
+def read_target(conn: psycopg.Connection[Any], control: str, group: str) -> TargetReading:
+    """The apply group's offsets rows and the open dead letters per domain."""
+    offsets = sql.SQL(
+        "SELECT topic, kafka_partition, next_offset, last_source_ts_ms, last_heartbeat_ms, {} "
+        "FROM {} WHERE group_id = %s"
+    ).format(_epoch_ms(sql.Identifier("applied_at")), sql.Identifier(control, "consumer_offsets"))
+    letters = sql.SQL(
+        "SELECT coalesce(domain, ''), count(*) FROM {} WHERE status = 'open' GROUP BY 1"
+    ).format(sql.Identifier(control, "dead_letters"))
+    try:
+        now = conn.execute(sql.SQL("SELECT {}").format(_epoch_ms(sql.SQL("now()")))).fetchone()
+        rows = conn.execute(offsets, (group,)).fetchall()
+        open_rows = conn.execute(letters).fetchall()
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"reading {control}.consumer_offsets and {control}.dead_letters: "
+            f"{(exc.diag.message_primary or str(exc)).strip()}",
+            side="target",
+            sqlstate=exc.sqlstate,
+        ) from None
+    assert now is not None
+    return TargetReading(
+        offsets=[
+            OffsetsRow(str(t), int(p), int(n), ts, hb, int(at)) for t, p, n, ts, hb, at in rows
+        ],
+        open_dead_letters={str(d): int(c) for d, c in open_rows},
+        now_ms=int(now[0]),
+    )
+
+
+def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
+    """The slot's state and the producer's heartbeat (legacy database)."""
+    try:
+        row = conn.execute(
+            "SELECT active, confirmed_flush_lsn::text,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
+            " wal_status, safe_wal_size"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+        state = None
+        present = conn.execute("SELECT to_regclass('cutover.producer_state')").fetchone()
+        if present is not None and present[0] is not None:
+            state = conn.execute(
+                "SELECT extract(epoch FROM now() - heartbeat_at)::float8, delivered_lsn, producer"
+                " FROM cutover.producer_state WHERE slot_name = %s",
+                (slot,),
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"reading the slot {slot}: {(exc.diag.message_primary or str(exc)).strip()}",
+            side="source",
+            sqlstate=exc.sqlstate,
+        ) from None
+    slot_reading = (
+        SlotReading(slot, exists=False)
+        if row is None
+        else SlotReading(
+            slot,
+            exists=True,
+            active=bool(row[0]),
+            confirmed_flush_lsn=row[1],
+            lag_bytes=None if row[2] is None else int(row[2]),
+            wal_status=row[3],
+            safe_wal_size=None if row[4] is None else int(row[4]),
+        )
+    )
+    return SourceReading(
+        slot=slot_reading,
+        heartbeat_age_s=None if state is None or state[0] is None else float(state[0]),
+        delivered_lsn=None if state is None else int(state[1]),
+        producer=None if state is None else state[2],
+    )
+
+
+def monitored_domains(settings: Settings) -> list[str]:
+    """The mapping's domains (what `cutover apply` consumes); the standard three without one."""
+    from cutover.mapping import load_mapping
+
+    try:
+        return list(load_mapping(settings.mapping_path).domains)
+    except CutoverError:
+        return list(DOMAINS)
+
+
+class Monitor:
+    """Takes readings on demand (:meth:`sample`); keeps connections and the last reading.
+
+    Connections are opened lazily and re-opened after a failure, so a monitor left running
+    survives a database or broker restart.
+    """
+
+    def __init__(self, settings: Settings, domains: Sequence[str] | None = None) -> None:
+        self.settings = settings
+        self.domains = list(domains) if domains is not None else monitored_domains(settings)
+        self._probe: KafkaProbe | None = None
+        self._target: psycopg.Connection[Any] | None = None
+        self._source: psycopg.Connection[Any] | None = None
+        self._previous: tuple[float, dict[TP, int]] | None = None
+
+    def _connect(self, dsn: str, side: str) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                dsn, autocommit=True, connect_timeout=5, application_name="cutover-monitor"
+            )
+        except psycopg.Error as exc:
+            message = (exc.diag.message_primary or str(exc)).strip()
+            raise DatabaseError(f"connecting: {redact_dsn(message)}", side=side) from None
+
+    def sample(self) -> MonitorReport:
+        errors: list[str] = []
+        topics = [self.settings.kafka.topic(d) for d in self.domains]
+        kafka: KafkaReading | None = None
+        dlq_end: int | None = None
+        try:
+            if self._probe is None:
+                self._probe = KafkaProbe(self.settings)
+            kafka = self._probe.read(topics)
+            dlq_end = self._probe.end_offset(self.settings.kafka.dlq_topic)
+        except CutoverError as exc:
+            errors.append(exc.message)
+        target: TargetReading | None = None
+        try:
+            if self._target is None or self._target.closed or self._target.broken:
+                self._target = self._connect(self.settings.target.dsn, "target")
+            target = read_target(
+                self._target, self.settings.target.control_schema, self.settings.apply.group_id
+            )
+        except CutoverError as exc:
+            errors.append(exc.message)
+            self._drop("_target")
+        source: SourceReading | None = None
+        try:
+            if self._source is None or self._source.closed or self._source.broken:
+                self._source = self._connect(self.settings.source.dsn, "source")
+            source = read_source(self._source, self.settings.source.slot)
+        except CutoverError as exc:
+            errors.append(exc.message)
+            self._drop("_source")
+        now = time.monotonic()
+        previous, elapsed = None, 0.0
+        if self._previous is not None:
+            elapsed = now - self._previous[0]
+            previous = self._previous[1]
+        report = build_report(
+            self.settings,
+            self.domains,
+            kafka,
+            target,
+            source,
+            previous_applied=previous,
+            seconds_since_previous=elapsed,
+            dlq_end_offset=dlq_end,
+            errors=errors,
+        )
+        if target is not None:
+            self._previous = (now, {(r.topic, r.partition): r.next_offset for r in target.offsets})
+        return report
+
+    def _drop(self, attr: str) -> None:
+        conn = getattr(self, attr)
+        if conn is not None:
+            conn.close()
+        setattr(self, attr, None)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        self._drop("_target")
+        self._drop("_source")
