@@ -53,6 +53,7 @@ from consumers.events import Change, Heartbeat, from_record
 from consumers.schemas import SchemaReader, kafka_error
 from consumers.sink import OffsetUpdate, Sink, translate
 from consumers.sql import NEW_ROW_OFFSET
+from cutover import metrics
 from cutover.config import Settings
 from cutover.errors import CutoverError, DatabaseError, DecodeError, KafkaError, UnknownSchema
 from cutover.logging import get_logger
@@ -128,6 +129,9 @@ class _Partition:
     buffer: list[Entry] = field(default_factory=list)
 
 
+_LATENCY_SAMPLE = 10_000
+
+
 @dataclass(slots=True)
 class _Tx:
     """The open commerce-database transaction."""
@@ -139,6 +143,10 @@ class _Tx:
     deleted: int = 0
     letters: int = 0
     source_ts: list[int] = field(default_factory=list)
+    # For the metrics: events per domain, and source commit times of a bounded sample of them
+    # (the latency histogram; a 1,000,000-event transaction must not grow memory).
+    by_domain: dict[str, int] = field(default_factory=dict)
+    latency_sample: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -609,6 +617,8 @@ class ApplyConsumer:
         refs: list[tuple[TP, Entry]] = []
         letters: list[DeadLetter] = []
         for tp, entries in plan.items():
+            domain = tp[0].rsplit(".", 1)[-1]
+            tx.by_domain[domain] = tx.by_domain.get(domain, 0) + len(entries)
             upd = tx.pending.get(tp)
             if upd is None:
                 upd = tx.pending[tp] = OffsetUpdate(tp[0], tp[1], entries[0].offset)
@@ -618,7 +628,10 @@ class ApplyConsumer:
                     letters.append(self._letter(tp, entry, entry.error, None))
                 elif isinstance(event, Heartbeat):
                     upd.last_heartbeat_ms = max(upd.last_heartbeat_ms or 0, event.ts_ms)
+                    metrics.heartbeat_seen(domain, event.ts_ms)
                 else:
+                    if len(tx.latency_sample) < _LATENCY_SAMPLE:
+                        tx.latency_sample.append(event.ts_ms)
                     changes.append(event)
                     refs.append((tp, entry))
                     upd.last_source_lsn = max(upd.last_source_lsn or 0, event.lsn)
@@ -648,6 +661,8 @@ class ApplyConsumer:
                 )
                 raise PoisonHalt(first.topic, first.partition, first.offset, first.error)
             self.sink.record_dead_letters([letter.db_row(self.group) for letter in letters])
+            for letter in letters:
+                metrics.dead_letter(letter.topic.rsplit(".", 1)[-1], letter.error_class)
             if self._dlq is None:
                 self._dlq = DlqPublisher(self.settings)
             self._dlq.send(letters)
@@ -694,6 +709,7 @@ class ApplyConsumer:
         self.sink.commit()
         self._tx = None
         committed_at = int(time.time() * 1000)
+        metrics.batch_applied(tx.by_domain, tx.latency_sample, committed_at)
         # 8. Remember what is stored (the fence of the next batch expects it), then tell Kafka
         #    too, asynchronously: only a monitoring hint, never read back.
         hints: list[TopicPartition] = []

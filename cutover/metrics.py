@@ -32,10 +32,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.process_collector import ProcessCollector
+
+from cutover.errors import UsageError
+from cutover.logging import get_logger
 
 __all__ = [
     "REGISTRY",
@@ -215,4 +218,33 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
     metrics carry no secrets."""
     server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
     bound: int = server.server_port
+    return bound
+
+
+def add_port_argument(parser: Any) -> None:
+    """The ``--metrics-port`` flag of ``cutover produce`` and ``cutover apply``."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (0: a free one, logged); "
+        "default: [metrics] port of the config, none if unset",
+    )
+
+
+def serve_if_asked(flag_port: int | None, config_port: int | None) -> int | None:
+    """Start the metrics server when a port is given (the flag wins over the config); log and
+    return the bound port."""
+    port = flag_port if flag_port is not None else config_port
+    if port is None:
+        return None
+    if not 0 <= port < 65536:
+        raise UsageError(f"--metrics-port must be 0-65535, not {port}")
+    try:
+        bound = start_metrics_server(port)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot serve metrics on port {port}: {exc.strerror}; pick another --metrics-port"
+        ) from None
+    get_logger("cutover.metrics").info("metrics.serving", port=bound, path="/metrics")
     return bound

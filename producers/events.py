@@ -363,6 +363,7 @@ class ChangeStream:
         self._per_table: dict[str, int] = {}
         # Progress counters, read by the producer loop.
         self.events = 0
+        self.events_by_topic: dict[str, int] = {}
         self.snapshot_rows = 0
         self.transactions = 0
         self.changes_in_batch = 0
@@ -569,6 +570,8 @@ class ChangeStream:
             pending.route.encoder(pending.record),
         )
         self.events += 1
+        topic = pending.route.topic
+        self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
 
     def _commit(self, msg: Commit) -> None:
         for pending in self._hold.drain():

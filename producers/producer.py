@@ -56,12 +56,13 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import codec
+from cutover import codec, metrics
 from cutover.config import Settings
 from cutover.errors import (
     CheckFailed,
     ConfigError,
     DatabaseError,
+    KafkaError,
     RuntimeFailure,
     SlotSafetyError,
 )
@@ -509,7 +510,14 @@ class CdcProducer:
         if self.options.crash_at == "after_produce_before_ack":
             _crash("after_produce_before_ack")
         # (3) flush and check every delivery; KafkaError propagates: no advance.
-        self.kafka.flush()
+        try:
+            self.kafka.flush()
+        except KafkaError:
+            metrics.delivery_failed()
+            raise
+        for topic, count in stream.events_by_topic.items():
+            metrics.events_produced(topic.rsplit(".", 1)[-1], count)
+        stream.events_by_topic.clear()
         # (4) record the position durably (write-ahead of the advance).
         source_state.record_position(
             self.ctl,
@@ -540,6 +548,8 @@ class CdcProducer:
         self.report.position = lsn
         stream.reset_batch_counters()
         self.log.info("slot.advanced", lsn=lsn_to_str(lsn))
+        metrics.slot_advanced(lsn)
+        self._report_slot_lag()
         self.log.info(
             "producer.batch_delivered",
             events=events,
@@ -576,6 +586,19 @@ class CdcProducer:
         # Counts as activity: the next idle heartbeat is one interval later.
         self._last_advance = time.monotonic()
 
+    def _report_slot_lag(self) -> None:
+        """WAL the slot holds back, for the ``cutover_slot_lag_bytes`` gauge."""
+        try:
+            row = self.ctl.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
+                " FROM pg_replication_slots WHERE slot_name = %s",
+                (self.settings.source.slot,),
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise _db(exc, "reading the slot's lag") from None
+        if row is not None and row[0] is not None:
+            metrics.set_slot_lag(int(row[0]))
+
     def _send_heartbeats(self, lsn: int) -> None:
         value = codec.encode(
             self._hb_schema,
@@ -586,6 +609,7 @@ class CdcProducer:
                 self.kafka.produce(
                     topic, partition, HEARTBEAT_KEY, value, kafka_io.HEADERS_HEARTBEAT
                 )
+        metrics.heartbeat_sent()
         self.log.debug("heartbeat.sent", lsn=lsn_to_str(lsn))
 
     # -- schemas -------------------------------------------------------------------------------

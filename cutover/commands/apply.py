@@ -18,6 +18,7 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from consumers.apply import ApplyConsumer, ApplyOptions
+from cutover import metrics
 from cutover.errors import UsageError
 from cutover.logging import get_logger
 
@@ -57,6 +58,7 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="keep reconnecting to an unavailable commerce database this long (default 60)",
     )
+    metrics.add_port_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
         )
     if args.exit_when_idle is not None and args.exit_when_idle <= 0:
         raise UsageError("--exit-when-idle must be positive")
+    metrics.serve_if_asked(args.metrics_port, settings.metrics_port)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

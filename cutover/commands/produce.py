@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from cutover import metrics
+
 if TYPE_CHECKING:
     from cutover.cli import Context
 
@@ -52,6 +54,7 @@ def register(sub: Any) -> None:
         "--max-runtime", type=float, metavar="SECONDS", help="stop (exit 0) after this long"
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report when stopped")
+    metrics.add_port_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
         max_runtime_s=args.max_runtime,
     )
     settings = context.settings
+    metrics.serve_if_asked(args.metrics_port, settings.metrics_port)
     if sys.stderr.isatty():
         bars = _SnapshotBars()
         with bars.progress:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -19,13 +22,28 @@ from tests.integration.shop_compare import assert_commerce_matches_legacy, compa
 CANARY = "canary-social-7f3a91"
 
 
-def _start_apply(scenario: Scenario, name: str) -> subprocess.Popen[bytes]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_apply(scenario: Scenario, name: str, port: int) -> subprocess.Popen[bytes]:
     log = (scenario.workdir / f"apply-{name}.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "cutover.cli", "--config", str(scenario.config), "--log-json",
-         "apply"],
+         "apply", "--metrics-port", str(port)],
         env=scenario.env(), stdout=log, stderr=log,
     )  # fmt: skip
+
+
+def _scrape(port: int, metric: str) -> float:
+    """Sum of every sample of ``metric`` on the process's /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    pattern = re.compile(rf"^{metric}(?:{{[^}}]*}})? ([0-9.e+]+)$", re.MULTILINE)
+    return sum(float(value) for value in pattern.findall(text))
 
 
 def _wait_equal(legacy: str, commerce: str, timeout: float) -> None:
@@ -46,8 +64,9 @@ def test_live_workload_reaches_commerce_exactly(
         fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, partitions=3
     ) as scenario:
         init(scenario)
-        producer = scenario.start_produce()
-        appliers = [_start_apply(scenario, "a"), _start_apply(scenario, "b")]
+        ports = [_free_port() for _ in range(3)]
+        producer = scenario.start_produce("--metrics-port", str(ports[0]))
+        appliers = [_start_apply(scenario, "a", ports[1]), _start_apply(scenario, "b", ports[2])]
         try:
             # Social canaries written while the pipeline runs must reach nothing downstream.
             with psycopg.connect(fresh_legacy, autocommit=True) as conn:
@@ -69,6 +88,13 @@ def test_live_workload_reaches_commerce_exactly(
             writer.join(timeout=120)
             assert not errors, errors
             _wait_equal(fresh_legacy, fresh_commerce, timeout=180)
+            # The real processes serve their metrics while they run.
+            produced = _scrape(ports[0], "cutover_events_produced_total")
+            applied = sum(_scrape(p, "cutover_events_applied_total") for p in ports[1:])
+            assert produced > 0
+            assert applied >= produced  # applied counts heartbeats and the snapshot too
+            assert _scrape(ports[0], "cutover_slot_lag_bytes") >= 0
+            assert sum(_scrape(p, "cutover_apply_latency_seconds_count") for p in ports[1:]) > 0
         finally:
             codes = [stop(p) for p in appliers]
             produce_code = stop(producer)
