@@ -81,7 +81,9 @@ class VerifyOptions:
     recheck_timeout_s: float = 30.0
     recheck_poll_s: float = 0.25
     #: More candidate keys than this in one table: no recheck, the first-pass figures stand.
-    max_recheck_keys: int = 10_000
+    #: Large, so that consumers catching up on a big backlog (a snapshot just loaded) are
+    #: waited for rather than reported; keys are rechecked in batches, memory stays small.
+    max_recheck_keys: int = 500_000
     sample_keys: int = 20
 
     def to_json(self) -> dict[str, object]:

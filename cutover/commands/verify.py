@@ -159,6 +159,13 @@ def run(args: argparse.Namespace, context: Context) -> int:
     else:
         print_report(Console(), report)
     if not report.passed:
+        behind = [d for d in report.failed_domains if report.applied_lsn.get(d) == 0]
+        if behind:
+            # PositionReader reports 0 while a snapshot of the domain is pending or running.
+            raise VerifyMismatch(
+                f"not caught up yet: a snapshot of {', '.join(behind)} is still running (run "
+                f"{report.run_id}); verify again once it is done ({report.mismatch_summary()})"
+            )
         raise VerifyMismatch(
             f"persistent differences in {', '.join(report.failed_domains)} (run "
             f"{report.run_id}): {report.mismatch_summary()}"

@@ -48,6 +48,11 @@ step "4. The shop keeps selling: $RATE transactions/s for $DURATION s while the 
 $CUTOVER workload --rate "$RATE" --duration "$DURATION" --seed 8
 
 step "5. cutover verify: legacy mapped through the mapping vs commerce, row by row"
+printf 'waiting for the initial snapshot to finish'
+until [ "$(psql "$CUTOVER_SOURCE_DSN" -tAq -c "SELECT count(*) FROM cutover.snapshot_requests WHERE status IN ('pending', 'running')")" = 0 ]; do
+  printf '.'; sleep 2
+done
+echo
 for attempt in 1 2 3 4 5 6; do
   if $CUTOVER verify; then break; fi
   [ "$attempt" = 6 ] && { echo "verify failed"; exit 1; }
