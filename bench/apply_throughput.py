@@ -51,7 +51,8 @@ import psycopg  # noqa: E402
 
 from consumers.apply import ApplyConsumer, ApplyOptions, CommitInfo  # noqa: E402
 from cutover import logging as cutover_logging  # noqa: E402
-from tests.integration.conftest import _read_stack_env, scratch_database  # noqa: E402
+from cutover.stack import read_env  # noqa: E402
+from tests.integration.conftest import scratch_database  # noqa: E402
 from tests.integration.test_apply_support import (  # noqa: E402
     EXAMPLES,
     EventFactory,
@@ -618,7 +619,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "apply.json")
     args = parser.parse_args()
     cutover_logging.configure(level="warning", json=True)
-    env = {**_read_stack_env(), **{k: v for k, v in os.environ.items() if k.startswith("CUTOVER_")}}
+    env = read_env(REPO / ".stack", os.environ)
     if "CUTOVER_TARGET_DSN" not in env or "CUTOVER_KAFKA_BOOTSTRAP" not in env:
         raise SystemExit("no local stack: run `make up` first")
     result: dict[str, Any] = {

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cutover import logging as cutover_logging  # noqa: E402
+from cutover.stack import read_env  # noqa: E402
 from cutover.workload import prefill, run_workload  # noqa: E402
 from producers import harness  # noqa: E402
 from producers.harness import Scenario  # noqa: E402
@@ -69,14 +70,7 @@ END $$;
 
 
 def stack_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = REPO / ".stack" / "env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if "=" in line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                env[key.strip()] = value.strip()
-    env.update({k: v for k, v in os.environ.items() if k.startswith("CUTOVER_")})
+    env = read_env(REPO / ".stack", os.environ)
     for key in ("CUTOVER_SOURCE_DSN", "CUTOVER_TARGET_DSN", "CUTOVER_KAFKA_BOOTSTRAP"):
         if key not in env:
             raise SystemExit(f"{key} is not set and .stack/env is missing: run `make up` first")

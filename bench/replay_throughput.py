@@ -30,7 +30,8 @@ from typing import Any
 
 from cutover.config import KafkaSettings
 from cutover.replay import Filters, Rate, play_to_target, play_to_topic, record
-from tests.integration.conftest import EXAMPLES, _read_stack_env, scratch_database
+from cutover.stack import read_env
+from tests.integration.conftest import EXAMPLES, scratch_database
 from tests.integration.test_apply_support import (
     DOMAINS,
     EventFactory,
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         help="events of the payment file played into a sandbox database",
     )
     args = parser.parse_args(argv)
-    env = _read_stack_env()
+    env = read_env(REPO / ".stack", os.environ)
     bootstrap = env.get("CUTOVER_KAFKA_BOOTSTRAP")
     admin_dsn = env.get("CUTOVER_TARGET_DSN")
     if not bootstrap or not admin_dsn:

@@ -34,6 +34,7 @@ from psycopg import conninfo, sql
 
 from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
 from cutover.mapping import load_mapping
+from cutover.stack import read_env
 from cutover.verify import VerifyOptions, copy_mapped_rows, run_verify
 from cutover.workload import prefill
 
@@ -44,17 +45,7 @@ TARGET_ROWS_S = 500_000
 
 
 def _stack_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = REPO / ".stack" / "env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if value:
-                env[key.strip()] = value.strip()
-    for key in ("CUTOVER_SOURCE_DSN", "CUTOVER_TARGET_DSN", "CUTOVER_KAFKA_BOOTSTRAP"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
+    return read_env(REPO / ".stack", os.environ)
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:

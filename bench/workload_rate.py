@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
+from cutover.stack import read_env
 from cutover.workload import prefill, run_workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +36,7 @@ UNTHROTTLED = 1_000_000.0
 
 
 def _default_dsn() -> str | None:
-    if os.environ.get("CUTOVER_SOURCE_DSN"):
-        return os.environ["CUTOVER_SOURCE_DSN"]
-    env = REPO / ".stack" / "env"
-    if env.exists():
-        for line in env.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "CUTOVER_SOURCE_DSN":
-                return value.strip()
-    return None
+    return read_env(REPO / ".stack", os.environ).get("CUTOVER_SOURCE_DSN")
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -381,6 +381,27 @@ def _wait(what: str, probe: object, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise StackError(f"{what} did not answer within {READY_TIMEOUT_S:.0f} s")
         time.sleep(0.25)
+
+
+STACK_VARS = ("CUTOVER_SOURCE_DSN", "CUTOVER_TARGET_DSN", "CUTOVER_KAFKA_BOOTSTRAP")
+
+
+def read_env(
+    root: Path = REPO / ".stack", environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The stack's ``CUTOVER_*`` variables from ``<root>/env``, overridden by those set in
+    ``environ`` (tests and benchmarks run against whatever stack the environment names)."""
+    env: dict[str, str] = {}
+    path = root / "env"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.lstrip().startswith("#"):
+                env[key.strip()] = value.strip()
+    for key in STACK_VARS:
+        if environ and environ.get(key):
+            env[key] = environ[key]
+    return env
 
 
 def load_state(root: Path) -> StackState | None:

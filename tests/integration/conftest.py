@@ -16,22 +16,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from cutover.stack import read_env
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "shop"
-
-
-def _read_stack_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = REPO / ".stack" / "env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if "=" in line and not line.lstrip().startswith("#"):
-                key, _, value = line.partition("=")
-                env[key.strip()] = value.strip()
-    for key in ("CUTOVER_SOURCE_DSN", "CUTOVER_TARGET_DSN", "CUTOVER_KAFKA_BOOTSTRAP"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
 
 
 def _need(env: dict[str, str], key: str) -> str:
@@ -45,7 +33,7 @@ def _need(env: dict[str, str], key: str) -> str:
 
 @pytest.fixture(scope="session")
 def stack_env() -> dict[str, str]:
-    return _read_stack_env()
+    return read_env(REPO / ".stack", os.environ)
 
 
 @pytest.fixture(scope="session")
