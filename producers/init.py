@@ -565,6 +565,87 @@ def resnapshot(conn: Conn, settings: Settings, report: InitReport) -> None:
     )
 
 
+def check_target_resettable(settings: Settings, mapping: MappingSpec) -> list[str]:
+    """Why the commerce tables cannot be emptied for a re-snapshot now (empty: they can).
+
+    A re-snapshot rebuilds commerce from legacy: rows deleted in legacy while the slot was lost
+    are in no event, so upserting the snapshot over the old content would keep them forever.
+    That is only safe when no domain serves reads from commerce and the consumers have applied
+    everything already in Kafka (an older event applied after the reset could bring back a row
+    legacy deleted)."""
+    from cutover.gates import fetch_watermarks, kafka_consumer
+
+    control = sql.Identifier(settings.target.control_schema, "domain_state")
+    offsets = sql.Identifier(settings.target.control_schema, "consumer_offsets")
+    problems: list[str] = []
+    with _connect(settings.target.dsn, "target") as conn:
+        try:
+            if conn.execute("SELECT to_regclass(%s)", (control.as_string(conn),)).fetchone() != (
+                None,
+            ):
+                switched = conn.execute(
+                    sql.SQL(
+                        "SELECT domain, state FROM {} WHERE state <> 'replicating' ORDER BY domain"
+                    ).format(control)
+                ).fetchall()
+                problems += [
+                    f"domain {d} is {state}: roll it back first (cutover rollback {d})"
+                    for d, state in switched
+                ]
+            stored: dict[tuple[str, int], int] = {}
+            if conn.execute("SELECT to_regclass(%s)", (offsets.as_string(conn),)).fetchone() != (
+                None,
+            ):
+                # Whatever group applied into this database (a custom --group-id included):
+                # the furthest stored position per partition.
+                for topic, partition, next_offset in conn.execute(
+                    sql.SQL(
+                        "SELECT topic, kafka_partition, max(next_offset) FROM {}"
+                        " GROUP BY topic, kafka_partition"
+                    ).format(offsets)
+                ):
+                    stored[(topic, int(partition))] = int(next_offset)
+        except psycopg.Error as exc:
+            raise _db(exc, "target", "checking the commerce database for a re-snapshot") from None
+    consumer = kafka_consumer(settings)
+    try:
+        for domain in mapping.domains:
+            topic = settings.kafka.topic(domain)
+            for partition, (_low, high) in fetch_watermarks(consumer, topic).items():
+                behind = high - stored.get((topic, partition), 0)
+                if high > 0 and behind > 0:
+                    problems.append(
+                        f"{topic}[{partition}]: the consumers have {behind} messages left to "
+                        "apply; let `cutover apply` drain the topics first"
+                    )
+    finally:
+        consumer.close()
+    return problems
+
+
+def reset_target(settings: Settings, mapping: MappingSpec, report: InitReport) -> None:
+    """Empty the commerce tables of the mapping (and their tombstones) for a re-snapshot."""
+    tables = [
+        sql.Identifier(mapping.target_schema, t.target_table) for t in mapping.tables.values()
+    ]
+    tombstones = sql.Identifier(settings.target.control_schema, "tombstones")
+    with _connect(settings.target.dsn, "target") as conn:
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(tables)))
+                conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE target_table = ANY(%s)").format(tombstones),
+                    ([t.target_table for t in mapping.tables.values()],),
+                )
+        except psycopg.Error as exc:
+            raise _db(exc, "target", "emptying the commerce tables for a re-snapshot") from None
+    report.action(
+        f"commerce tables of {mapping.target_schema}",
+        "altered",
+        "emptied: the re-snapshot reloads them from legacy",
+    )
+
+
 def _ensure_target(
     settings: Settings, mapping: MappingSpec, target_ddl: Path | None, report: InitReport
 ) -> None:
@@ -619,6 +700,13 @@ def run_init(
     report = InitReport(dry_run=dry_run)
     if target_ddl is not None and not target_ddl.is_file():
         raise UsageError(f"--target-ddl {target_ddl}: no such file")
+    if resnapshot_all and not dry_run and not skip_target:
+        # Checked before anything changes: a refusal leaves legacy and commerce as they were.
+        refusals = check_target_resettable(settings, mapping)
+        if refusals:
+            raise CheckFailed(
+                "re-snapshot refused; nothing was changed:\n  - " + "\n  - ".join(refusals)
+            )
     with _connect(settings.source.dsn, "source") as conn:
         try:
             preflight_server(conn, settings, report)
@@ -659,4 +747,6 @@ def run_init(
                 report.warnings.append(f"topic {topic} {entry['warning']}")
     if not skip_target:
         _ensure_target(settings, mapping, target_ddl, report)
+        if resnapshot_all and not dry_run:
+            reset_target(settings, mapping, report)
     return report

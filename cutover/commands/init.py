@@ -55,8 +55,9 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--resnapshot",
         action="store_true",
-        help="after a lost or moved slot: accept the slot's position and snapshot every table "
-        "again on the next `cutover produce`",
+        help="after a lost or moved slot: accept the slot's position, empty the commerce "
+        "tables, and snapshot every table again on the next `cutover produce` (refused while a "
+        "domain serves reads from commerce or the consumers still have messages to apply)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
