@@ -36,11 +36,13 @@ transaction), the consumer leaves the group cleanly.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -107,6 +109,9 @@ class ApplyOptions:
     exit_when_idle_s: float | None = None
     #: Called after every COMMIT.
     on_commit: Callable[[CommitInfo], None] | None = None
+    #: Fault tests only (``CUTOVER_CRASH_AT``): kill this process like ``kill -9`` right before
+    #: or right after the commerce COMMIT of a batch.
+    crash_at: Literal["apply_before_commit", "apply_after_commit"] | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +135,11 @@ class _Partition:
 
 
 _LATENCY_SAMPLE = 10_000
+
+
+def _crash() -> None:
+    """Die like ``kill -9`` would: no flush, no rollback, no finally."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(slots=True)
@@ -706,7 +716,11 @@ class ApplyConsumer:
         if tx.pending:
             self.sink.store_offsets(self.group, list(tx.pending.values()))
         # 7. COMMIT: rows, tombstones, dead letters and offsets become visible together.
+        if self.options.crash_at == "apply_before_commit":
+            _crash()
         self.sink.commit()
+        if self.options.crash_at == "apply_after_commit":
+            _crash()
         self._tx = None
         committed_at = int(time.time() * 1000)
         metrics.batch_applied(tx.by_domain, tx.latency_sample, committed_at)

@@ -13,7 +13,7 @@ import dataclasses
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from structlog.typing import FilteringBoundLogger
 
@@ -62,6 +62,18 @@ def register(sub: Any) -> None:
     parser.set_defaults(handler=run)
 
 
+def _crash_point(
+    environ: dict[str, str],
+) -> Literal["apply_before_commit", "apply_after_commit"] | None:
+    """``CUTOVER_CRASH_AT`` for fault tests (read here, at the entry point, only)."""
+    value = environ.get("CUTOVER_CRASH_AT")
+    if value == "apply_before_commit":
+        return "apply_before_commit"
+    if value == "apply_after_commit":
+        return "apply_after_commit"
+    return None
+
+
 def run(args: argparse.Namespace, context: Any) -> int:
     settings = context.settings
     if args.group_id:
@@ -83,7 +95,11 @@ def run(args: argparse.Namespace, context: Any) -> int:
     try:
         consumer = ApplyConsumer(
             settings,
-            options=ApplyOptions(exit_when_idle_s=args.exit_when_idle, db_retry_s=args.db_retry),
+            options=ApplyOptions(
+                exit_when_idle_s=args.exit_when_idle,
+                db_retry_s=args.db_retry,
+                crash_at=_crash_point(context.environ),
+            ),
             stop=stop,
         )
         consumer.run()

@@ -209,7 +209,7 @@ class Pipeline:
     def start_producer(self, extra_env: Mapping[str, str] | None = None) -> None:
         self.producer = self.scenario.start_produce(extra_env=extra_env)
 
-    def start_apply(self, name: str) -> None:
+    def start_apply(self, name: str, extra_env: Mapping[str, str] | None = None) -> None:
         self.scenario.write_config()
         with self.apply_log(name).open("ab") as log:
             self.appliers[name] = subprocess.Popen(
@@ -217,7 +217,8 @@ class Pipeline:
                     sys.executable, "-m", "cutover.cli", "--config", str(self.scenario.config),
                     "--log-json", "apply", "--group-id", self.group, *self.apply_args,
                 ],
-                env=self.scenario.env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                env=self.scenario.env(extra_env), stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL,
             )  # fmt: skip
 
     def start(self, consumers: int = 2) -> None:

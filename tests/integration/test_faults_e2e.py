@@ -302,6 +302,15 @@ def test_process_kills_rollbacks_and_unchanged_toast_under_workload(
             pipe.reap_producer()
             pipe.start_producer()
             time.sleep(2)
+        # A consumer killed at each named crash point: right before and right after the
+        # commerce COMMIT of a batch, then restarted normally.
+        for point in ("apply_before_commit", "apply_after_commit"):
+            pipe.kill_apply("c0")
+            pipe.start_apply("c0", extra_env={"CUTOVER_CRASH_AT": point})
+            code = pipe.appliers["c0"].wait(timeout=120)
+            assert code == -9, (point, code)
+            pipe.start_apply("c0")
+            time.sleep(1)
         # Consumers killed -9 (mid-batch or between batches), one after the other.
         for name in ("c0", "c1"):
             time.sleep(rng.uniform(0.5, 2.5))
