@@ -87,3 +87,11 @@ def fresh_legacy(source_dsn: str) -> Iterator[str]:
 def fresh_commerce(target_dsn: str) -> Iterator[str]:
     """A new database on the commerce cluster holding the empty commerce schema."""
     yield from scratch_database(target_dsn, EXAMPLES / "commerce.sql", "commerce")
+
+
+@pytest.fixture
+def commerce(fresh_commerce: str) -> str:
+    """A fresh commerce database with the consumer's control tables (cutover/control.sql)."""
+    with psycopg.connect(fresh_commerce, autocommit=True) as conn:
+        conn.execute((REPO / "cutover" / "control.sql").read_bytes())
+    return fresh_commerce

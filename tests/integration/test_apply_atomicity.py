@@ -22,7 +22,6 @@ from tests.integration.test_apply_support import (
     apply_until,
     delete_topics,
     fetch_commerce,
-    init_control,
     make_topics,
     produce,
     publish_schemas,
@@ -45,12 +44,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
         yield t
     finally:
         delete_topics(t)
-
-
-@pytest.fixture
-def commerce(fresh_commerce: str) -> str:
-    init_control(fresh_commerce)
-    return fresh_commerce
 
 
 def _big_order_transactions(f: EventFactory) -> tuple[list[Message], int]:

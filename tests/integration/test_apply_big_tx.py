@@ -22,7 +22,6 @@ from tests.integration.test_apply_support import (
     Topics,
     cli_env,
     delete_topics,
-    init_control,
     make_topics,
     produce,
     publish_schemas,
@@ -47,12 +46,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
         yield t
     finally:
         delete_topics(t)
-
-
-@pytest.fixture
-def commerce(fresh_commerce: str) -> str:
-    init_control(fresh_commerce)
-    return fresh_commerce
 
 
 class OrderChecker(threading.Thread):

@@ -29,7 +29,6 @@ from tests.integration.test_apply_support import (
     consume_all,
     delete_topics,
     fetch_commerce,
-    init_control,
     make_topics,
     offsets,
     produce,
@@ -53,12 +52,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
         yield t
     finally:
         delete_topics(t)
-
-
-@pytest.fixture
-def commerce(fresh_commerce: str) -> str:
-    init_control(fresh_commerce)
-    return fresh_commerce
 
 
 def _merchant(mid: int, status: str = "active") -> dict[str, object]:

@@ -24,7 +24,6 @@ from tests.integration.test_apply_support import (
     delete_topics,
     diff,
     fetch_commerce,
-    init_control,
     make_topics,
     offsets,
     produce,
@@ -48,12 +47,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
         yield t
     finally:
         delete_topics(t)
-
-
-@pytest.fixture
-def commerce(fresh_commerce: str) -> str:
-    init_control(fresh_commerce)
-    return fresh_commerce
 
 
 def _user(uid: int, email: str) -> dict[str, object]:

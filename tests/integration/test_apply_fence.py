@@ -17,7 +17,6 @@ from tests.integration.test_apply_support import (
     Topics,
     delete_topics,
     fetch_commerce,
-    init_control,
     make_topics,
     offsets,
     produce,
@@ -39,12 +38,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
         yield t
     finally:
         delete_topics(t)
-
-
-@pytest.fixture
-def commerce(fresh_commerce: str) -> str:
-    init_control(fresh_commerce)
-    return fresh_commerce
 
 
 def _user(uid: int) -> dict[str, object]:

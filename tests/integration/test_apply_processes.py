@@ -27,7 +27,6 @@ from tests.integration.test_apply_support import (
     delete_topics,
     diff,
     fetch_commerce,
-    init_control,
     make_topics,
     produce,
     producer,
@@ -49,12 +48,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
         yield t
     finally:
         delete_topics(t)
-
-
-@pytest.fixture
-def commerce(fresh_commerce: str) -> str:
-    init_control(fresh_commerce)
-    return fresh_commerce
 
 
 def _stream(topics: Topics, transactions: int, seed: int) -> tuple[ShopModel, list[Message]]:
