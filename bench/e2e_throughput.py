@@ -2,15 +2,16 @@
 
 Run with the local stack up (``make up``)::
 
-    .venv/bin/python bench/e2e_throughput.py [--orders 150000] [--transactions 60000]
+    .venv/bin/python -m bench.e2e_throughput [--orders 150000] [--transactions 290000]
 
 (a) **snapshot**: a prefilled legacy shop (``--orders`` 150,000 ≈ 960,000 rows in 7 tables,
     the biggest ≈ 450,000 rows) is loaded by ``cutover produce``'s initial snapshot (DBLog
     chunks) while two ``cutover apply`` processes apply it. Reported: rows/s into Kafka (the
     producer's run) and rows/s until commerce holds every row.
-(b) **backlog**: ``--transactions`` of realistic workload traffic are written while nothing
-    runs; then the producer and two consumers start together. Reported: change events/s from the
-    start until the consumers have applied everything the producer delivered.
+(b) **backlog**: ``--transactions`` (290,000 ≈ 1,000,000 change events) of workload traffic
+    are written while nothing runs; then the producer and two consumers start together.
+    Reported: change events/s from the start until the consumers have applied everything the
+    producer delivered.
 
 Each run uses scratch databases, slot, publication and topic prefix, removed at the end. Prints
 JSON and a Markdown table; writes ``bench/results/e2e.json``.
@@ -154,7 +155,7 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=150_000)
-    parser.add_argument("--transactions", type=int, default=60_000)
+    parser.add_argument("--transactions", type=int, default=290_000)
     args = parser.parse_args()
     result = run(args.orders, args.transactions)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
