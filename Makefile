@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CUTOVER := $(VENV)/bin/cutover
 STACK_ENV := .stack/env
-PY_DIRS := cutover producers consumers schemas tests bench
+PY_DIRS := cutover producers consumers schemas control cli devtools tests bench
 # Export the local stack's CUTOVER_* variables to every recipe that needs them.
 WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
 
@@ -26,13 +26,13 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 up: venv
-	$(PY) -m cutover.stack up
+	$(PY) -m devtools.stack up
 
 down:
-	@if [ -x $(PY) ]; then $(PY) -m cutover.stack down; else echo "nothing to stop"; fi
+	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi
 
 status: venv
-	$(PY) -m cutover.stack status
+	$(PY) -m devtools.stack status
 
 lint: venv
 	$(VENV)/bin/ruff check $(PY_DIRS)

@@ -51,9 +51,7 @@ import psycopg  # noqa: E402
 
 from consumers.apply import ApplyConsumer, ApplyOptions, CommitInfo  # noqa: E402
 from cutover import logging as cutover_logging  # noqa: E402
-from cutover.stack import read_env  # noqa: E402
-from tests.integration.conftest import scratch_database  # noqa: E402
-from tests.integration.test_apply_support import (  # noqa: E402
+from devtools.apply_support import (  # noqa: E402
     EXAMPLES,
     EventFactory,
     Message,
@@ -65,6 +63,8 @@ from tests.integration.test_apply_support import (  # noqa: E402
     publish_schemas,
     settings_for,
 )
+from devtools.scratch import scratch_database  # noqa: E402
+from devtools.stack import read_env  # noqa: E402
 
 T = datetime(2025, 1, 1, tzinfo=UTC)
 DESCRIPTION = "Hand-made batik shirt, cotton, fits true to size. " * 50  # ~2.5 kB: TOASTed
@@ -463,7 +463,7 @@ def latency(
 
 
 def big_transaction(env: dict[str, str], dsn: str, lines: int, tmp: Path) -> dict[str, Any]:
-    from tests.integration.test_apply_support import (
+    from devtools.apply_support import (
         cli_env,
         start_apply,
         stop_apply,
@@ -547,7 +547,7 @@ def backlog_processes(
 ) -> dict[str, Any]:
     """(a') the same kind of backlog drained by ``processes`` `cutover apply` processes of one
     group (offsets polled in the database every 0.2 s)."""
-    from tests.integration.test_apply_support import (
+    from devtools.apply_support import (
         cli_env,
         start_apply,
         stop_apply,

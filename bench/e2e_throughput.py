@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.producer_throughput import scratch, stack_env  # noqa: E402
-from cutover.workload import prefill, run_workload  # noqa: E402
-from producers import harness  # noqa: E402
-from producers.harness import Scenario  # noqa: E402
+from devtools import harness  # noqa: E402
+from devtools.harness import Scenario  # noqa: E402
+from devtools.workload import prefill, run_workload  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "e2e.json"
 EXAMPLES = REPO / "examples" / "shop"
@@ -56,7 +56,7 @@ def _count(dsn: str, schema: str, tables: tuple[str, ...]) -> int:
 def _start(scenario: Scenario, name: str, *args: str) -> subprocess.Popen[bytes]:
     log = (scenario.workdir / f"{name}.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cutover.cli", "--config", str(scenario.config), "--log-json",
+        [sys.executable, "-m", "cli.main", "--config", str(scenario.config), "--log-json",
          *args],
         env=scenario.env(), stdout=log, stderr=log,
     )  # fmt: skip

@@ -45,10 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cutover import logging as cutover_logging  # noqa: E402
-from cutover.stack import read_env  # noqa: E402
-from cutover.workload import prefill, run_workload  # noqa: E402
-from producers import harness  # noqa: E402
-from producers.harness import Scenario  # noqa: E402
+from devtools import harness  # noqa: E402
+from devtools.harness import Scenario  # noqa: E402
+from devtools.stack import read_env  # noqa: E402
+from devtools.workload import prefill, run_workload  # noqa: E402
 from producers.producer import ProducerOptions, run_producer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "producer.json"
@@ -282,5 +282,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = subprocess  # the commands run through producers.harness (subprocess)
+    _ = subprocess  # the commands run through devtools.harness (subprocess)
     main()

@@ -1,6 +1,6 @@
 """Replay throughput: `cutover replay record` and `cutover replay play` events/s on the stack.
 
-A backlog of reference-scenario change events (tests/integration/test_apply_support.py's
+A backlog of reference-scenario change events (devtools/apply_support.py's
 ShopModel, encoded as the producer does) is produced to fresh topics; then, per domain topic,
 the core functions the commands call are timed:
 
@@ -28,12 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from consumers.replay import Filters, Rate, play_to_target, play_to_topic, record
 from cutover.config import KafkaSettings
-from cutover.replay import Filters, Rate, play_to_target, play_to_topic, record
-from cutover.stack import read_env
-from tests.integration.conftest import EXAMPLES, scratch_database
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     DOMAINS,
+    EXAMPLES,
     EventFactory,
     Message,
     ShopModel,
@@ -44,6 +43,8 @@ from tests.integration.test_apply_support import (
     publish_schemas,
     settings_for,
 )
+from devtools.scratch import scratch_database
+from devtools.stack import read_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "replay.json"

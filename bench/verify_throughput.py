@@ -1,9 +1,9 @@
 """Benchmark: ``cutover verify`` rows/s per side on consistent data (target >= 500,000 rows/s).
 
 Creates a scratch legacy database (examples/shop/legacy.sql) and a scratch commerce database
-(examples/shop/commerce.sql), prefills legacy with ``cutover.workload.prefill`` (150,000 orders
+(examples/shop/commerce.sql), prefills legacy with ``devtools.workload.prefill`` (150,000 orders
 by default: about 960,000 rows over the seven tables), copies it into commerce through the
-mapping's SQL (:func:`cutover.verify.copy_mapped_rows`: COPY out of legacy, COPY into
+mapping's SQL (:func:`control.verify.copy_mapped_rows`: COPY out of legacy, COPY into
 commerce, no Kafka), then runs a full verify ``--runs`` times. Both databases work in parallel;
 "rows/s per side" is the legacy rows compared divided by the time of the comparison pass
 (planning included; the lag-aware recheck has nothing to do on consistent data). Prints JSON and
@@ -32,11 +32,11 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
+from control.verify import VerifyOptions, copy_mapped_rows, run_verify
 from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
 from cutover.mapping import load_mapping
-from cutover.stack import read_env
-from cutover.verify import VerifyOptions, copy_mapped_rows, run_verify
-from cutover.workload import prefill
+from devtools.stack import read_env
+from devtools.workload import prefill
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "shop"

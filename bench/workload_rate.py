@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from cutover.stack import read_env
-from cutover.workload import prefill, run_workload
+from devtools.stack import read_env
+from devtools.workload import prefill, run_workload
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "workload_rate.json"

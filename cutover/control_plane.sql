@@ -1,6 +1,6 @@
 -- kafka-cutover control plane in the COMMERCE database: verify results, the cutover state
 -- machine, and the audit trail. Idempotent (CREATE ... IF NOT EXISTS); applied by
--- cutover.state.ensure_control_plane under an advisory lock before any command that needs it,
+-- control.state.ensure_control_plane under an advisory lock before any command that needs it,
 -- so it does not depend on `cutover init` having run. Names are unqualified on purpose: the
 -- code creates the control schema ([target] control_schema, default "cutover") and runs this
 -- file with search_path set to it. The consumer's tables (consumer_offsets, tombstones,

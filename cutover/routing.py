@@ -16,7 +16,7 @@ How it learns the state (``mode``):
   read once too, so a router that cannot reach Kafka still starts from the current state;
 * ``"table"``: polls ``domain_state`` in the commerce database every ``poll_interval_s``
   (for applications that cannot reach Kafka). A transition counts once it is *published*, exactly
-  as for the topic (:meth:`cutover.state.DomainState.effective`).
+  as for the topic (:meth:`cutover.control_store.DomainState.effective`).
 
 Guarantees: a state is taken only when its ``version`` is higher than the one held, so a replayed
 or duplicated message, a late table read or a re-publication never moves a router backwards
@@ -40,8 +40,8 @@ from typing import Any, Literal, TypeAlias
 import psycopg
 
 from cutover.config import Settings
+from cutover.control_store import COMMERCE_READS, REPLICATING, load_states
 from cutover.logging import get_logger
-from cutover.state import COMMERCE_READS, REPLICATING, load_states
 
 __all__ = ["Database", "ReadRouter", "RouterConfig"]
 

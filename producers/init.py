@@ -573,7 +573,7 @@ def check_target_resettable(settings: Settings, mapping: MappingSpec) -> list[st
     That is only safe when no domain serves reads from commerce and the consumers have applied
     everything already in Kafka (an older event applied after the reset could bring back a row
     legacy deleted)."""
-    from cutover.gates import fetch_watermarks, kafka_consumer
+    from cutover.kafka import fetch_watermarks, kafka_consumer
 
     control = sql.Identifier(settings.target.control_schema, "domain_state")
     offsets = sql.Identifier(settings.target.control_schema, "consumer_offsets")

@@ -1,8 +1,8 @@
 """Helpers for the end-to-end fault matrix (tests/integration/test_faults_e2e.py).
 
-* :class:`PrivateStack`: a Kafka + legacy + commerce stack of its own (``cutover.stack``), for
+* :class:`PrivateStack`: a Kafka + legacy + commerce stack of its own (``devtools.stack``), for
   the tests that kill a server, so that the shared stack other tests use is never disturbed.
-* :class:`Pipeline`: one producer and N apply consumers of a :class:`~producers.harness.Scenario`
+* :class:`Pipeline`: one producer and N apply consumers of a :class:`~devtools.harness.Scenario`
   run as real ``cutover`` processes whose output goes to files; restart what died, stop all.
 * Canaries: values written to the excluded (social) columns of ``shop.users``, and a scanner
   proving they reached no topic byte, no commerce table and no log file.
@@ -28,10 +28,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cutover import stack
-from cutover.workload import WorkloadReport, run_workload
-from producers.harness import Scenario
-from tests.integration.conftest import EXAMPLES, scratch_database
+from devtools import stack
+from devtools.harness import Scenario
+from devtools.scratch import scratch_database
+from devtools.workload import WorkloadReport, run_workload
+from tests.integration.conftest import EXAMPLES
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +215,7 @@ class Pipeline:
         with self.apply_log(name).open("ab") as log:
             self.appliers[name] = subprocess.Popen(
                 [
-                    sys.executable, "-m", "cutover.cli", "--config", str(self.scenario.config),
+                    sys.executable, "-m", "cli.main", "--config", str(self.scenario.config),
                     "--log-json", "apply", "--group-id", self.group, *self.apply_args,
                 ],
                 env=self.scenario.env(extra_env), stdout=log, stderr=log,

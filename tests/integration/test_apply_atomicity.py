@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from consumers.apply import ApplyOptions
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     EventFactory,
     Message,
     Topics,

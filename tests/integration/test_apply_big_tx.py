@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     EventFactory,
     Topics,
     cli_env,

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     REPO,
     EventFactory,
     ShopModel,

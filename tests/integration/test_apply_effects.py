@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from cutover.codec import encode, heartbeat_schema, writer_schema
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     EventFactory,
     Message,
     ShopModel,

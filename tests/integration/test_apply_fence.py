@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     EventFactory,
     Topics,
     delete_topics,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     EventFactory,
     Message,
     ShopModel,

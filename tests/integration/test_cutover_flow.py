@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from cutover.commands import audit as audit_command
-from cutover.commands import switch_reads as switch_command
+from cli.commands import audit as audit_command
+from cli.commands import switch_reads as switch_command
+from control.state import CrashForTest, rollback, status_report, switch_reads
+from control.verify import VerifyOptions, run_verify
 from cutover.config import Settings
 from cutover.errors import UsageError
 from cutover.routing import ReadRouter
-from cutover.state import CrashForTest, rollback, status_report, switch_reads
-from cutover.verify import VerifyOptions, run_verify
 from tests.integration.test_verify_support import (
     DOMAINS,
     beat,

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 import pytest
 from confluent_kafka import Producer
 
-from cutover.audit import list_entries
+from control.audit import list_entries
+from control.state import open_control, rollback, switch_reads
+from control.verify import VerifyOptions, run_verify
 from cutover.config import GateSettings, Settings
 from cutover.errors import GateRefused, UsageError
-from cutover.state import open_control, rollback, switch_reads
-from cutover.verify import VerifyOptions, run_verify
 from tests.integration.test_verify_support import (
     DOMAINS,
     beat,

@@ -6,7 +6,7 @@ After each fault: the commerce DB equals the legacy DB mapped by hand (``shop_co
 follower_count) are in no topic byte, no commerce table and no process log; every process that
 stopped did so with exit 3 and a clear message, and was restarted by the test.
 
-Tests that kill a server run on a PRIVATE stack (``cutover.stack`` in a temporary folder, one per
+Tests that kill a server run on a PRIVATE stack (``devtools.stack`` in a temporary folder, one per
 module) so the shared stack is never disturbed; servers are restored in ``finally`` and the stack
 is stopped at the end. The others use fresh databases on the shared stack.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cutover.workload import ROLLBACK_MARKER, prefill, run_workload
-from producers.harness import changes, init, open_scenario
+from devtools.harness import changes, init, open_scenario
+from devtools.workload import ROLLBACK_MARKER, prefill, run_workload
 from producers.producer import CRASH_POINTS
 from tests.integration.faults_support import (
     Pipeline,

@@ -21,11 +21,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cutover import cli
+from cli import main as cli
+from control.monitor import KafkaProbe, Monitor
 from cutover.config import Settings, SourceSettings
-from cutover.monitor import KafkaProbe, Monitor
-from producers.source_state import ensure_schema, record_position
-from tests.integration.test_apply_support import (
+from devtools.apply_support import (
     EventFactory,
     Message,
     ShopModel,
@@ -40,6 +39,7 @@ from tests.integration.test_apply_support import (
     total_offsets,
     wait_for,
 )
+from producers.source_state import ensure_schema, record_position
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cutover.workload import prefill, run_workload
-from producers.harness import Scenario, init, open_scenario, stop
+from devtools.harness import Scenario, init, open_scenario, stop
+from devtools.workload import prefill, run_workload
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 CANARY = "canary-social-7f3a91"
@@ -32,7 +32,7 @@ def _free_port() -> int:
 def _start_apply(scenario: Scenario, name: str, port: int) -> subprocess.Popen[bytes]:
     log = (scenario.workdir / f"apply-{name}.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cutover.cli", "--config", str(scenario.config), "--log-json",
+        [sys.executable, "-m", "cli.main", "--config", str(scenario.config), "--log-json",
          "apply", "--metrics-port", str(port)],
         env=scenario.env(), stdout=log, stderr=log,
     )  # fmt: skip

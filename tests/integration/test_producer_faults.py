@@ -22,9 +22,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from cutover.workload import prefill, run_workload
-from producers import harness
-from producers.harness import Scenario, changes, open_scenario
+from devtools import harness
+from devtools.harness import Scenario, changes, open_scenario
+from devtools.workload import prefill, run_workload
 
 pytestmark = pytest.mark.integration
 
@@ -283,7 +283,7 @@ def scenario_cli(scenario: Scenario) -> list[str]:
     import sys
 
     scenario.write_config()
-    return [sys.executable, "-m", "cutover.cli", "--config", str(scenario.config)]
+    return [sys.executable, "-m", "cli.main", "--config", str(scenario.config)]
 
 
 def test_snapshot_resumes_after_kill_9(

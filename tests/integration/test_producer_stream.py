@@ -1,7 +1,7 @@
 """The CDC producer on the real stack: init, snapshot + stream, order, TOAST, separation, schemas.
 
-Each test has its own legacy database, topic prefix, slot and publication (producers.harness),
-and runs the real command (``python -m cutover.cli produce``) in a subprocess.
+Each test has its own legacy database, topic prefix, slot and publication (devtools.harness),
+and runs the real command (``python -m cli.main produce``) in a subprocess.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import psycopg
 import pytest
 
 from cutover.mapping import MappingSpec, load_mapping
-from cutover.workload import ROLLBACK_ID_BASE, ROLLBACK_MARKER, prefill, run_workload
-from producers import harness
-from producers.harness import Scenario, changes, last_state, open_scenario, source_state
+from devtools import harness
+from devtools.harness import Scenario, changes, last_state, open_scenario, source_state
+from devtools.workload import ROLLBACK_ID_BASE, ROLLBACK_MARKER, prefill, run_workload
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 partitions and order) and into sandbox commerce databases (deterministic), filters, and bad
 input through the command line (clear message, exit 2 or 3).
 
-Events are encoded by hand with cutover.codec (tests/integration/test_apply_support.py) and
+Events are encoded by hand with cutover.codec (devtools/apply_support.py) and
 produced with known timestamps to fresh topics under a unique prefix.
 """
 
@@ -23,9 +23,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from cutover import cli
-from cutover.config import KafkaSettings
-from cutover.replay import (
+from cli import main as cli
+from consumers.replay import (
     Filters,
     Rate,
     ReplayFile,
@@ -34,8 +33,8 @@ from cutover.replay import (
     play_to_topic,
     record,
 )
-from producers.readback import RawMessage, read_all
-from tests.integration.test_apply_support import (
+from cutover.config import KafkaSettings
+from devtools.apply_support import (
     TARGET_KEY,
     EventFactory,
     Message,
@@ -51,6 +50,7 @@ from tests.integration.test_apply_support import (
     settings_for,
     table_checksums,
 )
+from devtools.readback import RawMessage, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +157,8 @@ def test_record_then_play_to_a_topic_keeps_everything(shop: Recorded, tmp_path: 
 
 
 def _sandbox(admin_dsn: str) -> Iterator[str]:
-    from tests.integration.conftest import EXAMPLES, scratch_database
+    from devtools.scratch import scratch_database
+    from tests.integration.conftest import EXAMPLES
 
     for dsn in scratch_database(admin_dsn, EXAMPLES / "commerce.sql", "replay"):
         init_control(dsn)
@@ -262,7 +263,7 @@ def test_rate_limits_playing(shop: Recorded, tmp_path: Path) -> None:
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``cutover.cli.main`` with the replay command registered (until the lead adds it)."""
+    """``cli.main.main`` with the replay command registered (until the lead adds it)."""
     code = cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from control.state import rollback, switch_reads
+from control.verify import VerifyOptions, run_verify
 from cutover.config import Settings
 from cutover.routing import ReadRouter, RouterConfig
-from cutover.state import rollback, switch_reads
-from cutover.verify import VerifyOptions, run_verify
 from tests.integration.test_verify_support import (
     DOMAINS,
     beat,

@@ -13,14 +13,14 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from cutover import stack
+from devtools import stack
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _stack(action: str, root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cutover.stack", action, "--dir", str(root),
+        [sys.executable, "-m", "devtools.stack", action, "--dir", str(root),
          "--cache", str(REPO / ".stack-cache")],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from cutover import workload
+from control.verify import VerifyOptions, run_verify
 from cutover.config import Settings
-from cutover.verify import VerifyOptions, run_verify
+from devtools import workload
 from tests.integration.test_verify_support import (
     LaggingConsumer,
     drop_slot,

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from cutover.commands import verify as verify_command
+from cli.commands import verify as verify_command
+from control.verify import VerifyOptions, VerifyReport, run_verify
 from cutover.config import Settings
 from cutover.errors import VerifyMismatch
-from cutover.verify import VerifyOptions, VerifyReport, run_verify
 from tests.integration.test_verify_support import commerce, legacy, make_settings, mapping, seed
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """Helpers for the verify, cutover and routing tests on the real stack (no tests in here).
 
-Commerce is filled from legacy through the mapping by :func:`cutover.verify.copy_mapped_rows`
+Commerce is filled from legacy through the mapping by :func:`control.verify.copy_mapped_rows`
 (SQL, independent of the apply consumer), and the "pipeline" the gates look at is staged by
 hand: topics with a unique prefix, a logical slot, a producer heartbeat row, consumer offsets.
 :class:`LaggingConsumer` stands in for the apply consumer under a live workload: it copies a
@@ -24,7 +24,8 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from psycopg import sql
 
-from cutover import digest as dg
+from control import digest as dg
+from control.verify import connect, copy_mapped_rows, current_lsn, target_column_types
 from cutover.config import (
     GateSettings,
     KafkaSettings,
@@ -33,7 +34,6 @@ from cutover.config import (
     TargetSettings,
 )
 from cutover.mapping import MappingSpec, load_mapping
-from cutover.verify import connect, copy_mapped_rows, current_lsn, target_column_types
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "shop"
@@ -70,7 +70,7 @@ def make_settings(
 
 def seed(settings: Settings, *, orders: int = 2000) -> dict[str, int]:
     """Prefill legacy, copy it mapped into commerce, create the consumer's control tables."""
-    from cutover import workload
+    from devtools import workload
 
     workload.prefill(settings.source.dsn, orders=orders, seed=5)
     with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
@@ -209,8 +209,8 @@ def scratch_pair(
     source_admin: str, target_admin: str, bootstrap: str, **kw: Any
 ) -> Iterator[Settings]:
     """Fresh legacy + commerce databases and topics for a module-scoped fixture."""
+    from devtools.scratch import scratch_database
     from tests.integration.conftest import EXAMPLES as EX
-    from tests.integration.conftest import scratch_database
 
     lg = scratch_database(source_admin, EX / "legacy.sql", "legacy")
     cm = scratch_database(target_admin, EX / "commerce.sql", "commerce")

@@ -11,9 +11,10 @@ import structlog
 from psycopg import sql
 from structlog.testing import capture_logs
 
-from cutover import cli
+from cli import main as cli
 from cutover.errors import DatabaseError
-from cutover.workload import (
+from devtools.scratch import scratch_database
+from devtools.workload import (
     INVOICE_URL_PREFIX,
     ROLLBACK_ID_BASE,
     ROLLBACK_MARKER,
@@ -22,7 +23,7 @@ from cutover.workload import (
     prefill,
     run_workload,
 )
-from tests.integration.conftest import EXAMPLES, scratch_database
+from tests.integration.conftest import EXAMPLES
 
 pytestmark = pytest.mark.integration
 

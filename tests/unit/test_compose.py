@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from cutover import stack
+from devtools import stack
 
 REPO = Path(__file__).resolve().parents[2]
 

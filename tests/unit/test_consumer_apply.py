@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import TopicPartition
 
+from cli.main import build_parser, main
 from consumers.apply import ApplyConsumer, _Partition, _Tx
 from consumers.batch import Entry
-from cutover.cli import build_parser, main
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
 
 REPO = Path(__file__).resolve().parents[2]

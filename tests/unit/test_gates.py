@@ -7,8 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from cutover.config import GateSettings
-from cutover.gates import (
+from control.gates import (
     GATES,
     DeadLetterEvidence,
     Evidence,
@@ -20,6 +19,7 @@ from cutover.gates import (
     decide,
     evaluate,
 )
+from cutover.config import GateSettings
 
 LIMITS = GateSettings(verify_max_age_minutes=15, max_apply_lag_events=100, max_heartbeat_age_s=60)
 

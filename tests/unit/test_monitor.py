@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cutover.commands.monitor import _bytes, render
-from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
-from cutover.monitor import (
+from cli.commands.monitor import _bytes, render
+from control.monitor import (
     KafkaReading,
     OffsetsRow,
     SlotReading,
@@ -23,6 +22,7 @@ from cutover.monitor import (
     latency_samples,
     percentile,
 )
+from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
 
 SETTINGS = Settings(
     source=SourceSettings(dsn="dbname=legacy"),

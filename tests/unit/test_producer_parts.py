@@ -297,7 +297,7 @@ def test_snapshot_rows_decode_like_pgoutput_tuples() -> None:
 
 
 def test_snapshot_progress_bar_tracks_rows_and_finishes() -> None:
-    from cutover.commands.produce import _SnapshotBars
+    from cli.commands.produce import _SnapshotBars
 
     bars = _SnapshotBars()
     event = {"request": 1, "table": "users", "estimate": 300, "rows": 100, "done": False}

@@ -13,9 +13,7 @@ from typing import Any, cast
 import fastavro
 import pytest
 
-from cutover.codec import ColumnSpec, SchemaStore, encode, envelope_schema, writer_schema
-from cutover.errors import DecodeError, UsageError
-from cutover.replay import (
+from consumers.replay import (
     FORMAT,
     Recorded,
     ReplayFile,
@@ -25,7 +23,9 @@ from cutover.replay import (
     read_long,
     union_branches,
 )
-from tests.integration.test_apply_support import EventFactory, Message, ShopModel
+from cutover.codec import ColumnSpec, SchemaStore, encode, envelope_schema, writer_schema
+from cutover.errors import DecodeError, UsageError
+from devtools.apply_support import EventFactory, Message, ShopModel
 
 
 def _messages(n: int, seed: int = 3) -> tuple[EventFactory, list[Message]]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cutover.errors import UsageError
-from cutover.replay import (
+from consumers.replay import (
     Filters,
     Pacer,
     Rate,
@@ -15,6 +14,7 @@ from cutover.replay import (
     plan_ranges,
     table_of_schema,
 )
+from cutover.errors import UsageError
 
 
 def test_times_are_iso_and_utc_by_default() -> None:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cutover import state as st
-from cutover.state import DomainState
+from control import state as st
+from control.state import DomainState
 
 
 def ds(state: str, **kw: object) -> DomainState:
@@ -105,4 +105,4 @@ def test_control_plane_ddl_is_idempotent_text() -> None:
     ddl = st.control_plane_ddl()
     creates = [line for line in ddl.splitlines() if line.startswith("CREATE")]
     assert creates and all("IF NOT EXISTS" in line for line in creates)
-    assert "cutover." not in ddl.replace("cutover.state", "")  # unqualified: search_path decides
+    assert "cutover." not in ddl.replace("control.state", "")  # unqualified: search_path decides

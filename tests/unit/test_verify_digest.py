@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
-from cutover import digest as dg
+from control import digest as dg
 from cutover.mapping import MappingSpec, load_mapping
 
 REPO = Path(__file__).resolve().parents[2]

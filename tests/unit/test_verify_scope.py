@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from control.verify import InvariantReport, TableReport, VerifyReport, select_tables
 from cutover.errors import UsageError
 from cutover.mapping import MappingSpec, load_mapping
-from cutover.verify import InvariantReport, TableReport, VerifyReport, select_tables
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import structlog
 
-from cutover import cli
-from cutover import workload as wl
-from cutover.workload import (
+from cli import main as cli
+from devtools import workload as wl
+from devtools.workload import (
     BASE_TIME,
     BULK_EVERY,
     INVOICE_URL_PREFIX,

@@ -15,7 +15,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 
 def register(sub: Any) -> None:

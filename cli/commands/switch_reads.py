@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.prompt import Confirm
 
-from cutover.audit import default_actor
+from control.audit import default_actor
+from control.state import CommandOutcome, rollback, switch_reads
 from cutover.errors import GateRefused, UsageError
 from cutover.mapping import load_mapping
-from cutover.state import CommandOutcome, rollback, switch_reads
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 EPILOG = """\
 examples:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from control.state import status_report
 from cutover.mapping import load_mapping
-from cutover.state import status_report
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

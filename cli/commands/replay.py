@@ -1,9 +1,9 @@
 """`cutover replay record` / `cutover replay play`: topic ranges to Avro files and back.
 
-Thin: parses, builds :class:`cutover.replay.Filters`, draws a progress bar on a terminal, calls
-:func:`cutover.replay.record`, :func:`cutover.replay.play_to_topic` or
-:func:`cutover.replay.play_to_target`, and prints a summary (a table, or ``--json``). Errors map
-to exit codes in :mod:`cutover.cli`: a missing file, an unknown topic or an empty range exit 2,
+Thin: parses, builds :class:`consumers.replay.Filters`, draws a progress bar on a terminal, calls
+:func:`consumers.replay.record`, :func:`consumers.replay.play_to_topic` or
+:func:`consumers.replay.play_to_target`, and prints a summary (a table, or ``--json``). Errors map
+to exit codes in :mod:`cli.main`: a missing file, an unknown topic or an empty range exit 2,
 a damaged file or a server that fails exit 3.
 """
 
@@ -29,8 +29,8 @@ from rich.progress import (
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
-    from cutover.replay import Filters
+    from cli.main import Context
+    from consumers.replay import Filters
 
 DESCRIPTION = """\
 Testers' tool: record a range of a topic to an Avro object container file (any Avro reader
@@ -164,7 +164,7 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 
 def _filters(args: argparse.Namespace) -> Filters:
-    from cutover.replay import make_filters
+    from consumers.replay import make_filters
 
     return make_filters(
         partitions=args.partition,
@@ -201,7 +201,7 @@ def _progress_bar(enabled: bool | None, what: str) -> Iterator[Callable[[int, in
 
 
 def run_record(args: argparse.Namespace, context: Context) -> int:
-    from cutover.replay import record
+    from consumers.replay import record
 
     filters = _filters(args)
     settings = context.settings
@@ -235,8 +235,8 @@ def run_record(args: argparse.Namespace, context: Context) -> int:
 
 
 def run_play(args: argparse.Namespace, context: Context) -> int:
+    from consumers.replay import parse_rate, play_to_target, play_to_topic
     from cutover.errors import UsageError
-    from cutover.replay import parse_rate, play_to_target, play_to_topic
 
     filters = _filters(args)
     rate = parse_rate(args.rate)

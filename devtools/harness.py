@@ -2,7 +2,7 @@
 
 A :class:`Scenario` is one isolated pipeline: its own legacy database, topic prefix, slot and
 publication, and a config file pointing at them. Tests and ``bench/producer_*.py`` share it so
-that both exercise the real commands (``python -m cutover.cli produce``) the same way.
+that both exercise the real commands (``python -m cli.main produce``) the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from cutover.config import Settings, load_settings
-from producers.readback import Decoded, decode_all, read_all, schema_store
+from devtools.readback import Decoded, decode_all, read_all, schema_store
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "examples" / "shop" / "mapping.toml"
@@ -108,7 +108,7 @@ class Scenario:
     ) -> subprocess.CompletedProcess[str]:
         self.write_config()
         return subprocess.run(
-            [sys.executable, "-m", "cutover.cli", "--config", str(self.config), *args],
+            [sys.executable, "-m", "cli.main", "--config", str(self.config), *args],
             env=self.env(extra_env),
             capture_output=True,
             text=True,
@@ -129,7 +129,7 @@ class Scenario:
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
                 [
-                    sys.executable, "-m", "cutover.cli", "--config", str(self.config),
+                    sys.executable, "-m", "cli.main", "--config", str(self.config),
                     "--log-json", "produce", *args,
                 ],
                 env=self.env(extra_env),

@@ -988,13 +988,13 @@ def cli_env(target_dsn: str, bootstrap: str, source_dsn: str = "dbname=unused") 
 def start_apply(
     config: Path, env: Mapping[str, str], *args: str, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """``python -m cutover.cli --config CONFIG apply ARGS`` in the background."""
+    """``python -m cli.main --config CONFIG apply ARGS`` in the background."""
     out = log.open("ab") if log is not None else subprocess.DEVNULL
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "cutover.cli",
+            "cli.main",
             "--log-json",
             "--config",
             str(config),

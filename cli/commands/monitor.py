@@ -1,6 +1,6 @@
 """`cutover monitor`: a live terminal view of the pipeline, or one reading as JSON for scripts.
 
-Thin: takes readings with :class:`cutover.monitor.Monitor` every ``--interval`` seconds and
+Thin: takes readings with :class:`control.monitor.Monitor` every ``--interval`` seconds and
 renders them with rich (``rich.live``); ``--once`` prints one reading (two readings
 ``--interval`` apart, so that the apply rate is known) as tables or ``--json``. Exit codes:
 0, or 3 when ``--once`` could not read a source (the JSON still says what it could read, and
@@ -23,8 +23,8 @@ from rich.text import Text
 from cutover.errors import UsageError
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
-    from cutover.monitor import MonitorReport
+    from cli.main import Context
+    from control.monitor import MonitorReport
 
 DESCRIPTION = """\
 Platform engineers' view: per domain topic its partitions, end offsets, the apply group's
@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, context: Context) -> int:
-    from cutover.monitor import Monitor
+    from control.monitor import Monitor
 
     if args.json and not args.once:
         raise UsageError("--json needs --once (the live view is for people)")

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from cutover.audit import list_entries
+from control.audit import list_entries
+from control.state import open_control
 from cutover.errors import UsageError
-from cutover.state import open_control
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,6 +1,6 @@
 """``cutover verify``: mapping-aware consistency check of commerce against legacy.
 
-Thin shell over :func:`cutover.verify.run_verify`: parse, draw a progress bar (rows/s, ETA) on
+Thin shell over :func:`control.verify.run_verify`: parse, draw a progress bar (rows/s, ETA) on
 a terminal, print the report (rich tables, or ``--json``), exit 1 on a persistent mismatch.
 """
 
@@ -25,13 +25,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from cutover.audit import default_actor
+from control.audit import default_actor
+from control.verify import VerifyOptions, VerifyReport, run_verify
 from cutover.errors import UsageError, VerifyMismatch
 from cutover.mapping import load_mapping
-from cutover.verify import VerifyOptions, VerifyReport, run_verify
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 _DEFAULTS = VerifyOptions()
 

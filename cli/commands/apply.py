@@ -2,7 +2,7 @@
 
 Thin: builds the settings, installs SIGTERM/SIGINT handlers that ask the loop to stop after the
 current batch (commit, leave the group cleanly, exit 0; a second signal stops at once), and
-calls :class:`consumers.apply.ApplyConsumer`. Errors map to exit codes in :mod:`cutover.cli`
+calls :class:`consumers.apply.ApplyConsumer`. Errors map to exit codes in :mod:`cli.main`
 (a poison message under ``dlq_policy = "halt"`` or an unreachable database: exit 3).
 """
 

@@ -1,4 +1,4 @@
-"""The audit trail (``cutover.audit`` in the commerce database) and ``cutover audit``.
+"""The audit trail (``control.audit`` in the commerce database) and ``cutover audit``.
 
 Every command that changes, or tries to change, the cutover state writes one entry: who (the OS
 user, or ``--actor``), when, what (command, domain, from → to state, transition id), how it ended

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 DESCRIPTION = """\
 Check the source database, then create what is missing, and say what was created and what was

@@ -1,7 +1,7 @@
 """The local stack: Apache Kafka (KRaft, one combined node) and two PostgreSQL 15 clusters, run as
 plain processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make down``.
 
-``python -m cutover.stack up|down|status [--dir DIR]``
+``python -m devtools.stack up|down|status [--dir DIR]``
 
 * Kafka comes from the official jars on Maven Central (``stack/pom.xml``), copied with
   ``mvn dependency:copy-dependencies`` into a cache folder shared by all stacks of this checkout
@@ -533,7 +533,7 @@ def running_pids(root: Path) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cutover.stack",
+        prog="python -m devtools.stack",
         description="Start, stop or inspect the local stack (Kafka KRaft + legacy and commerce "
         "PostgreSQL 15 clusters) as plain processes on 127.0.0.1.",
     )

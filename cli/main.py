@@ -2,7 +2,7 @@
 function per command, and maps the exception tree to exit codes.
 
 Exit codes: 0 ok, 1 check failed or gate refused, 2 usage or configuration error, 3 runtime
-failure. Each command lives in ``cutover/commands/<name>.py`` and exposes ``register(subparsers)``;
+failure. Each command lives in ``cli/commands/<name>.py`` and exposes ``register(subparsers)``;
 the parser it adds sets ``handler`` to a function ``(args, context) -> int``.
 """
 
@@ -33,8 +33,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "audit",
     "monitor",
     "replay",
-    "workload",
 )
+
+# Commands that live outside the product: the dev tools plug ``cutover workload`` in when they
+# are importable (a source checkout, which is what ``make`` installs); a wheel built from this
+# repository leaves them out, and so does its ``cutover --help``.
+PLUGIN_COMMAND_MODULES: tuple[str, ...] = ("devtools.workload_command",)
 
 Handler = Callable[[argparse.Namespace, "Context"], int]
 
@@ -90,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
-        importlib.import_module(f"cutover.commands.{name}").register(sub)
+        importlib.import_module(f"cli.commands.{name}").register(sub)
+    for module in PLUGIN_COMMAND_MODULES:
+        try:
+            plugin = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+            continue
+        plugin.register(sub)
     return parser
 
 

@@ -4,9 +4,9 @@ The run, in numbered steps (each one restartable; see ``--resume``):
 
 1. Create the control plane if needed and a ``verify_runs`` row (status ``running``) holding the
    chunk plan of every table in scope: ranges of the primary key of about ``chunk_rows`` rows
-   (:func:`cutover.digest.plan_integer_chunks`, or keyset boundaries for non-integer keys).
+   (:func:`control.digest.plan_integer_chunks`, or keyset boundaries for non-integer keys).
 2. First pass, per chunk: a digest (rows, sum of row hashes) computed inside each database, both
-   sides in parallel (:func:`cutover.digest.digest_sql`). Equal digests: every row of the chunk
+   sides in parallel (:func:`control.digest.digest_sql`). Equal digests: every row of the chunk
    matches. Different digests: the chunk is split into buckets over the leading key, recursively,
    down to ranges of at most ``fetch_rows`` rows that are fetched from both sides and diffed
    key by key. Each chunk's figures and candidate keys are stored in ``verify_chunks`` once
@@ -15,10 +15,10 @@ The run, in numbered steps (each one restartable; see ``--resume``):
    REPEATABLE READ snapshot together with the WAL position ``X`` it holds for; then verify waits
    (bounded by ``recheck_timeout_s``) until the domain's consumers have applied everything up to
    ``X`` (``cutover.consumer_offsets``, plus the producer's delivered position and Kafka's high
-   watermarks for idle partitions: :func:`cutover.digest.applied_position`); then the commerce
+   watermarks for idle partitions: :func:`control.digest.applied_position`); then the commerce
    rows (and tombstones) are read. A key differing while commerce was behind or ahead of the
    snapshot is *pending*; one differing twice in a row with commerce exactly caught up is a
-   persistent mismatch (:class:`cutover.digest.RecheckTracker`). A domain with no consumer
+   persistent mismatch (:class:`control.digest.RecheckTracker`). A domain with no consumer
    positions recorded at all is treated as static: two immediate re-reads confirm.
 4. The scenario invariants of DESIGN §3 are checked on commerce (violations are re-read once
    after a catch-up wait, so a transient state never counts).
@@ -39,13 +39,13 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 from psycopg import sql
 
-from cutover import digest as dg
+from control import digest as dg
+from control.state import ensure_control_plane
 from cutover.config import Settings
 from cutover.errors import DatabaseError, UsageError
-from cutover.gates import fetch_watermarks, kafka_consumer
+from cutover.kafka import fetch_watermarks, kafka_consumer
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, TableMapping
-from cutover.state import ensure_control_plane
 
 __all__ = [
     "InvariantReport",
@@ -59,7 +59,7 @@ __all__ = [
     "select_tables",
 ]
 
-log = get_logger("cutover.verify")
+log = get_logger("control.verify")
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")

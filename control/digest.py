@@ -20,7 +20,7 @@ moving the rows out of the databases on the happy path:
   candidates are confirmed (the consumers had applied everything up to the legacy snapshot the
   row was read in, and the commerce row is not newer than that snapshot, twice in a row).
 
-Nothing here does I/O: :mod:`cutover.verify` runs the SQL. Every statement is composed with
+Nothing here does I/O: :mod:`control.verify` runs the SQL. Every statement is composed with
 :mod:`psycopg.sql`; values go in as :class:`psycopg.sql.Literal` or parameters.
 """
 

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from cutover import metrics
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 DESCRIPTION = """\
 Read every committed change of the captured tables from the logical slot (pgoutput, peek), turn

@@ -1436,7 +1436,7 @@ def run_workload(
         raise UsageError(f"max_transactions must be at least 1, not {max_transactions}")
     if duration is None and max_transactions is None:
         raise UsageError("give a duration or a number of transactions to run")
-    log = get_logger("cutover.workload")
+    log = get_logger("devtools.workload")
     bounds = [n for n in (max_transactions, duration and math.ceil(rate * duration)) if n]
     expected = min(bounds) if bounds else None
     counts: dict[str, int] = dict.fromkeys(KINDS, 0)
@@ -1581,7 +1581,7 @@ def prefill(
         except psycopg.Error as exc:
             raise _db_error(exc, dsn, "prefill") from None
     report = PrefillReport(seed=seed, rows=rows, elapsed_s=time.monotonic() - t0)
-    get_logger("cutover.workload").info(
+    get_logger("devtools.workload").info(
         "prefill.finished",
         seed=seed,
         rows=report.total_rows,

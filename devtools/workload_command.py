@@ -1,6 +1,6 @@
 """``cutover workload``: realistic shop traffic on the legacy database, or a fast prefill.
 
-Thin shell over :mod:`cutover.workload`: parse, check flags, call one core function, show a
+Thin shell over :mod:`devtools.workload`: parse, check flags, call one core function, show a
 progress bar on stderr while it runs, print the report (rich table, or JSON with ``--json``).
 """
 
@@ -23,13 +23,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cutover import workload
 from cutover.errors import UsageError
+from devtools import workload
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from cutover.cli import Context
+    from cli.main import Context
 
 DEFAULT_RATE = 200.0
 DEFAULT_DURATION = 10.0

@@ -10,7 +10,7 @@ sandbox commerce database through the apply path of ``cutover apply``
 
 File layout (documented for users in docs/OPERATIONS.md, "Replay files"):
 
-* one record ``cutover.replay.Message`` per Kafka message: ``topic``, ``partition``, ``offset``,
+* one record ``consumers.replay.Message`` per Kafka message: ``topic``, ``partition``, ``offset``,
   ``timestamp_ms`` (the Kafka timestamp), ``key`` (bytes or null), ``headers`` (array of
   ``{key, value}``), ``value_schema`` (writer fingerprint, hex; null when the value is not Avro
   single-object encoded) and ``value``: a union of ``null``, ``bytes`` (a value that could not be

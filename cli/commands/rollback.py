@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cutover.commands.switch_reads import add_common, run_transition
+from cli.commands.switch_reads import add_common, run_transition
 
 if TYPE_CHECKING:
-    from cutover.cli import Context
+    from cli.main import Context
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

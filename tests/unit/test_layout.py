@@ -1,0 +1,60 @@
+"""The package map of docs/ARCHITECTURE.md, enforced: imports flow one way
+(CLI → control plane / producers / consumers → core), nothing in the product imports the dev
+tools, the tests or the benchmarks, and the dev tools are not part of the wheel."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Which top-level packages each package may import (besides itself and the standard library).
+ALLOWED: dict[str, frozenset[str]] = {
+    "schemas": frozenset(),
+    "cutover": frozenset({"schemas"}),
+    "producers": frozenset({"cutover", "schemas"}),
+    "consumers": frozenset({"cutover", "schemas"}),
+    "control": frozenset({"cutover", "schemas"}),
+    "cli": frozenset({"cutover", "schemas", "producers", "consumers", "control"}),
+    "devtools": frozenset({"cutover", "schemas", "producers", "consumers", "control", "cli"}),
+    "bench": frozenset(
+        {"cutover", "schemas", "producers", "consumers", "control", "cli", "devtools"}
+    ),
+}
+OURS = frozenset(ALLOWED) | {"tests"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & OURS
+
+
+def _violations() -> list[str]:
+    out: list[str] = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((REPO / package).rglob("*.py")):
+            for imported in sorted(_imports(path) - allowed - {package}):
+                out.append(f"{path.relative_to(REPO)} imports {imported}")
+    return out
+
+
+def test_imports_flow_one_way() -> None:
+    assert _violations() == []
+
+
+@pytest.mark.parametrize("package", ["devtools", "tests", "bench"])
+def test_dev_packages_are_not_in_the_wheel(package: str) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    shipped = project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    assert package not in shipped
+    assert set(ALLOWED) - {"devtools", "bench"} == set(shipped)
