@@ -41,7 +41,7 @@ from consumers.apply import ApplyConsumer, ApplyOptions, ApplySummary
 from cutover.codec import ColumnSpec, WriterSchema, encode, envelope_schema, writer_schema
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "shop"
 CONTROL_SQL = REPO / "cutover" / "control.sql"
 DOMAINS = ("payment", "data", "merchant")
