@@ -1,0 +1,46 @@
+-- kafka-cutover write fence: a guard inside the database that refuses writes to a domain's
+-- tables on the side that no longer holds the domain's writes (DESIGN notes: "never two
+-- writable sides", kept in docs/CUTOVER.md). Idempotent. Names are unqualified on purpose: the
+-- code creates the control schema and runs this file with search_path set to it; the trigger
+-- function qualifies its own table with the schema it lives in (@extschema@-style, via
+-- TG_ARGV[1]) so that applications' search_path does not matter.
+--
+-- How it holds even for a writer already past the check when the fence goes up: the guard
+-- takes FOR SHARE on the domain's fence row for the rest of the writing transaction, and
+-- raising the fence updates that row, which waits for every such writer to end. So when the
+-- fence's transaction commits, every write admitted before it has committed or aborted, and the
+-- WAL position read after it (the fence LSN) is past all of them.
+CREATE TABLE IF NOT EXISTS write_fence (
+    domain     text        PRIMARY KEY,
+    fenced     boolean     NOT NULL DEFAULT false,
+    state      text        NOT NULL DEFAULT 'replicating',
+    reason     text,
+    changed_at timestamptz NOT NULL DEFAULT now(),
+    fence_lsn  pg_lsn
+);
+
+CREATE OR REPLACE FUNCTION write_fence_guard() RETURNS trigger
+LANGUAGE plpgsql AS $guard$
+DECLARE
+    is_fenced   boolean;
+    fence_state text;
+BEGIN
+    -- The appliers' sessions carry a replication origin (set up to mark their transactions
+    -- so the other direction does not echo them): they are the one writer a fence lets through.
+    IF pg_replication_origin_session_is_setup() THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT fenced, state FROM %I.write_fence WHERE domain = $1 FOR SHARE',
+                   TG_ARGV[1])
+        INTO is_fenced, fence_state USING TG_ARGV[0];
+    IF is_fenced THEN
+        RAISE EXCEPTION 'write to %.% refused: domain % is fenced on this database (state %)',
+                TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0], fence_state
+            USING ERRCODE = '25006',  -- read_only_sql_transaction: retry on the other side
+                  DETAIL = format('cutover fence of domain %s', TG_ARGV[0]),
+                  HINT = 'The domain''s writes moved; ask cutover.routing where they go now '
+                         'and retry the transaction there.';
+    END IF;
+    RETURN NULL;
+END
+$guard$;

@@ -1,0 +1,143 @@
+"""The write fence on a real PostgreSQL 15 (cutover/fence.py): a stray write to a fenced domain
+is refused with a clear, retryable error and leaves nothing behind; other domains and the
+appliers' sessions (replication origin) still write; raising the fence waits for writers the
+guard already admitted, so the fence LSN is past their commits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from cutover import fence
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = "cutover"
+PAYMENT = [("shop", "orders"), ("shop", "order_items"), ("shop", "payments"), ("shop", "invoices")]
+DATA = [("shop", "users")]
+
+
+@pytest.fixture
+def legacy(fresh_legacy: str) -> str:
+    with psycopg.connect(fresh_legacy, autocommit=True) as conn:
+        fence.install(conn, SCHEMA, {"payment": PAYMENT, "data": DATA}, side="source")
+        # Installing twice changes nothing (init is idempotent).
+        fence.install(conn, SCHEMA, {"payment": PAYMENT, "data": DATA}, side="source")
+    return fresh_legacy
+
+
+def _insert_order(conn: psycopg.Connection[object], order_id: int) -> None:
+    conn.execute(
+        "INSERT INTO shop.orders (id, buyer_id, merchant_id, status, total_idr, created_at, "
+        "updated_at) VALUES (%s, 1, 1, 'created', %s, now(), now())",
+        [order_id, Decimal("10.00")],
+    )
+
+
+def _count(dsn: str, table: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT count(*) FROM shop.{table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_stray_write_to_a_fenced_domain_is_refused_and_leaves_nothing(legacy: str) -> None:
+    with psycopg.connect(legacy, autocommit=True) as admin:
+        fence.raise_fence(admin, SCHEMA, "payment", state="writes_switched", reason="t", side="s")
+        states = fence.fence_states(admin, SCHEMA, side="source")
+    assert states["payment"].fenced and states["payment"].fence_lsn is not None
+    assert not states["data"].fenced
+
+    with psycopg.connect(legacy) as app:
+        with pytest.raises(psycopg.Error) as caught, app.transaction():
+            app.execute(
+                "INSERT INTO shop.users (id, handle, display_name, email, phone, "
+                "follower_count, bio, created_at, updated_at) VALUES "
+                "(1, 'h', 'n', 'e', 'p', 0, 'b', now(), now())"
+            )
+            _insert_order(app, 1)  # refused: the whole transaction goes
+        err = caught.value
+        assert fence.is_fence_refusal(err)
+        assert err.sqlstate == "25006"
+        assert "shop.orders" in str(err) and "payment" in str(err) and "writes_switched" in str(err)
+        for statement in (
+            "UPDATE shop.payments SET status = 'settled'",
+            "DELETE FROM shop.invoices",
+            "TRUNCATE shop.order_items",
+        ):
+            with pytest.raises(psycopg.Error) as again:
+                app.execute(statement)
+            app.rollback()
+            assert fence.is_fence_refusal(again.value), statement
+    assert _count(legacy, "orders") == 0
+    assert _count(legacy, "users") == 0  # nothing half-written: the users row went with it
+
+    # Another domain is not fenced.
+    with psycopg.connect(legacy, autocommit=True) as app:
+        app.execute(
+            "INSERT INTO shop.users (id, handle, display_name, email, phone, follower_count, "
+            "bio, created_at, updated_at) VALUES (2, 'h2', 'n', 'e', 'p', 0, 'b', now(), now())"
+        )
+    assert _count(legacy, "users") == 1
+
+
+def test_an_applier_session_with_a_replication_origin_passes_the_fence(legacy: str) -> None:
+    with psycopg.connect(legacy, autocommit=True) as admin:
+        fence.raise_fence(admin, SCHEMA, "payment", state="writes_switched", reason="t", side="s")
+        admin.execute("SELECT pg_replication_origin_create('cutover_fence_test')")
+    try:
+        with psycopg.connect(legacy, autocommit=True) as applier:
+            applier.execute("SELECT pg_replication_origin_session_setup('cutover_fence_test')")
+            _insert_order(applier, 7)
+        assert _count(legacy, "orders") == 1
+    finally:
+        with psycopg.connect(legacy, autocommit=True) as admin:
+            admin.execute("SELECT pg_replication_origin_drop('cutover_fence_test')")
+
+
+def test_lowering_the_fence_lets_writes_through_again(legacy: str) -> None:
+    with psycopg.connect(legacy, autocommit=True) as admin:
+        fence.raise_fence(admin, SCHEMA, "payment", state="writes_switched", reason="t", side="s")
+        fence.lower_fence(admin, SCHEMA, "payment", state="reads_switched", side="source")
+    with psycopg.connect(legacy, autocommit=True) as app:
+        _insert_order(app, 3)
+    assert _count(legacy, "orders") == 1
+
+
+def test_raising_the_fence_waits_for_writers_already_admitted(legacy: str) -> None:
+    writer = psycopg.connect(legacy)
+    _insert_order(writer, 5)  # admitted: holds FOR SHARE on the fence row, not committed yet
+    fenced_at: list[float] = []
+    lsn: list[int] = []
+
+    def fence_it() -> None:
+        with psycopg.connect(legacy, autocommit=True) as admin:
+            lsn.append(
+                fence.raise_fence(
+                    admin, SCHEMA, "payment", state="writes_switched", reason="t", side="source"
+                )
+            )
+        fenced_at.append(time.monotonic())
+
+    thread = threading.Thread(target=fence_it)
+    thread.start()
+    time.sleep(1.0)
+    assert not fenced_at, "the fence went up while an admitted writer was still open"
+    committed_at = time.monotonic()
+    row = writer.execute("SELECT 1").fetchone()
+    assert row is not None
+    writer.commit()
+    writer.close()
+    thread.join(timeout=30)
+    assert fenced_at and fenced_at[0] >= committed_at
+    assert len(lsn) == 1
+    assert _count(legacy, "orders") == 1  # the admitted write is kept
+
+
+def test_fence_states_of_a_database_without_a_fence_are_empty(fresh_legacy: str) -> None:
+    with psycopg.connect(fresh_legacy, autocommit=True) as conn:
+        assert fence.fence_states(conn, SCHEMA, side="source") == {}
