@@ -25,6 +25,7 @@ SWITCHING_READS = "switching_reads"
 READS_SWITCHED = "reads_switched"
 ROLLING_BACK = "rolling_back"
 WRITES_SWITCHED = "writes_switched"
+COMPLETED = "completed"
 
 STATES: tuple[str, ...] = (
     REPLICATING,
@@ -36,7 +37,9 @@ STATES: tuple[str, ...] = (
 STABLE = frozenset({REPLICATING, READS_SWITCHED, WRITES_SWITCHED})
 IN_FLIGHT = frozenset({SWITCHING_READS, ROLLING_BACK})
 #: States whose reads are served by commerce (they count for the migration progress).
-COMMERCE_READS = frozenset({READS_SWITCHED, WRITES_SWITCHED})
+COMMERCE_READS = frozenset({READS_SWITCHED, WRITES_SWITCHED, COMPLETED})
+#: States whose writes are taken by commerce (legacy's tables of the domain are fenced).
+COMMERCE_WRITES = frozenset({WRITES_SWITCHED, COMPLETED})
 
 # Advisory lock key for creating the control plane ("cutc" as an integer).
 _DDL_LOCK = 0x63757463

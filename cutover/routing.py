@@ -1,12 +1,18 @@
-"""The read router: which database serves a domain's reads right now (DESIGN §6).
+"""The router: which database serves a domain's reads, and which takes its writes, right now.
 
 An application creates one :class:`ReadRouter`, starts it, and asks it before each read::
 
     router = ReadRouter(settings, ["payment"])        # or RouterConfig(...) without a config file
     router.start()
-    with psycopg.connect(router.dsn_for("payment")) as conn:
+    with psycopg.connect(router.dsn_for("payment")) as conn:        # reads
+        ...
+    with psycopg.connect(router.write_dsn_for("payment")) as conn:  # writes
         ...
     router.close()
+
+Reads move to commerce at ``reads_switched``; writes at ``writes_switched`` (and stay there once
+``completed``). A write that reaches the side that no longer holds them is refused by the write
+fence (:mod:`cutover.fence`): retry it against :meth:`ReadRouter.write_dsn_for`.
 
 How it learns the state (``mode``):
 
@@ -40,7 +46,7 @@ from typing import Any, Literal, TypeAlias
 import psycopg
 
 from cutover.config import Settings
-from cutover.control_store import COMMERCE_READS, REPLICATING, load_states
+from cutover.control_store import COMMERCE_READS, COMMERCE_WRITES, REPLICATING, load_states
 from cutover.logging import get_logger
 
 __all__ = ["Database", "ReadRouter", "RouterConfig"]
@@ -131,6 +137,16 @@ class ReadRouter:
     def dsn_for(self, domain: str) -> str:
         """The DSN of the database serving ``domain``'s reads now."""
         if self.database_for(domain) == "commerce":
+            return self.config.commerce_dsn
+        return self.config.legacy_dsn
+
+    def write_database_for(self, domain: str) -> Database:
+        """``"commerce"`` when the domain's writes are switched (or complete), else ``"legacy"``."""
+        return "commerce" if self.state_of(domain) in COMMERCE_WRITES else "legacy"
+
+    def write_dsn_for(self, domain: str) -> str:
+        """The DSN of the database taking ``domain``'s writes now."""
+        if self.write_database_for(domain) == "commerce":
             return self.config.commerce_dsn
         return self.config.legacy_dsn
 

@@ -80,3 +80,21 @@ def test_a_failing_callback_does_not_break_the_router() -> None:
 def test_topic_mode_needs_kafka() -> None:
     with pytest.raises(ValueError, match="kafka_bootstrap"):
         ReadRouter(RouterConfig("a", "b"), "data", mode="topic")
+
+
+@pytest.mark.parametrize(
+    ("state", "reads", "writes"),
+    [
+        ("replicating", "legacy", "legacy"),
+        ("reads_switched", "commerce", "legacy"),
+        ("writes_switched", "commerce", "commerce"),
+        ("completed", "commerce", "commerce"),
+    ],
+)
+def test_writes_follow_the_state_separately_from_reads(state: str, reads: str, writes: str) -> None:
+    r = router()
+    r.offer("payment", state, 1)
+    assert r.database_for("payment") == reads
+    assert r.write_database_for("payment") == writes
+    expected = CONFIG.commerce_dsn if writes == "commerce" else CONFIG.legacy_dsn
+    assert r.write_dsn_for("payment") == expected
