@@ -12,12 +12,14 @@ The gates and their thresholds (``[gates]`` in the config):
 =================== ====================================================== =================
 gate                passes when                                            critical failure
 =================== ====================================================== =================
-verify              the latest verify covering the domain passed and is    the latest verify
-                    younger than ``verify_max_age_minutes``                found mismatches
+verify              the latest verify covering the domain passed and is    no verify ever
+                    younger than ``verify_max_age_minutes``                ran, or the latest
+                                                                           found mismatches
 apply_lag           Σ over the domain topic's partitions of (Kafka high    —
                     watermark − consumer_offsets.next_offset) is at most
                     ``max_apply_lag_events``
-dead_letters        no open (unhandled) dead letter of the domain          —
+dead_letters        no open (unhandled) dead letter of the domain (a       —
+                    missing ``dead_letters`` table fails the gate)
 producer_heartbeat  legacy cutover.producer_state.heartbeat_at is younger  —
                     than ``max_heartbeat_age_s``
 slot                the replication slot exists and its wal_status is not  slot missing or
@@ -25,16 +27,18 @@ slot                the replication slot exists and its wal_status is not  slot 
 =================== ====================================================== =================
 
 ``--force --reason TEXT`` overrides failing gates except critical failures: a missing or lost
-slot means commerce can no longer follow legacy (re-snapshot required), and a verify that found
-persistent differences means commerce is known to be wrong; no reason makes either safe.
+slot means commerce can no longer follow legacy (re-snapshot required), a verify that found
+persistent differences means commerce is known to be wrong, and no verify at all means no one
+ever compared it; no reason makes any of them safe. Every gate fails closed: evidence that
+cannot be read fails its gate, it never counts as "nothing wrong".
 A probe that could not run (a server down) fails its gate without being critical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import sql
@@ -58,7 +62,6 @@ __all__ = [
 
 Conn = psycopg.Connection[Any]
 
-GATES: tuple[str, ...] = ("verify", "apply_lag", "dead_letters", "producer_heartbeat", "slot")
 #: Schema of the producer's control tables in the LEGACY database.
 LEGACY_CONTROL_SCHEMA = "cutover"
 
@@ -174,60 +177,53 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def evaluate(ev: Evidence, limits: GateSettings) -> list[GateResult]:
-    """One result per gate, in :data:`GATES` order."""
-    d = ev.domain
-    results: list[GateResult] = []
+def verify_gate(ev: Evidence, limits: GateSettings) -> GateResult:
+    """The latest verify covering the domain passed and is young enough.
 
-    v = ev.verify
+    No verify at all is critical, like a failed one: nothing then says commerce is right, and
+    ``--force`` must not switch reads to data no one ever compared.
+    """
+    d, v = ev.domain, ev.verify
     ve = asdict(v)
-    max_age_s = limits.verify_max_age_minutes * 60
     if v.error is not None:
-        results.append(
-            GateResult("verify", False, f"could not read verify results: {v.error}", evidence=ve)
+        return GateResult("verify", False, f"could not read verify results: {v.error}", evidence=ve)
+    if v.run_id is None:
+        return GateResult(
+            "verify",
+            False,
+            f"no verify run covers all tables of {d}: run `cutover verify --domain {d}`",
+            critical=True,
+            evidence=ve,
         )
-    elif v.run_id is None:
-        results.append(
-            GateResult(
-                "verify",
-                False,
-                f"no verify run covers all tables of {d}: run `cutover verify --domain {d}`",
-                evidence=ve,
-            )
+    if not v.passed:
+        return GateResult(
+            "verify",
+            False,
+            f"the latest verify of {d} (run {v.run_id}, {_minutes(v.age_s or 0)} ago) found "
+            "persistent differences: fix them and verify again",
+            critical=True,
+            evidence=ve,
         )
-    elif not v.passed:
-        results.append(
-            GateResult(
-                "verify",
-                False,
-                f"the latest verify of {d} (run {v.run_id}, {_minutes(v.age_s or 0)} ago) found "
-                "persistent differences: fix them and verify again",
-                critical=True,
-                evidence=ve,
-            )
+    if v.age_s is None or v.age_s > limits.verify_max_age_minutes * 60:
+        return GateResult(
+            "verify",
+            False,
+            f"the latest passing verify of {d} (run {v.run_id}) is "
+            f"{_minutes(v.age_s or 0)} old; the limit is {limits.verify_max_age_minutes} min: "
+            f"run `cutover verify --domain {d}`",
+            evidence=ve,
         )
-    elif v.age_s is None or v.age_s > max_age_s:
-        results.append(
-            GateResult(
-                "verify",
-                False,
-                f"the latest passing verify of {d} (run {v.run_id}) is "
-                f"{_minutes(v.age_s or 0)} old; the limit is {limits.verify_max_age_minutes} min: "
-                f"run `cutover verify --domain {d}`",
-                evidence=ve,
-            )
-        )
-    else:
-        results.append(
-            GateResult(
-                "verify",
-                True,
-                f"run {v.run_id} passed {_minutes(v.age_s)} ago (limit "
-                f"{limits.verify_max_age_minutes} min)",
-                evidence=ve,
-            )
-        )
+    return GateResult(
+        "verify",
+        True,
+        f"run {v.run_id} passed {_minutes(v.age_s)} ago (limit "
+        f"{limits.verify_max_age_minutes} min)",
+        evidence=ve,
+    )
 
+
+def apply_lag_gate(ev: Evidence, limits: GateSettings) -> GateResult:
+    """The events of the domain topic not applied yet are at most ``max_apply_lag_events``."""
     lag = ev.lag
     le = {
         "topic": lag.topic,
@@ -236,137 +232,129 @@ def evaluate(ev: Evidence, limits: GateSettings) -> list[GateResult]:
         "error": lag.error,
     }
     if lag.error is not None or lag.total is None:
-        results.append(
-            GateResult(
-                "apply_lag", False, f"could not measure the apply lag: {lag.error}", evidence=le
-            )
+        return GateResult(
+            "apply_lag", False, f"could not measure the apply lag: {lag.error}", evidence=le
         )
-    elif lag.total > limits.max_apply_lag_events:
+    if lag.total > limits.max_apply_lag_events:
         behind = ", ".join(f"p{p}={n}" for p, n in lag.partitions.items() if n)
-        results.append(
-            GateResult(
-                "apply_lag",
-                False,
-                f"{lag.total} events of {lag.topic} not applied yet (limit "
-                f"{limits.max_apply_lag_events}; {behind})",
-                evidence=le,
-            )
+        return GateResult(
+            "apply_lag",
+            False,
+            f"{lag.total} events of {lag.topic} not applied yet (limit "
+            f"{limits.max_apply_lag_events}; {behind})",
+            evidence=le,
         )
-    else:
-        results.append(
-            GateResult(
-                "apply_lag",
-                True,
-                f"{lag.total} events behind on {lag.topic} (limit {limits.max_apply_lag_events})",
-                evidence=le,
-            )
-        )
+    return GateResult(
+        "apply_lag",
+        True,
+        f"{lag.total} events behind on {lag.topic} (limit {limits.max_apply_lag_events})",
+        evidence=le,
+    )
 
-    dl = ev.dead_letters
+
+def dead_letters_gate(ev: Evidence, _limits: GateSettings) -> GateResult:
+    """No open dead letter of the domain (unreadable letters fail the gate)."""
+    d, dl = ev.domain, ev.dead_letters
     de = asdict(dl)
     if dl.error is not None or dl.open is None:
-        results.append(
-            GateResult(
-                "dead_letters", False, f"could not read dead letters: {dl.error}", evidence=de
-            )
+        return GateResult(
+            "dead_letters", False, f"could not read dead letters: {dl.error}", evidence=de
         )
-    elif dl.open:
+    if dl.open:
         ids = ", ".join(str(i) for i in dl.sample_ids)
-        results.append(
-            GateResult(
-                "dead_letters",
-                False,
-                f"{dl.open} open dead letters of {d} (ids {ids}): inspect with `cutover dlq list`, "
-                "re-drive with `cutover dlq retry`",
-                evidence=de,
-            )
+        return GateResult(
+            "dead_letters",
+            False,
+            f"{dl.open} open dead letters of {d} (ids {ids}): inspect with `cutover dlq list`, "
+            "re-drive with `cutover dlq retry`",
+            evidence=de,
         )
-    else:
-        results.append(
-            GateResult("dead_letters", True, f"no open dead letters of {d}", evidence=de)
-        )
+    return GateResult("dead_letters", True, f"no open dead letters of {d}", evidence=de)
 
+
+def heartbeat_gate(ev: Evidence, limits: GateSettings) -> GateResult:
+    """The producer's last heartbeat is younger than ``max_heartbeat_age_s``."""
     hb = ev.heartbeat
     he = asdict(hb)
     if hb.error is not None or hb.age_s is None:
-        results.append(
-            GateResult(
-                "producer_heartbeat",
-                False,
-                f"no producer heartbeat: {hb.error or 'never recorded'}",
-                evidence=he,
-            )
+        return GateResult(
+            "producer_heartbeat",
+            False,
+            f"no producer heartbeat: {hb.error or 'never recorded'}",
+            evidence=he,
         )
-    elif hb.age_s > limits.max_heartbeat_age_s:
-        results.append(
-            GateResult(
-                "producer_heartbeat",
-                False,
-                f"the producer's last heartbeat is {hb.age_s:.0f} s old (limit "
-                f"{limits.max_heartbeat_age_s:g} s): is `cutover produce` running?",
-                evidence=he,
-            )
+    if hb.age_s > limits.max_heartbeat_age_s:
+        return GateResult(
+            "producer_heartbeat",
+            False,
+            f"the producer's last heartbeat is {hb.age_s:.0f} s old (limit "
+            f"{limits.max_heartbeat_age_s:g} s): is `cutover produce` running?",
+            evidence=he,
         )
-    else:
-        results.append(
-            GateResult(
-                "producer_heartbeat",
-                True,
-                f"heartbeat {hb.age_s:.1f} s ago from {hb.producer or '?'} (limit "
-                f"{limits.max_heartbeat_age_s:g} s)",
-                evidence=he,
-            )
-        )
+    return GateResult(
+        "producer_heartbeat",
+        True,
+        f"heartbeat {hb.age_s:.1f} s ago from {hb.producer or '?'} (limit "
+        f"{limits.max_heartbeat_age_s:g} s)",
+        evidence=he,
+    )
 
+
+def slot_gate(ev: Evidence, _limits: GateSettings) -> GateResult:
+    """The replication slot exists and has not lost (nor is about to lose) WAL."""
     sl = ev.slot
     se = asdict(sl)
     if sl.error is not None or sl.exists is None:
-        results.append(
-            GateResult("slot", False, f"could not check slot {sl.slot}: {sl.error}", evidence=se)
+        return GateResult("slot", False, f"could not check slot {sl.slot}: {sl.error}", evidence=se)
+    if not sl.exists:
+        return GateResult(
+            "slot",
+            False,
+            f"replication slot {sl.slot} does not exist: changes are no longer captured, "
+            "re-snapshot required",
+            critical=True,
+            evidence=se,
         )
-    elif not sl.exists:
-        results.append(
-            GateResult(
-                "slot",
-                False,
-                f"replication slot {sl.slot} does not exist: changes are no longer captured, "
-                "re-snapshot required",
-                critical=True,
-                evidence=se,
-            )
+    if sl.wal_status == "lost":
+        return GateResult(
+            "slot",
+            False,
+            f"replication slot {sl.slot} lost required WAL (wal_status lost): re-snapshot required",
+            critical=True,
+            evidence=se,
         )
-    elif sl.wal_status == "lost":
-        results.append(
-            GateResult(
-                "slot",
-                False,
-                f"replication slot {sl.slot} lost required WAL (wal_status lost): re-snapshot "
-                "required",
-                critical=True,
-                evidence=se,
-            )
+    if sl.wal_status == "unreserved":
+        return GateResult(
+            "slot",
+            False,
+            f"replication slot {sl.slot} is about to lose WAL (wal_status unreserved): the "
+            "producer must catch up",
+            evidence=se,
         )
-    elif sl.wal_status == "unreserved":
-        results.append(
-            GateResult(
-                "slot",
-                False,
-                f"replication slot {sl.slot} is about to lose WAL (wal_status unreserved): the "
-                "producer must catch up",
-                evidence=se,
-            )
-        )
-    else:
-        results.append(
-            GateResult(
-                "slot",
-                True,
-                f"slot {sl.slot} wal_status {sl.wal_status}, "
-                f"{'active' if sl.active else 'inactive'}",
-                evidence=se,
-            )
-        )
-    return results
+    return GateResult(
+        "slot",
+        True,
+        f"slot {sl.slot} wal_status {sl.wal_status}, {'active' if sl.active else 'inactive'}",
+        evidence=se,
+    )
+
+
+Gate: TypeAlias = Callable[[Evidence, GateSettings], GateResult]
+
+#: The gates in :data:`GATES` order: adding a gate is adding a function and a row here.
+GATE_TABLE: tuple[tuple[str, Gate], ...] = (
+    ("verify", verify_gate),
+    ("apply_lag", apply_lag_gate),
+    ("dead_letters", dead_letters_gate),
+    ("producer_heartbeat", heartbeat_gate),
+    ("slot", slot_gate),
+)
+GATES: tuple[str, ...] = tuple(name for name, _gate in GATE_TABLE)
+
+
+def evaluate(ev: Evidence, limits: GateSettings) -> list[GateResult]:
+    """One result per gate, in :data:`GATES` order."""
+    return [gate(ev, limits) for _name, gate in GATE_TABLE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +448,11 @@ def dead_letter_evidence(settings: Settings, conn: Conn, domain: str) -> DeadLet
     schema = settings.target.control_schema
     try:
         if not _exists(conn, schema, "dead_letters"):
-            return DeadLetterEvidence(open=0)
+            # Fail closed: without the table nothing says no letter is open (the consumer
+            # creates it on start; a missing one means the pipeline is not what we think).
+            return DeadLetterEvidence(
+                error=f"no {schema}.dead_letters table: has `cutover consume` ever run?"
+            )
         row = conn.execute(
             sql.SQL(
                 "SELECT count(*), (array_agg(id ORDER BY id))[1:10] FROM {} "

@@ -45,7 +45,8 @@ def test_all_pass() -> None:
 
 
 BAD: dict[str, tuple[Evidence, bool, str]] = {  # case: (evidence, critical, why)
-    "verify": (replace(GOOD, verify=VerifyEvidence()), False, "no verify run covers"),
+    # no verify ever ran: critical, --force must not switch to data no one compared
+    "verify": (replace(GOOD, verify=VerifyEvidence()), True, "no verify run covers"),
     "verify_old": (
         replace(GOOD, verify=VerifyEvidence(run_id=7, passed=True, age_s=16 * 60.0)),
         False,
@@ -70,6 +71,11 @@ BAD: dict[str, tuple[Evidence, bool, str]] = {  # case: (evidence, critical, why
         replace(GOOD, dead_letters=DeadLetterEvidence(open=2, sample_ids=(4, 9))),
         False,
         "2 open dead letters of payment (ids 4, 9)",
+    ),
+    "dead_letters_unreadable": (
+        replace(GOOD, dead_letters=DeadLetterEvidence(error="no cutover.dead_letters table")),
+        False,
+        "could not read dead letters: no cutover.dead_letters table",
     ),
     "producer_heartbeat": (
         replace(GOOD, heartbeat=HeartbeatEvidence(age_s=61.0)),
@@ -132,6 +138,22 @@ def test_refusal_hints() -> None:
     assert "--force --reason TEXT overrides the others" in text
     forced = decide(mixed, force=True)
     assert not forced.allowed and [g.name for g in forced.blocking] == ["slot"]
+
+
+def test_every_gate_fails_closed_on_empty_evidence() -> None:
+    """Evidence no probe filled in (all None) never passes a gate."""
+    empty = Evidence(
+        domain="payment",
+        verify=VerifyEvidence(),
+        lag=LagEvidence(),
+        dead_letters=DeadLetterEvidence(),
+        heartbeat=HeartbeatEvidence(),
+        slot=SlotEvidence(),
+    )
+    got = evaluate(empty, LIMITS)
+    assert [r.name for r in got if r.passed] == []
+    forced = decide(got, force=True)
+    assert not forced.allowed and "verify" in [g.name for g in forced.blocking]
 
 
 def test_apply_lag_per_partition() -> None:
