@@ -145,6 +145,10 @@ def _within_bound(timeline: list[tuple[float, float, str]], t: float) -> bool:
 
 
 def test_router_keeps_its_state_when_kafka_is_unreachable(staged: Settings) -> None:
+    # "no verify" is a critical gate that --force cannot pass: verify first
+    assert run_verify(
+        staged, mapping(), domain="data", actor="t", options=VerifyOptions(recheck_timeout_s=5)
+    ).passed
     beat(staged)
     switch_reads(staged, list(DOMAINS), "data", actor="t", force=True, reason="router test")
     config = RouterConfig(

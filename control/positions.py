@@ -1,0 +1,129 @@
+"""What source position the consumers of a domain have applied: verify's lag awareness (step 3
+of :mod:`control.verify`, and the catch-up wait of its invariants).
+
+Every partition of the domain topic counts, the ones Kafka reports (not only the configured
+count: a topic created with more partitions than configured must not hide the extra ones) and
+any a consumer recorded an offset for; a partition nothing was applied from holds the minimum at
+zero, so verify waits rather than judging commerce against rows it has not received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from psycopg import sql
+
+from control import digest as dg
+from control.verify_io import Conn, run_query, table_exists
+from cutover.config import Settings
+from cutover.kafka import fetch_watermarks, kafka_consumer
+from cutover.logging import get_logger
+from cutover.mapping import MappingSpec
+
+__all__ = ["LEGACY_CONTROL_SCHEMA", "PositionReader", "partitions_of"]
+
+log = get_logger("control.verify")
+
+#: Schema of the producer's control tables in the LEGACY database (producers/source_state.py).
+LEGACY_CONTROL_SCHEMA = "cutover"
+
+
+def partitions_of(
+    configured: int, offsets: Mapping[int, object], watermarks: Mapping[int, int] | None
+) -> list[int]:
+    """The partitions to take the minimum over: the configured ones, the topic's real ones (its
+    watermarks) and any with a recorded offset. Fails closed: a partition only one source knows
+    of still counts."""
+    return sorted(set(range(configured)) | set(offsets) | set(watermarks or ()))
+
+
+class PositionReader:
+    """Reads what source position the consumers of a domain have applied (see the module doc)."""
+
+    def __init__(
+        self, settings: Settings, mapping: MappingSpec, legacy: Conn, commerce: Conn
+    ) -> None:
+        self.settings = settings
+        self.mapping = mapping
+        self.legacy = legacy
+        self.commerce = commerce
+        self._consumer: Any = None
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def applied(self, domain: str) -> int | None:
+        """The position every partition of ``domain`` has applied; None when no consumer ever
+        recorded a position for the domain (then commerce is treated as static)."""
+        topic = self.settings.kafka.topic(domain)
+        schema = self.settings.target.control_schema
+        if not table_exists(self.commerce, "target", schema, "consumer_offsets"):
+            return None
+        rows = run_query(
+            self.commerce,
+            "target",
+            sql.SQL(
+                "SELECT kafka_partition, next_offset, last_source_lsn FROM {} "
+                "WHERE group_id = %s AND topic = %s"
+            ).format(sql.Identifier(schema, "consumer_offsets")),
+            [self.settings.apply.group_id, topic],
+        )
+        if not rows:
+            return None
+        if self._snapshot_unfinished(domain):
+            # Snapshot rows of chunks not read yet carry no position below the delivered one:
+            # until the snapshot is done, nothing of this domain counts as applied.
+            return 0
+        offsets = {int(p): (int(n), None if lsn is None else int(lsn)) for p, n, lsn in rows}
+        delivered = self._delivered()
+        # Read even without a delivered position: they name the topic's real partitions.
+        watermarks = self._watermarks(topic)
+        partitions = partitions_of(self.settings.kafka.partitions, offsets, watermarks)
+        return dg.applied_position(
+            partitions, offsets, delivered, watermarks if delivered is not None else None
+        )
+
+    def _snapshot_unfinished(self, domain: str) -> bool:
+        """Whether a snapshot of one of the domain's tables is pending or running."""
+        if not table_exists(self.legacy, "source", LEGACY_CONTROL_SCHEMA, "snapshot_requests"):
+            return False
+        tables = [t.source_table for t in self.mapping.tables_of(domain)]
+        rows = run_query(
+            self.legacy,
+            "source",
+            sql.SQL(
+                "SELECT count(*) FROM {} WHERE slot_name = %s AND source_table = ANY(%s)"
+                " AND status IN ('pending', 'running')"
+            ).format(sql.Identifier(LEGACY_CONTROL_SCHEMA, "snapshot_requests")),
+            [self.settings.source.slot, tables],
+        )
+        unfinished = bool(rows and rows[0][0])
+        if unfinished:
+            log.info("verify.snapshot_unfinished", domain=domain)
+        return unfinished
+
+    def _delivered(self) -> int | None:
+        if not table_exists(self.legacy, "source", LEGACY_CONTROL_SCHEMA, "producer_state"):
+            return None
+        rows = run_query(
+            self.legacy,
+            "source",
+            sql.SQL("SELECT delivered_lsn FROM {} WHERE slot_name = %s").format(
+                sql.Identifier(LEGACY_CONTROL_SCHEMA, "producer_state")
+            ),
+            [self.settings.source.slot],
+        )
+        return int(rows[0][0]) if rows else None
+
+    def _watermarks(self, topic: str) -> dict[int, int] | None:
+        try:
+            if self._consumer is None:
+                self._consumer = kafka_consumer(self.settings)
+            marks = fetch_watermarks(self._consumer, topic, timeout_s=2.0)
+        except Exception as exc:  # Kafka down: fall back to last_source_lsn only
+            log.debug("verify.watermarks_unavailable", topic=topic, error=str(exc))
+            return None
+        return {p: high for p, (_low, high) in marks.items()}

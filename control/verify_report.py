@@ -1,0 +1,235 @@
+"""The figures of a ``cutover verify`` run (:mod:`control.verify`): its options, the progress it
+reports while running, and the report per table, per invariant and for the whole run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "SAMPLE_KINDS",
+    "InvariantReport",
+    "TableReport",
+    "VerifyOptions",
+    "VerifyProgress",
+    "VerifyReport",
+    "jsonable",
+    "lsn_text",
+]
+
+SAMPLE_KINDS = ("missing", "extra", "different", "unresolved")
+
+
+def lsn_text(lsn: int) -> str:
+    """A PostgreSQL LSN in its usual text form (``16/B374D848``)."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def jsonable(value: object) -> object:
+    """A key or value as JSON can hold it (anything but int, str, bool and None as text)."""
+    if isinstance(value, int | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyOptions:
+    """Tuning of a verify run. The defaults suit tables of millions of rows on a small machine."""
+
+    chunk_rows: int = 100_000
+    #: A differing range with at most this many rows (either side) is fetched and diffed.
+    fetch_rows: int = 2_000
+    #: Buckets per bisection level of a differing range.
+    buckets: int = 32
+    recheck_timeout_s: float = 30.0
+    recheck_poll_s: float = 0.25
+    #: More candidate keys than this in one table: no recheck, the first-pass figures stand.
+    #: Large, so that consumers catching up on a big backlog (a snapshot just loaded) are
+    #: waited for rather than reported; keys are rechecked in batches, memory stays small.
+    max_recheck_keys: int = 500_000
+    sample_keys: int = 20
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "chunk_rows": self.chunk_rows,
+            "fetch_rows": self.fetch_rows,
+            "buckets": self.buckets,
+            "recheck_timeout_s": self.recheck_timeout_s,
+            "max_recheck_keys": self.max_recheck_keys,
+        }
+
+
+class VerifyProgress(Protocol):
+    """Receives progress of the first pass (the command draws a progress bar with it)."""
+
+    def start(self, total_rows: int) -> None: ...
+
+    def advance(self, table: str, rows: int) -> None: ...
+
+    def phase(self, text: str) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TableReport:
+    """The verdict on one table. ``extra`` includes rows the mapping deletes but commerce holds."""
+
+    table: str
+    target: str
+    domain: str
+    legacy_rows: int = 0
+    commerce_rows: int = 0
+    absent_by_mapping: int = 0
+    rows_compared: int = 0
+    matching: int = 0
+    missing: int = 0
+    extra: int = 0
+    different: int = 0
+    unresolved: int = 0
+    transient: int = 0
+    chunks: int = 0
+    chunks_differing: int = 0
+    seconds: float = 0.0
+    recheck: str = "not needed"
+    samples: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.missing + self.extra + self.different + self.unresolved == 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "table": self.table,
+            "target": self.target,
+            "domain": self.domain,
+            "passed": self.passed,
+            "legacy_rows": self.legacy_rows,
+            "commerce_rows": self.commerce_rows,
+            "absent_by_mapping": self.absent_by_mapping,
+            "rows_compared": self.rows_compared,
+            "matching": self.matching,
+            "missing": self.missing,
+            "extra": self.extra,
+            "different": self.different,
+            "unresolved": self.unresolved,
+            "transient": self.transient,
+            "chunks": self.chunks,
+            "chunks_differing": self.chunks_differing,
+            "seconds": round(self.seconds, 3),
+            "recheck": self.recheck,
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class InvariantReport:
+    """One scenario invariant (DESIGN §3) checked on commerce."""
+
+    name: str
+    domain: str
+    description: str
+    violations: int = 0
+    samples: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.violations == 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "domain": self.domain,
+            "description": self.description,
+            "passed": self.passed,
+            "violations": self.violations,
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class VerifyReport:
+    """The whole run: what ``--json`` prints and ``verify_runs.figures`` stores."""
+
+    run_id: int
+    domains: list[str]
+    tables: list[TableReport]
+    invariants: list[InvariantReport]
+    source_lsn_start: int
+    source_lsn_end: int
+    applied_lsn: dict[str, int | None]
+    first_pass_s: float
+    elapsed_s: float
+    resumed: bool = False
+
+    @property
+    def failed_domains(self) -> list[str]:
+        failed = {t.domain for t in self.tables if not t.passed}
+        failed |= {i.domain for i in self.invariants if not i.passed}
+        return sorted(failed)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_domains
+
+    @property
+    def legacy_rows(self) -> int:
+        return sum(t.legacy_rows + t.absent_by_mapping for t in self.tables)
+
+    @property
+    def commerce_rows(self) -> int:
+        return sum(t.commerce_rows for t in self.tables)
+
+    def rows_per_s(self) -> float:
+        """Legacy rows compared per second of the first pass (per side: both run in parallel)."""
+        return self.legacy_rows / self.first_pass_s if self.first_pass_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "passed": self.passed,
+            "domains": self.domains,
+            "failed_domains": self.failed_domains,
+            "resumed": self.resumed,
+            "source_lsn_start": lsn_text(self.source_lsn_start),
+            "source_lsn_end": lsn_text(self.source_lsn_end),
+            "applied_lsn": {
+                d: (None if v is None else lsn_text(v)) for d, v in self.applied_lsn.items()
+            },
+            "legacy_rows": self.legacy_rows,
+            "commerce_rows": self.commerce_rows,
+            "first_pass_s": round(self.first_pass_s, 3),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "rows_per_s_per_side": round(self.rows_per_s()),
+            "tables": [t.to_json() for t in self.tables],
+            "invariants": [i.to_json() for i in self.invariants],
+        }
+
+    def mismatch_summary(self) -> str:
+        """One line naming each failing table (with sample keys) and invariant."""
+        parts: list[str] = []
+        for t in self.tables:
+            if t.passed:
+                continue
+            figures = ", ".join(
+                f"{n} {k}"
+                for k, n in (
+                    ("missing", t.missing),
+                    ("extra", t.extra),
+                    ("different", t.different),
+                    ("unresolved", t.unresolved),
+                )
+                if n
+            )
+            keys = [
+                json.dumps(s["key"]) for kind in SAMPLE_KINDS for s in t.samples.get(kind, [])[:3]
+            ][:5]
+            parts.append(f"{t.target} ({figures}; keys {', '.join(keys)})")
+        for i in self.invariants:
+            if not i.passed:
+                parts.append(f"invariant {i.name} ({i.violations} violations)")
+        return "; ".join(parts)
