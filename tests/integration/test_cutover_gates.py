@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Producer
 
 from control.audit import list_entries
-from control.state import open_control, rollback, switch_reads
+from control.state import CrashForTest, open_control, rollback, switch_reads
 from control.verify import VerifyOptions, run_verify
 from cutover.config import GateSettings, Settings
 from cutover.errors import GateRefused, UsageError
@@ -213,5 +213,82 @@ def test_force_overrides_a_non_critical_gate_and_is_audited(staged: Settings) ->
     hb = next(g for g in last.gates if g["gate"] == "producer_heartbeat")
     assert not hb["passed"] and hb["evidence"]["age_s"] >= 3600
     assert last.detail["overridden"] == ["producer_heartbeat"]
+    beat(staged)
+    assert rollback(staged, domains, "merchant", actor="sre").outcome == "done"
+
+
+def test_a_missing_dead_letters_table_fails_the_gate(staged: Settings) -> None:
+    """Fail closed: no table is no evidence that no letter is open (it used to count as 0)."""
+    verify_ok(staged)
+    commerce(staged, "ALTER TABLE cutover.dead_letters RENAME TO dead_letters_gone")
+    try:
+        gates = dry(staged)
+        ok, critical, why = gates["dead_letters"]
+        assert not ok and not critical
+        assert "no cutover.dead_letters table" in why
+        assert failing(staged) == ["dead_letters"]
+    finally:
+        commerce(staged, "ALTER TABLE cutover.dead_letters_gone RENAME TO dead_letters")
+    assert failing(staged) == []
+
+
+def test_a_switch_begun_before_the_slot_was_lost_does_not_complete_after(
+    staged: Settings,
+) -> None:
+    """Resuming re-evaluates the gates: a critical failure since the intent refuses it, even
+    forced; the way out is the rollback, which abandons the switch."""
+    domains = list(DOMAINS)
+    verify_ok(staged)
+    beat(staged)
+    with pytest.raises(CrashForTest):
+        switch_reads(staged, domains, "data", actor="sre", crash_at="after_intent")
+    assert commerce(staged, "SELECT state FROM cutover.domain_state WHERE domain = 'data'") == [
+        ("switching_reads",)
+    ]
+    drop_slot(staged)
+    try:
+        beat(staged)
+        with pytest.raises(GateRefused) as refused:
+            switch_reads(staged, domains, "data", actor="sre", confirm=lambda _p: True)
+        assert "slot: FAIL (critical)" in refused.value.message
+        with pytest.raises(GateRefused):
+            switch_reads(staged, domains, "data", actor="sre", force=True, reason="finish it")
+        dry_out = switch_reads(staged, domains, "data", actor="sre", dry_run=True)
+        assert not dry_out.allowed and dry_out.exit_code == 1
+        assert commerce(staged, "SELECT state FROM cutover.domain_state WHERE domain = 'data'") == [
+            ("switching_reads",)
+        ]
+        back = rollback(staged, domains, "data", actor="sre")
+        assert back.outcome == "done" and back.to_state == "replicating"
+    finally:
+        legacy(
+            staged,
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+            [staged.source.slot],
+        )
+    conn = open_control(staged, domains)
+    try:
+        trail = [(e.command, e.outcome) for e in list_entries(conn, "cutover", domain="data")][-4:]
+    finally:
+        conn.close()
+    assert trail == [
+        ("switch-reads", "refused"),
+        ("switch-reads", "refused"),
+        ("switch-reads", "dry_run"),
+        ("rollback", "done"),
+    ]
+
+
+def test_a_resumed_switch_completes_when_the_gates_still_hold(staged: Settings) -> None:
+    domains = list(DOMAINS)
+    verify_ok(staged, "merchant")
+    beat(staged)
+    with pytest.raises(CrashForTest):
+        switch_reads(staged, domains, "merchant", actor="sre", crash_at="after_intent")
+    # a non-critical failure since the intent does not block the resume (it was accepted then)
+    beat(staged, age_s=3600)
+    out = switch_reads(staged, domains, "merchant", actor="sre")
+    assert out.outcome == "resumed" and out.to_state == "reads_switched"
+    assert [g.name for g in out.gates if not g.passed] == ["producer_heartbeat"]
     beat(staged)
     assert rollback(staged, domains, "merchant", actor="sre").outcome == "done"

@@ -302,3 +302,12 @@ def test_idle_partitions_count_as_caught_up_to_the_delivered_position() -> None:
     assert dg.applied_position(range(2), offsets, 900, {0: 10, 1: 20}) == 900
     # a partition with no offsets row and an empty topic partition is caught up too
     assert dg.applied_position(range(3), offsets, 900, {0: 10, 1: 20, 2: 0}) == 900
+
+
+def test_partitions_counted_for_the_applied_position() -> None:
+    """The configured partitions, the topic's real ones and any with an offset: a partition only
+    one source knows of still counts (fail closed)."""
+    from control.positions import partitions_of
+
+    assert partitions_of(3, {0: (1, None), 5: (1, None)}, None) == [0, 1, 2, 5]
+    assert partitions_of(3, {}, {0: 1, 1: 1, 2: 1, 3: 1}) == [0, 1, 2, 3]
