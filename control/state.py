@@ -77,6 +77,7 @@ __all__ = [
     "ensure_domains",
     "execute",
     "explain",
+    "gate_decision",
     "load_states",
     "open_control",
     "plan",
@@ -267,11 +268,12 @@ def _settled_by_state(attempt: _Attempt) -> CommandOutcome:
     )
 
 
-def _decide(attempt: _Attempt) -> Decision:
-    """Gates → decision. Resuming, only critical failures block (see the module doc)."""
-    resumed = attempt.decided.kind == "resume"
-    decision = decide(attempt.results, force=attempt.force or resumed)
-    if resumed and not attempt.force:
+def gate_decision(kind: str, results: Sequence[GateResult], *, force: bool) -> Decision:
+    """Gates → decision (pure). Resuming, only critical failures block (see the module doc):
+    the others were accepted when the intent was written, so they are not "overridden"."""
+    resumed = kind == "resume"
+    decision = decide(results, force=force or resumed)
+    if resumed and not force:
         decision = replace(decision, overridden=())
     return decision
 
@@ -405,7 +407,7 @@ def transition(
         if attempt.decided.kind in ("noop", "refuse"):
             return _settled_by_state(attempt)
         attempt = replace(attempt, results=tuple(ACTION_GATES[action](settings, domain)))
-        decision = _decide(attempt)
+        decision = gate_decision(attempt.decided.kind, attempt.results, force=force)
         if options.get("dry_run", False):
             return _dry_run(attempt, decision)
         if not decision.allowed:

@@ -106,3 +106,22 @@ def test_control_plane_ddl_is_idempotent_text() -> None:
     creates = [line for line in ddl.splitlines() if line.startswith("CREATE")]
     assert creates and all("IF NOT EXISTS" in line for line in creates)
     assert "cutover." not in ddl.replace("control.state", "")  # unqualified: search_path decides
+
+
+def test_a_resumed_transition_is_refused_only_by_critical_gates() -> None:
+    from control.gates import GateResult
+
+    slot = GateResult("slot", False, "slot lost", critical=True)
+    beat = GateResult("producer_heartbeat", False, "old beat")
+    ok = GateResult("verify", True, "fine")
+    # resuming: a non-critical failure does not block, and is not reported as forced past
+    resumed = st.gate_decision("resume", [ok, beat], force=False)
+    assert resumed.allowed and resumed.overridden == ()
+    # a critical failure since the intent blocks the resume, forced or not
+    for force in (False, True):
+        blocked = st.gate_decision("resume", [ok, beat, slot], force=force)
+        assert not blocked.allowed and [g.name for g in blocked.blocking] == ["slot"]
+    # starting: every failure blocks unless forced
+    assert not st.gate_decision("start", [ok, beat], force=False).allowed
+    forced = st.gate_decision("start", [ok, beat], force=True)
+    assert forced.allowed and [g.name for g in forced.overridden] == ["producer_heartbeat"]
