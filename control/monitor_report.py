@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cutover.config import Settings
+from cutover.envelope import lsn_to_str
 
 #: Offsets rows applied longer ago than this give no latency sample.
 LATENCY_WINDOW_S = 60.0
@@ -148,7 +149,9 @@ class MonitorReport:
             },
             "producer": {
                 "heartbeat_age_s": _round(self.producer_heartbeat_age_s),
-                "delivered_lsn": _lsn_text(self.producer_delivered_lsn),
+                "delivered_lsn": (
+                    None if (lsn := self.producer_delivered_lsn) is None else lsn_to_str(lsn)
+                ),
             },
             "dead_letters": {
                 "open_total": self.dead_letters.open_total,
@@ -162,10 +165,6 @@ class MonitorReport:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _lsn_text(lsn: int | None) -> str | None:
-    return None if lsn is None else f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 def _topic_json(t: TopicFigures) -> dict[str, Any]:

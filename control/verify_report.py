@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cutover.envelope import lsn_to_str
+
 __all__ = [
     "SAMPLE_KINDS",
     "InvariantReport",
@@ -15,15 +17,9 @@ __all__ = [
     "VerifyProgress",
     "VerifyReport",
     "jsonable",
-    "lsn_text",
 ]
 
 SAMPLE_KINDS = ("missing", "extra", "different", "unresolved")
-
-
-def lsn_text(lsn: int) -> str:
-    """A PostgreSQL LSN in its usual text form (``16/B374D848``)."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 def jsonable(value: object) -> object:
@@ -195,10 +191,10 @@ class VerifyReport:
             "domains": self.domains,
             "failed_domains": self.failed_domains,
             "resumed": self.resumed,
-            "source_lsn_start": lsn_text(self.source_lsn_start),
-            "source_lsn_end": lsn_text(self.source_lsn_end),
+            "source_lsn_start": lsn_to_str(self.source_lsn_start),
+            "source_lsn_end": lsn_to_str(self.source_lsn_end),
             "applied_lsn": {
-                d: (None if v is None else lsn_text(v)) for d, v in self.applied_lsn.items()
+                d: (None if v is None else lsn_to_str(v)) for d, v in self.applied_lsn.items()
             },
             "legacy_rows": self.legacy_rows,
             "commerce_rows": self.commerce_rows,

@@ -6,7 +6,8 @@ canonical form, then the Avro binary body. Every writer schema is also published
 schemas topic (key = fingerprint in hex, value = the schema JSON), so any consumer can decode any
 message it finds (:class:`SchemaStore`).
 
-Per source table the codec builds a Debezium-shaped envelope (template ``schemas/envelope.avsc``)
+Per source table the codec builds a Debezium-shaped envelope (template ``schemas/envelope.avsc``,
+fields described in :mod:`cutover.envelope`)
 whose ``Value`` record has one nullable field per published column. Column types map to Avro as:
 
 =====================  ==========================================================
@@ -45,6 +46,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 import schemas
+from cutover import envelope as env
 from cutover.errors import DecodeError, SchemaIncompatible, UnknownSchema
 
 MAGIC: Final = b"\xc3\x01"
@@ -115,11 +117,12 @@ def envelope_schema(db_schema: str, table: str, columns: Iterable[ColumnSpec]) -
     envelope = schemas.load("envelope")
     envelope["namespace"] = namespace
     envelope["doc"] = f"Change event of {db_schema}.{table}"
-    fields = envelope["fields"]
-    # Inline the named types at their first use; later uses refer to them by name.
-    fields[0]["type"] = ["null", value]
-    fields[2]["type"] = schemas.load("source")
-    fields[5]["type"] = ["null", schemas.load("transaction")]
+    fields = {f["name"]: f for f in envelope["fields"]}
+    # Inline the named types at their first use (schema order: before comes first); later uses
+    # refer to them by name.
+    fields[env.BEFORE]["type"] = ["null", value]
+    fields[env.SOURCE]["type"] = schemas.load("source")
+    fields[env.TRANSACTION]["type"] = ["null", schemas.load("transaction")]
     return envelope
 
 

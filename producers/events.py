@@ -4,40 +4,34 @@ Nothing here does I/O. :class:`ChangeStream` is fed the pgoutput messages of a s
 and calls ``emit(topic, partition, key, value)`` for every record to produce, so the whole
 decoding / routing / hold-back / snapshot-window logic is unit-tested with hand-built messages.
 
-Rules implemented here (docs/ARCHITECTURE.md is the contract):
+Rules implemented here and in the modules it uses (docs/ARCHITECTURE.md is the contract):
 
-* **Routing**: a change of source table T goes to ``<prefix>.<domain of T>``; its key is the
-  aggregate id (:func:`cutover.mapping.aggregate_key`) as UTF-8 text; its partition is
-  ``crc32(key) % partitions`` (:func:`partition_for`), chosen here so that we know which event is
-  the last of its source transaction in each partition.
-* **Hold-back** (:class:`HoldBack`): the latest event of the open transaction is kept back per
-  (topic, partition); the next event for that partition releases it with
-  ``last_in_partition = false``; the Commit releases the rest with ``last_in_partition = true``.
-  At most one event per partition is held, so a 1,000,000-row transaction streams through.
-* **Values**: decoded typed values go into the ``Value`` record as they are, except uuid → text
-  and unconstrained numeric → exact decimal text (their Avro types are strings). An unchanged
-  TOAST value becomes null *and* its column is listed in ``unchanged_toast``.
+* **Routing** (:mod:`producers.routes`): a change of source table T goes to
+  ``<prefix>.<domain of T>``, keyed by its aggregate id, in partition ``crc32(key) % partitions``.
+* **Hold-back** (:class:`~producers.windows.HoldBack`): the latest event of the open transaction
+  is kept back per (topic, partition) so the last one in each partition can be marked.
+* **Envelope** (:mod:`cutover.envelope`): the records are built there, field by name.
 * **Positions**: ``source.lsn`` is the commit LSN (``Begin.final_lsn``), ``source.seq`` the
   0-based ordinal of the event among the published events of its transaction; re-reading the
   same WAL yields the same (lsn, seq), so duplicates after a crash are recognisable.
-* **Snapshot windows** (DBLog, :class:`ChunkWindow`): between a chunk's low and high watermark
-  every key changed in the stream is dropped from the chunk; at the high watermark the rest is
-  emitted as op ``r`` at the high watermark's commit LSN, so a streamed change always wins.
+* **Snapshot windows** (DBLog, :class:`~producers.windows.ChunkWindow`): between a chunk's low
+  and high watermark every key changed in the stream is dropped from the chunk; at the high
+  watermark the rest is emitted as op ``r`` at the high watermark's commit LSN, so a streamed
+  change always wins.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, Final, Generic, TypeVar
-from uuid import UUID
+from dataclasses import dataclass
+from typing import Any, Final
 
 from cutover import codec
+from cutover import envelope as env
 from cutover.codec import ColumnSpec, WriterSchema
+from cutover.envelope import HEARTBEAT_KEY, heartbeat_record
 from cutover.errors import DecodeError, UnmappableRow
-from cutover.mapping import MappingSpec, TableMapping, aggregate_key
+from cutover.mapping import MappingSpec, TableMapping
 from cutover.values import UNCHANGED
 from producers import pgoutput
 from producers.pgoutput import (
@@ -50,6 +44,8 @@ from producers.pgoutput import (
     Truncate,
     Update,
 )
+from producers.routes import Encoder, SourceInfo, TableRoute, avro_row, build_route, partition_for
+from producers.windows import ChunkWindow, HoldBack
 
 __all__ = [
     "HEARTBEAT_KEY",
@@ -62,7 +58,9 @@ __all__ = [
     "SourceInfo",
     "TableRoute",
     "TxContext",
+    "avro_row",
     "build_route",
+    "heartbeat_record",
     "partition_for",
     "pg_time_to_ms",
 ]
@@ -70,34 +68,15 @@ __all__ = [
 HEARTBEAT_PREFIX: Final = "cutover.heartbeat"
 SNAPSHOT_LOW_PREFIX: Final = "cutover.snapshot.low"
 SNAPSHOT_HIGH_PREFIX: Final = "cutover.snapshot.high"
-HEARTBEAT_KEY: Final = b"__heartbeat__"
 # Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 UTC).
 _PG_EPOCH_US: Final = 946_684_800_000_000
-_UUID_OID: Final = 2950
 
 Emit = Callable[[str, int, bytes, bytes], None]
-Encoder = Callable[[Mapping[str, Any]], bytes]
-
-
-def partition_for(key: str | bytes, partitions: int) -> int:
-    """The partition of a message key: ``crc32(key as UTF-8) % partitions`` (the contract)."""
-    data = key.encode() if isinstance(key, str) else key
-    return zlib.crc32(data) % partitions
 
 
 def pg_time_to_ms(pg_us: int) -> int:
     """A protocol timestamp (µs since 2000-01-01 UTC) as Unix milliseconds."""
     return (pg_us + _PG_EPOCH_US) // 1000
-
-
-@dataclass(frozen=True, slots=True)
-class SourceInfo:
-    """The constant part of every event's ``source`` block."""
-
-    version: str
-    name: str  # the logical server name: the topic prefix
-    db: str
-    connector: str = "postgresql"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,148 +88,6 @@ class TxContext:
     ts_ms: int
 
 
-def _to_text_decimal(value: object) -> object:
-    if isinstance(value, Decimal):
-        return format(value, "f") if value.is_finite() else str(value)
-    return value
-
-
-def _to_text_uuid(value: object) -> object:
-    return str(value) if isinstance(value, UUID) else value
-
-
-def _converter(col: ColumnSpec) -> Callable[[object], object] | None:
-    """How a decoded value must change to fit the column's Avro type (None: as it is)."""
-    if col.type_oid == _UUID_OID:
-        return _to_text_uuid
-    if codec.avro_type(col.type_oid, col.type_modifier) == "string":
-        # Unconstrained numeric is carried as exact text; other string types decode to str.
-        return _to_text_decimal if col.type_oid == codec.NUMERIC_OID else None
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class TableRoute:
-    """Where and how the changes of one source table go, for one version of its columns."""
-
-    schema: str
-    table: str
-    mapping: TableMapping
-    columns: tuple[ColumnSpec, ...]
-    writer: WriterSchema
-    topic: str
-    partitions: int
-    encoder: Encoder
-    # Columns whose decoded value needs a conversion (uuid, unconstrained numeric).
-    conversions: tuple[tuple[str, Callable[[object], object]], ...] = ()
-    source_block: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.table}"
-
-    def key_of(self, row: Mapping[str, object]) -> tuple[str, int]:
-        """(message key, partition) of a row: the aggregate id, crc32 partitioning."""
-        key = aggregate_key(self.mapping, row)
-        return key, zlib.crc32(key.encode()) % self.partitions
-
-    def pk_of(self, row: Mapping[str, object]) -> tuple[object, ...]:
-        return tuple(row.get(c) for c in self.mapping.primary_key)
-
-
-def build_route(
-    mapping: TableMapping,
-    schema: str,
-    columns: Sequence[ColumnSpec],
-    *,
-    topic: str,
-    partitions: int,
-    source: SourceInfo,
-    encoder_factory: Callable[[WriterSchema], Encoder] | None = None,
-) -> TableRoute:
-    """A :class:`TableRoute` for ``schema.table`` with the published ``columns``."""
-    cols = tuple(columns)
-    writer = codec.writer_schema(codec.envelope_schema(schema, mapping.source_table, cols))
-    encoder: Encoder
-    if encoder_factory is None:
-
-        def encoder(record: Mapping[str, Any]) -> bytes:
-            return codec.encode(writer, record)
-
-    else:
-        encoder = encoder_factory(writer)
-    conversions = tuple((c.name, conv) for c in cols if (conv := _converter(c)) is not None)
-    block = {
-        "version": source.version,
-        "connector": source.connector,
-        "name": source.name,
-        "db": source.db,
-        "schema": schema,
-        "table": mapping.source_table,
-    }
-    return TableRoute(
-        schema=schema,
-        table=mapping.source_table,
-        mapping=mapping,
-        columns=cols,
-        writer=writer,
-        topic=topic,
-        partitions=partitions,
-        encoder=encoder,
-        conversions=conversions,
-        source_block=block,
-    )
-
-
-def avro_row(route: TableRoute, row: dict[str, object]) -> tuple[dict[str, object], list[str]]:
-    """The ``Value`` record of a decoded row (modified in place) and its unchanged-TOAST columns.
-
-    Columns that are not in the route's column list are dropped (they cannot be encoded); the
-    caller guarantees the row came from a tuple of this route's Relation.
-    """
-    unchanged: list[str] = []
-    for name, value in row.items():
-        if value is UNCHANGED:
-            unchanged.append(name)
-            row[name] = None
-    for name, convert in route.conversions:
-        value = row.get(name)
-        if value is not None:
-            row[name] = convert(value)
-    return row, unchanged
-
-
-T = TypeVar("T")
-
-
-class HoldBack(Generic[T]):
-    """Keep back the latest item per partition so the last one of a transaction can be marked.
-
-    ``push`` returns the item it displaces (to be sent with ``last_in_partition = false``);
-    ``drain`` returns every held item (to be sent with ``last_in_partition = true``) and
-    forgets them. Holds at most one item per (topic, partition).
-    """
-
-    __slots__ = ("_held",)
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, int], T] = {}
-
-    def push(self, topic: str, partition: int, item: T) -> T | None:
-        slot = (topic, partition)
-        previous = self._held.get(slot)
-        self._held[slot] = item
-        return previous
-
-    def drain(self) -> list[T]:
-        items = list(self._held.values())
-        self._held.clear()
-        return items
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-
 @dataclass(slots=True)
 class _Pending:
     """One encoded-on-release event: the envelope record and where it goes."""
@@ -259,58 +96,6 @@ class _Pending:
     key: bytes
     partition: int
     record: dict[str, Any]
-
-
-@dataclass(slots=True)
-class ChunkWindow:
-    """One snapshot chunk between its low and high watermark (the DBLog window).
-
-    ``rows`` maps primary-key tuple → decoded row (published columns), in primary-key order.
-    While the window is open every key changed in the stream is removed from ``rows``; at the
-    high watermark what remains is emitted.
-    """
-
-    chunk_id: str
-    route: TableRoute
-    rows: dict[tuple[object, ...], dict[str, object]]
-    request_id: int = 0
-    last_pk: tuple[str, ...] = ()  # text of the last selected primary key (resume point)
-    selected: int = 0
-    final: bool = False  # the select returned fewer rows than a chunk: the request is done
-    state: str = "waiting"  # waiting -> open -> closed (or failed)
-    dropped: int = 0
-    emitted: int = 0
-    high_lsn: int = 0
-    # Keys dropped because of a streamed UPDATE that left TOAST values out (unchanged): the
-    # stream does not carry their whole row, so they must be read again (a key chunk).
-    reread: list[tuple[object, ...]] = field(default_factory=list)
-    # A key chunk re-reads ``reread`` keys of ``parent`` (whose progress waits for it).
-    parent: ChunkWindow | None = None
-    keys: tuple[tuple[object, ...], ...] = ()
-    attempt: int = 0
-
-    def open(self) -> None:
-        if self.state == "waiting":
-            self.state = "open"
-
-    def drop(self, key: tuple[object, ...], *, partial: bool = False) -> None:
-        """A change of ``key`` was streamed inside the window: the chunk's row is stale."""
-        if self.state == "open" and self.rows.pop(key, None) is not None:
-            self.dropped += 1
-            if partial:
-                self.reread.append(key)
-
-    def fail(self) -> None:
-        """The high watermark came without the low one: the window cannot be trusted."""
-        self.state = "failed"
-        self.rows = {}
-
-    def close(self) -> list[dict[str, object]]:
-        """Close the window; the rows to emit, in primary-key order."""
-        self.state = "closed"
-        rows = list(self.rows.values())
-        self.rows = {}
-        return rows
 
 
 class ChangeStream:
@@ -481,7 +266,7 @@ class ChangeStream:
         # Origin and Type messages carry nothing the events need.
 
     def _lsn_text(self) -> str:
-        return pgoutput.lsn_to_str(self.tx.commit_lsn) if self.tx else "?"
+        return env.lsn_to_str(self.tx.commit_lsn) if self.tx else "?"
 
     def _relation(self, rel: Relation) -> None:
         self._relations[rel.oid] = rel
@@ -523,26 +308,18 @@ class ChangeStream:
         table = route.table
         order = self._per_table.get(table, 0) + 1
         self._per_table[table] = order
-        source = dict(route.source_block)
-        source["ts_ms"] = tx.ts_ms
-        source["snapshot"] = "false"
-        source["txId"] = tx.xid
-        source["lsn"] = tx.commit_lsn
-        source["seq"] = seq
-        record = {
-            "before": before,
-            "after": after,
-            "source": source,
-            "op": op,
-            "ts_ms": self._clock_ms(),
-            "transaction": {
-                "id": f"{tx.xid}:{tx.commit_lsn}",
-                "total_order": seq + 1,
-                "data_collection_order": order,
-                "last_in_partition": False,
-            },
-            "unchanged_toast": unchanged,
-        }
+        record = env.change_record(
+            route.source_block,
+            op=op,
+            before=before,
+            after=after,
+            unchanged=unchanged,
+            position=(tx.commit_lsn, seq),
+            tx_id=tx.xid,
+            commit_ms=tx.ts_ms,
+            now_ms=self._clock_ms(),
+            transaction=env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
+        )
         pending = _Pending(route, key.encode(), partition, record)
         previous = self._hold.push(route.topic, partition, pending)
         if previous is not None:
@@ -575,7 +352,7 @@ class ChangeStream:
 
     def _commit(self, msg: Commit) -> None:
         for pending in self._hold.drain():
-            pending.record["transaction"]["last_in_partition"] = True
+            env.mark_last_in_partition(pending.record)
             self._send(pending)
         if self._closing:
             tx = self.tx
@@ -617,21 +394,18 @@ class ChangeStream:
         for index, row in enumerate(rows):
             key, partition = route.key_of(row)
             after, unchanged = avro_row(route, row)
-            source = dict(route.source_block)
-            source["ts_ms"] = tx.ts_ms
-            source["snapshot"] = "true"
-            source["txId"] = tx.xid
-            source["lsn"] = tx.commit_lsn
-            source["seq"] = index
-            record = {
-                "before": None,
-                "after": after,
-                "source": source,
-                "op": "r",
-                "ts_ms": now,
-                "transaction": None,
-                "unchanged_toast": unchanged,
-            }
+            record = env.change_record(
+                route.source_block,
+                op=env.SNAPSHOT_OP,
+                before=None,
+                after=after,
+                unchanged=unchanged,
+                position=(tx.commit_lsn, index),
+                tx_id=tx.xid,
+                commit_ms=tx.ts_ms,
+                now_ms=now,
+                transaction=None,
+            )
             self._emit(route.topic, partition, key.encode(), route.encoder(record))
         window.emitted = len(rows)
         self.snapshot_rows += len(rows)
@@ -650,8 +424,3 @@ class ChangeStream:
 
     def reset_batch_counters(self) -> None:
         self.changes_in_batch = 0
-
-
-def heartbeat_record(ts_ms: int, lsn: int, producer: str) -> dict[str, Any]:
-    """The value of a Heartbeat message (``codec.heartbeat_schema``)."""
-    return {"ts_ms": ts_ms, "lsn": lsn, "producer": producer}

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from cutover.envelope import str_to_lsn
 from cutover.mapping import MappingSpec, load_mapping
 from devtools import harness
 from devtools.harness import Scenario, changes, last_state, open_scenario, source_state
@@ -179,12 +180,7 @@ def test_workload_reaches_kafka_in_commit_order_without_rollbacks_or_social_data
     beats = {(e.raw.topic, e.raw.partition) for e in events if e.raw.kind == "heartbeat"}
     assert beats == {(t, p) for t in scenario.topics() for p in range(scenario.partitions)}
     confirmed, _ = scenario.slot_state()
-    assert confirmed == json_lsn(stats["position"])
-
-
-def json_lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
+    assert confirmed == str_to_lsn(stats["position"])
 
 
 def test_unchanged_toast_updates_stay_marked(scenario: Scenario) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from consumers.batch import Entry, RowOp, closed_prefix, column_groups, merge, row_key, to_ops
-from consumers.events import Change, Heartbeat
+from consumers.events import Change, Heartbeat, Position
 from cutover.errors import DecodeError, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping, load_mapping
 from cutover.values import UNCHANGED
@@ -150,7 +150,7 @@ def test_row_key_is_jsonb_array_text() -> None:
 def _op(
     products: TableMapping, lsn: int, delete: bool = False, origin: int = 0, **values: object
 ) -> RowOp:
-    return RowOp(products, (10,), (lsn, 0), delete, dict(values), [origin])
+    return RowOp(products, (10,), Position(lsn, 0), delete, dict(values), [origin])
 
 
 def test_merge_keeps_the_newest_position_whatever_the_batch_order(
@@ -203,7 +203,7 @@ def test_duplicates_collapse(products: TableMapping) -> None:
 
 def test_different_keys_stay_apart(products: TableMapping) -> None:
     a = _op(products, 100, stock=1)
-    b = RowOp(products, (11,), (50, 0), False, {"stock": 2}, [1])
+    b = RowOp(products, (11,), Position(50, 0), False, {"stock": 2}, [1])
     assert {o.key for o in merge([a, b])} == {(10,), (11,)}
 
 

@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import pytest
 
+from cutover.envelope import lsn_to_str
 from cutover.errors import DecodeError
 from cutover.values import UNCHANGED
 from producers.pgoutput import (
@@ -35,10 +36,8 @@ from producers.pgoutput import (
     Update,
     decode_tuple,
     decode_value,
-    lsn_to_str,
     parse_message,
     pg_ts_to_datetime,
-    str_to_lsn,
 )
 
 # Built-in type OIDs (pg_type.oid), as the Relation message carries them.
@@ -780,39 +779,7 @@ def test_decode_tuple_refuses_binary_values() -> None:
         decode_tuple(orders(), raw)
 
 
-# --- LSN and timestamps ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("lsn", "text"),
-    [
-        (0, "0/0"),
-        (LSN, "16/B374D848"),
-        (0xFFFFFFFF, "0/FFFFFFFF"),
-        ((1 << 64) - 1, "FFFFFFFF/FFFFFFFF"),
-    ],
-)
-def test_lsn_round_trip(lsn: int, text: str) -> None:
-    assert lsn_to_str(lsn) == text
-    assert str_to_lsn(text) == lsn
-
-
-def test_str_to_lsn_accepts_lower_case() -> None:
-    assert str_to_lsn("16/b374d848") == LSN
-
-
-@pytest.mark.parametrize(
-    "text", ["", "16", "16/", "/1", "16/B374D848/0", "G/0", "123456789/0", " 1/0"]
-)
-def test_str_to_lsn_rejects(text: str) -> None:
-    with pytest.raises(DecodeError, match="is not an LSN"):
-        str_to_lsn(text)
-
-
-@pytest.mark.parametrize("lsn", [-1, 1 << 64])
-def test_lsn_to_str_rejects_out_of_range(lsn: int) -> None:
-    with pytest.raises(DecodeError, match="outside the unsigned 64-bit range"):
-        lsn_to_str(lsn)
+# --- timestamps -------------------------------------------------------------------------------
 
 
 def test_pg_ts_to_datetime() -> None:

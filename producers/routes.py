@@ -1,0 +1,160 @@
+"""Table routes of the CDC producer: where a source table's changes go and how they are encoded.
+
+A :class:`TableRoute` is built once per version of a table's published columns
+(:func:`build_route`): its topic (``<prefix>.<domain>``), partition count, writer schema and
+encoder, the constant part of its events' ``source`` block, and the value conversions its
+columns need. Routing rules (docs/ARCHITECTURE.md is the contract):
+
+* the key of a change is the aggregate id (:func:`cutover.mapping.aggregate_key`) as UTF-8 text;
+  its partition is ``crc32(key) % partitions`` (:func:`partition_for`), chosen by the producer so
+  that it knows which event is the last of its source transaction in each partition;
+* decoded typed values go into the ``Value`` record as they are, except uuid → text and
+  unconstrained numeric → exact decimal text (their Avro types are strings). An unchanged TOAST
+  value becomes null *and* its column is listed in ``unchanged_toast`` (:func:`avro_row`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final
+from uuid import UUID
+
+from cutover import codec
+from cutover import envelope as env
+from cutover.codec import ColumnSpec, WriterSchema
+from cutover.mapping import TableMapping, aggregate_key
+from cutover.values import UNCHANGED
+
+_UUID_OID: Final = 2950
+
+Encoder = Callable[[Mapping[str, Any]], bytes]
+
+
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition of a message key: ``crc32(key as UTF-8) % partitions`` (the contract)."""
+    data = key.encode() if isinstance(key, str) else key
+    return zlib.crc32(data) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """The constant part of every event's ``source`` block."""
+
+    version: str
+    name: str  # the logical server name: the topic prefix
+    db: str
+    connector: str = "postgresql"
+
+
+def _to_text_decimal(value: object) -> object:
+    if isinstance(value, Decimal):
+        return format(value, "f") if value.is_finite() else str(value)
+    return value
+
+
+def _to_text_uuid(value: object) -> object:
+    return str(value) if isinstance(value, UUID) else value
+
+
+def _converter(col: ColumnSpec) -> Callable[[object], object] | None:
+    """How a decoded value must change to fit the column's Avro type (None: as it is)."""
+    if col.type_oid == _UUID_OID:
+        return _to_text_uuid
+    if codec.avro_type(col.type_oid, col.type_modifier) == "string":
+        # Unconstrained numeric is carried as exact text; other string types decode to str.
+        return _to_text_decimal if col.type_oid == codec.NUMERIC_OID else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TableRoute:
+    """Where and how the changes of one source table go, for one version of its columns."""
+
+    schema: str
+    table: str
+    mapping: TableMapping
+    columns: tuple[ColumnSpec, ...]
+    writer: WriterSchema
+    topic: str
+    partitions: int
+    encoder: Encoder
+    # Columns whose decoded value needs a conversion (uuid, unconstrained numeric).
+    conversions: tuple[tuple[str, Callable[[object], object]], ...] = ()
+    source_block: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def key_of(self, row: Mapping[str, object]) -> tuple[str, int]:
+        """(message key, partition) of a row: the aggregate id, crc32 partitioning."""
+        key = aggregate_key(self.mapping, row)
+        return key, partition_for(key, self.partitions)
+
+    def pk_of(self, row: Mapping[str, object]) -> tuple[object, ...]:
+        return tuple(row.get(c) for c in self.mapping.primary_key)
+
+
+def build_route(
+    mapping: TableMapping,
+    schema: str,
+    columns: Sequence[ColumnSpec],
+    *,
+    topic: str,
+    partitions: int,
+    source: SourceInfo,
+    encoder_factory: Callable[[WriterSchema], Encoder] | None = None,
+) -> TableRoute:
+    """A :class:`TableRoute` for ``schema.table`` with the published ``columns``."""
+    cols = tuple(columns)
+    writer = codec.writer_schema(codec.envelope_schema(schema, mapping.source_table, cols))
+    encoder: Encoder
+    if encoder_factory is None:
+
+        def encoder(record: Mapping[str, Any]) -> bytes:
+            return codec.encode(writer, record)
+
+    else:
+        encoder = encoder_factory(writer)
+    conversions = tuple((c.name, conv) for c in cols if (conv := _converter(c)) is not None)
+    block = env.source_block(
+        version=source.version,
+        connector=source.connector,
+        name=source.name,
+        db=source.db,
+        schema=schema,
+        table=mapping.source_table,
+    )
+    return TableRoute(
+        schema=schema,
+        table=mapping.source_table,
+        mapping=mapping,
+        columns=cols,
+        writer=writer,
+        topic=topic,
+        partitions=partitions,
+        encoder=encoder,
+        conversions=conversions,
+        source_block=block,
+    )
+
+
+def avro_row(route: TableRoute, row: dict[str, object]) -> tuple[dict[str, object], list[str]]:
+    """The ``Value`` record of a decoded row (modified in place) and its unchanged-TOAST columns.
+
+    Columns that are not in the route's column list are dropped (they cannot be encoded); the
+    caller guarantees the row came from a tuple of this route's Relation.
+    """
+    unchanged: list[str] = []
+    for name, value in row.items():
+        if value is UNCHANGED:
+            unchanged.append(name)
+            row[name] = None
+    for name, convert in route.conversions:
+        value = row.get(name)
+        if value is not None:
+            row[name] = convert(value)
+    return row, unchanged
