@@ -38,6 +38,7 @@ from confluent_kafka.cimpl import NewTopic
 from psycopg import sql
 
 from consumers.apply import ApplyConsumer, ApplyOptions, ApplySummary
+from cutover import envelope
 from cutover.codec import ColumnSpec, WriterSchema, encode, envelope_schema, writer_schema
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
 
@@ -161,7 +162,7 @@ class Message:
 
 
 class EventFactory:
-    """Encodes change events of the legacy tables (the producer's contract, by hand)."""
+    """Encodes change events of the legacy tables with the producer's envelope functions."""
 
     def __init__(self, prefix: str, partitions: int) -> None:
         self.prefix = prefix
@@ -205,27 +206,22 @@ class EventFactory:
         else:
             before_rec = {c: before.get(c) for c in cols} if before is not None else None
             after_rec = full
-        return {
-            "before": before_rec,
-            "after": after_rec,
-            "source": {
-                "version": "test",
-                "connector": "cutover",
-                "name": self.prefix,
-                "ts_ms": now if ts_ms is None else ts_ms,
-                "snapshot": "true" if op == "r" else "false",
-                "db": "legacy",
-                "schema": "shop",
-                "table": table,
-                "txId": lsn // 16,
-                "lsn": lsn,
-                "seq": seq,
-            },
-            "op": op,
-            "ts_ms": now,
-            "transaction": dict(tx) if tx is not None else None,
-            "unchanged_toast": list(unchanged),
-        }
+        source = envelope.source_block(
+            version="test", connector="cutover", name=self.prefix, db="legacy", schema="shop",
+            table=table,
+        )  # fmt: skip
+        return envelope.change_record(
+            source,
+            op=op,
+            before=before_rec,
+            after=after_rec,
+            unchanged=list(unchanged),
+            position=(lsn, seq),
+            tx_id=lsn // 16,
+            commit_ms=now if ts_ms is None else ts_ms,
+            now_ms=now,
+            transaction=dict(tx) if tx is not None else None,
+        )
 
     def message(self, table: str, record: Mapping[str, Any], key_row: Mapping[str, Any]) -> Message:
         key = self.key_of(table, key_row)
@@ -257,12 +253,9 @@ class EventFactory:
             last[(topic, self.partition_of(key))] = seq
         out = []
         for seq, table, op, row, opts, topic, key in keyed:
-            tx = {
-                "id": f"{lsn // 16}:{lsn}",
-                "total_order": seq + 1,
-                "data_collection_order": seq + 1,
-                "last_in_partition": last[(topic, self.partition_of(key))] == seq,
-            }
+            tx = envelope.transaction_block(
+                lsn // 16, lsn, seq + 1, seq + 1, last=last[(topic, self.partition_of(key))] == seq
+            )
             record = self.record(table, op, row, lsn=lsn, seq=seq, tx=tx, ts_ms=ts_ms, **opts)
             out.append(self.message(table, record, row))
         return out
