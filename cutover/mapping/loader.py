@@ -1,0 +1,456 @@
+"""Load and validate the mapping file (TOML, documented in ``docs/MAPPING.md``) into the model.
+
+Loading validates everything once and raises :class:`~cutover.errors.MappingError` naming the
+file, the line, the key, the problem and the fix; errors come one at a time, in file order. The
+result is the frozen :class:`~cutover.mapping.model.MappingSpec`. The ``[invariants]`` section is
+validated by :mod:`cutover.mapping.invariants`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import NoReturn
+
+from cutover.errors import MappingError
+from cutover.mapping.invariants import load_invariants
+from cutover.mapping.model import (
+    BOOKKEEPING_COLUMNS,
+    TRANSFORM_KEYS,
+    ColumnMapping,
+    MappingSpec,
+    Origin,
+    TableMapping,
+    dotted,
+)
+from cutover.mapping.toml_lines import LineIndex
+from cutover.mapping.transforms import Predicate, PredicateValue
+
+MAX_MINOR_UNITS = 6
+
+_TOP_KEYS = ("version", "source_schema", "target_schema", "domains", "tables", "invariants")
+_DOMAIN_KEYS = ("weight",)
+_TABLE_KEYS = (
+    "domain",
+    "target",
+    "aggregate_key",
+    "primary_key",
+    "exclude",
+    "delete_when",
+    "columns",
+)
+_COLUMN_KEYS = ("from", *TRANSFORM_KEYS)
+_PREDICATE_KEYS = ("column", "equals", "in")
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+class Loader:
+    """Turns the parsed TOML document into a MappingSpec, or raises MappingError."""
+
+    def __init__(self, text: str, path: str) -> None:
+        self.text = text
+        self.path = path
+        self._lines: LineIndex | None = None
+
+    def fail(
+        self, key: tuple[str, ...], problem: str, *, line_of: tuple[str, ...] | None = None
+    ) -> NoReturn:
+        """Raise MappingError for ``key``, at the line of ``line_of`` (default: of ``key``)."""
+        where = f"{dotted(key)}: " if key else ""
+        line = self.line_of(key if line_of is None else line_of)
+        raise MappingError(self.path, f"{where}{problem}", line)
+
+    def line_of(self, key: tuple[str, ...]) -> int | None:
+        """The line of ``key`` in the file (the index is built on first use: errors are rare)."""
+        if self._lines is None:
+            self._lines = LineIndex(self.text)
+        return self._lines.line_of(key)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def check_keys(
+        self, key: tuple[str, ...], table: Mapping[str, object], known: tuple[str, ...], what: str
+    ) -> None:
+        for name in table:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f'; did you mean "{close[0]}"?' if close else ""
+                self.fail(
+                    key,
+                    f'unknown {what} key "{name}"{hint} (known: {", ".join(known)})',
+                    line_of=(*key, name),
+                )
+
+    def table(self, key: tuple[str, ...], value: object, hint: str) -> dict[str, object]:
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a table ({hint}), not {_describe(value)}")
+        return value
+
+    def string(self, key: tuple[str, ...], value: object, hint: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty string ({hint}), not {_describe(value)}")
+        return value
+
+    def required(
+        self, key: tuple[str, ...], table: Mapping[str, object], name: str, hint: str
+    ) -> object:
+        if name not in table:
+            self.fail((*key, name), f'missing required key "{name}"; add {hint}')
+        return table[name]
+
+    def names(self, key: tuple[str, ...], value: object, hint: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            self.fail(key, f"must be an array of column names ({hint}), not {_describe(value)}")
+        out: list[str] = []
+        for item in value:
+            if not isinstance(item, str) or not item:
+                self.fail(key, f"must hold non-empty column names, not {_describe(item)}")
+            if item in out:
+                self.fail(key, f'lists "{item}" twice; list each column once')
+            out.append(item)
+        return tuple(out)
+
+    def predicate_values(
+        self, key: tuple[str, ...], op: str, value: object
+    ) -> tuple[PredicateValue, ...]:
+        if op == "equals":
+            items: list[object] = [value]
+        elif isinstance(value, list) and value:
+            items = value
+        else:
+            self.fail((*key, op), f"`in` needs a non-empty array of values, not {_describe(value)}")
+        out: list[PredicateValue] = []
+        for item in items:
+            if not isinstance(item, str | int):  # bool is an int
+                self.fail(
+                    (*key, op),
+                    f"compares with strings, integers or booleans, not {_describe(item)}; "
+                    "floats cannot be compared exactly",
+                )
+            out.append(item)
+        return tuple(out)
+
+    # -- the document -------------------------------------------------------------------------
+
+    def load(self, doc: dict[str, object]) -> MappingSpec:
+        self.check_keys((), doc, _TOP_KEYS, "top-level")
+        version = self.required((), doc, "version", "`version = 1` at the top of the file")
+        if type(version) is not int or version != 1:
+            self.fail(("version",), f"unsupported version {version!r}; this tool reads version = 1")
+        source_schema = self.string(
+            ("source_schema",),
+            self.required((), doc, "source_schema", '`source_schema = "shop"`'),
+            "the schema of the source tables",
+        )
+        target_schema = self.string(
+            ("target_schema",),
+            self.required((), doc, "target_schema", '`target_schema = "commerce"`'),
+            "the schema of the target tables",
+        )
+        domains = self.load_domains(doc)
+        raw_tables = self.table(
+            ("tables",),
+            self.required((), doc, "tables", "one [tables.NAME] section per source table"),
+            "one [tables.NAME] section per source table",
+        )
+        if not raw_tables:
+            self.fail(("tables",), "maps no table; add a [tables.NAME] section per source table")
+        tables: dict[str, TableMapping] = {}
+        targets: dict[str, str] = {}
+        for name, raw in raw_tables.items():
+            table = self.load_table(name, raw, domains)
+            if table.target_table in targets:
+                self.fail(
+                    ("tables", name, "target"),
+                    f'target table "{table.target_table}" is already the target of '
+                    f"tables.{targets[table.target_table]}; two source tables cannot feed one "
+                    "target table",
+                )
+            targets[table.target_table] = name
+            tables[name] = table
+        invariants = load_invariants(self, doc, tables, source_schema, target_schema)
+        return MappingSpec(
+            source_schema=source_schema,
+            target_schema=target_schema,
+            domains=MappingProxyType(domains),
+            tables=MappingProxyType(tables),
+            invariants=invariants,
+            origin=Origin(self.path, self.line_of),
+        )
+
+    def load_domains(self, doc: Mapping[str, object]) -> dict[str, int]:
+        hint = "one [domains.NAME] section with `weight = N` per domain"
+        raw = self.table(("domains",), self.required((), doc, "domains", hint), hint)
+        if not raw:
+            self.fail(("domains",), f"declares no domain; add {hint}")
+        domains: dict[str, int] = {}
+        for name, body in raw.items():
+            key = ("domains", name)
+            if not _DOMAIN_NAME.match(name):
+                self.fail(key, "a domain name may hold letters, digits, _ and - only (topic names)")
+            section = self.table(key, body, "with `weight = N`")
+            self.check_keys(key, section, _DOMAIN_KEYS, "domain")
+            weight = self.required(key, section, "weight", "`weight = N` (progress weight, 0-100)")
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
+                self.fail((*key, "weight"), f"must be an integer from 0 to 100, not {weight!r}")
+            domains[name] = weight
+        total = sum(domains.values())
+        if total != 100:
+            listed = ", ".join(f"{n}={w}" for n, w in domains.items())
+            self.fail(
+                ("domains",),
+                f"weights add up to {total} ({listed}); they must add up to 100",
+            )
+        return domains
+
+    def load_table(self, name: str, raw: object, domains: Mapping[str, int]) -> TableMapping:
+        key = ("tables", name)
+        body = self.table(key, raw, "a source table's mapping")
+        self.check_keys(key, body, _TABLE_KEYS, "table")
+
+        domain = self.string(
+            (*key, "domain"),
+            self.required(key, body, "domain", '`domain = "NAME"` (a declared domain)'),
+            "a declared domain",
+        )
+        if domain not in domains:
+            close = difflib.get_close_matches(domain, list(domains), n=1, cutoff=0.6)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            self.fail(
+                (*key, "domain"),
+                f'unknown domain "{domain}"{hint} (declared: {", ".join(domains)})',
+            )
+        target = self.string(
+            (*key, "target"),
+            self.required(key, body, "target", '`target = "TABLE"` (the target table)'),
+            "the target table",
+        )
+        exclude = frozenset(
+            self.names((*key, "exclude"), body.get("exclude", []), "columns never published")
+        )
+
+        def not_excluded(at: tuple[str, ...], column: str, role: str) -> None:
+            if column in exclude:
+                self.fail(
+                    at,
+                    f'column "{column}" is excluded (tables.{dotted([name])}.exclude) but used '
+                    f"as {role}; an excluded column is never published, so remove it from "
+                    "exclude or stop using it",
+                )
+
+        primary_key = self.names(
+            (*key, "primary_key"),
+            self.required(key, body, "primary_key", '`primary_key = ["id"]` (source columns)'),
+            "the source primary key",
+        )
+        if not primary_key:
+            self.fail((*key, "primary_key"), "must name at least one source column")
+        for col in primary_key:
+            not_excluded((*key, "primary_key"), col, "primary key")
+        agg = self.string(
+            (*key, "aggregate_key"),
+            self.required(
+                key, body, "aggregate_key", '`aggregate_key = "COLUMN"` (the Kafka message key)'
+            ),
+            "the source column whose value is the Kafka message key",
+        )
+        not_excluded((*key, "aggregate_key"), agg, "aggregate key")
+
+        delete_when: Predicate | None = None
+        if "delete_when" in body:
+            delete_when = self.load_predicate((*key, "delete_when"), body["delete_when"])
+            not_excluded((*key, "delete_when"), delete_when.column, "delete_when column")
+
+        raw_columns = self.table(
+            (*key, "columns"),
+            self.required(key, body, "columns", f"a [tables.{dotted([name])}.columns] section"),
+            "target column = source column or transform",
+        )
+        if not raw_columns:
+            self.fail((*key, "columns"), 'maps no column; add `target_column = "source_column"`')
+        columns: list[ColumnMapping] = []
+        seen: dict[str, str] = {}
+        for target_col, entry in raw_columns.items():
+            at = (*key, "columns", target_col)
+            if target_col in BOOKKEEPING_COLUMNS:
+                self.fail(
+                    at,
+                    f'"{target_col}" is a bookkeeping column the tool writes itself; '
+                    "map the data into another column",
+                )
+            folded = target_col.lower()
+            if folded in seen:
+                self.fail(
+                    at,
+                    f'target column "{target_col}" differs from "{seen[folded]}" only by case; '
+                    "target column names must be unique",
+                )
+            seen[folded] = target_col
+            column = self.load_column(at, target_col, entry)
+            for src in column.source_columns():
+                not_excluded(at, src, f"a source of {target_col}")
+            columns.append(column)
+
+        target_key: list[str] = []
+        for col in primary_key:
+            copies = [c.target for c in columns if c.kind == "copy" and c.source == col]
+            if not copies:
+                self.fail(
+                    (*key, "primary_key"),
+                    f'primary key column "{col}" must be mapped by a plain rename, '
+                    f'e.g. `{col} = "{col}"` under [tables.{dotted([name])}.columns]',
+                )
+            target_key.append(copies[0])
+
+        return TableMapping(
+            source_table=name,
+            target_table=target,
+            domain=domain,
+            aggregate_key=agg,
+            primary_key=primary_key,
+            target_key=tuple(target_key),
+            columns=tuple(columns),
+            exclude=exclude,
+            delete_when=delete_when,
+        )
+
+    def load_predicate(self, key: tuple[str, ...], raw: object) -> Predicate:
+        body = self.table(key, raw, '{ column = "COLUMN", equals = VALUE } or in = [VALUES]')
+        self.check_keys(key, body, _PREDICATE_KEYS, "delete_when")
+        column = self.string(
+            (*key, "column"),
+            self.required(key, body, "column", 'column = "COLUMN"'),
+            "the source column to test",
+        )
+        ops = [op for op in ("equals", "in") if op in body]
+        if len(ops) != 1:
+            self.fail(key, "needs exactly one of `equals = VALUE` or `in = [VALUES]`")
+        return Predicate(column, self.predicate_values(key, ops[0], body[ops[0]]))
+
+    def load_column(self, at: tuple[str, ...], target: str, entry: object) -> ColumnMapping:
+        if isinstance(entry, str):
+            if not entry:
+                self.fail(at, 'names no source column; write `target = "source_column"`')
+            return ColumnMapping(target, "copy", source=entry)
+        if not isinstance(entry, dict):
+            self.fail(
+                at,
+                f'must be a source column name or an inline table like {{ from = "col", ... }}, '
+                f"not {_describe(entry)}",
+            )
+        self.check_keys(at, entry, _COLUMN_KEYS, "transform")
+        transforms = [k for k in TRANSFORM_KEYS if k in entry]
+        if len(transforms) > 1:
+            self.fail(
+                (*at, transforms[1]),
+                f"one transform per column, found {' and '.join(transforms)}; keep one",
+            )
+        kind = transforms[0] if transforms else None
+        if kind == "template":
+            if "from" in entry:
+                self.fail(
+                    (*at, "from"),
+                    "a template reads its source columns from its {column} placeholders; "
+                    "remove `from`",
+                )
+            template = entry["template"]
+            if not isinstance(template, str):
+                self.fail((*at, "template"), f"must be a string, not {_describe(template)}")
+            self.check_template((*at, "template"), template)
+            return ColumnMapping(target, "template", template=template)
+        source = self.string(
+            (*at, "from"),
+            self.required(at, entry, "from", '`from = "SOURCE_COLUMN"`'),
+            "the source column",
+        )
+        if kind is None:
+            return ColumnMapping(target, "copy", source=source)
+        value = entry[kind]
+        if kind == "upper":
+            if value is not True:
+                self.fail((*at, "upper"), f"takes `upper = true` only, not {_describe(value)}")
+            return ColumnMapping(target, "upper", source=source)
+        if kind == "enum":
+            if not isinstance(value, dict) or not value:
+                self.fail(
+                    (*at, "enum"),
+                    "needs a non-empty table of source value = target value, "
+                    f'e.g. {{ active = "ACTIVE" }}, not {_describe(value)}',
+                )
+            pairs: list[tuple[str, str]] = []
+            for k, v in value.items():
+                if not isinstance(v, str):
+                    self.fail(
+                        (*at, "enum"),
+                        f'maps "{k}" to {_describe(v)}; enum values must be strings',
+                    )
+                pairs.append((k, v))
+            return ColumnMapping(target, "enum", source=source, enum=tuple(pairs))
+        if kind == "minor_units":
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or not 0 <= value <= MAX_MINOR_UNITS
+            ):
+                self.fail(
+                    (*at, "minor_units"),
+                    f"must be an integer from 0 to {MAX_MINOR_UNITS} (decimal places of the "
+                    f"currency), not {value!r}",
+                )
+            return ColumnMapping(target, "minor_units", source=source, minor_units=value)
+        # equals / in: a boolean predicate
+        values = self.predicate_values(at, kind, value)
+        return ColumnMapping(target, "predicate", source=source, values=values)
+
+    def check_template(self, at: tuple[str, ...], template: str) -> None:
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            self.fail(at, f"is not a valid template ({exc}); write {{{{ and }}}} for braces")
+        for _literal, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if not name or not re.fullmatch(r"[^.\[\]{}!:]+", name):
+                self.fail(
+                    at,
+                    f"placeholder {{{name}}} must name one source column, like {{invoice_no}}",
+                )
+            if spec or conversion:
+                self.fail(at, f"placeholder {{{name}}} takes no format spec or conversion")
+
+
+def _describe(value: object) -> str:
+    kinds = {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}
+    kind = kinds.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if not isinstance(value, dict | list) else kind
+
+
+def parse_mapping(text: str, path: str = "<mapping>") -> MappingSpec:
+    """Validate the mapping file content ``text``; ``path`` is used in error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = _TOML_POSITION.search(str(exc))
+        line = int(found.group(1)) if found else None
+        problem = _TOML_POSITION.sub("", str(exc)).strip()
+        raise MappingError(path, f"invalid TOML: {problem}", line) from None
+    return Loader(text, path).load(doc)
+
+
+def load_mapping(path: Path) -> MappingSpec:
+    """Read and validate the mapping file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MappingError(
+            str(path), "mapping file not found; set [mapping] file in the config file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MappingError(str(path), f"cannot read the mapping file: {exc}") from None
+    return parse_mapping(text, str(path))
