@@ -65,7 +65,7 @@ from control.monitor_report import (
     latency_samples,
     percentile,
 )
-from cutover.config import DOMAINS, Settings
+from cutover.config import Settings
 from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
 
 __all__ = [
@@ -247,13 +247,11 @@ def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
 
 
 def monitored_domains(settings: Settings) -> list[str]:
-    """The mapping's domains (what `cutover apply` consumes); the standard three without one."""
+    """The mapping's domains (what `cutover apply` consumes); a broken mapping is a MappingError,
+    as for every command."""
     from cutover.mapping import load_mapping
 
-    try:
-        return list(load_mapping(settings.mapping_path).domains)
-    except CutoverError:
-        return list(DOMAINS)
+    return list(load_mapping(settings.mapping_path).domains)
 
 
 class Monitor:

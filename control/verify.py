@@ -20,8 +20,8 @@ The run, in numbered steps (each one restartable; see ``--resume``):
    snapshot is *pending*; one differing twice in a row with commerce exactly caught up is a
    persistent mismatch (:class:`control.digest.RecheckTracker`). A domain with no consumer
    positions recorded at all is treated as static: two immediate re-reads confirm.
-4. The scenario invariants of DESIGN §3 are checked on commerce (violations are re-read once
-   after a catch-up wait, so a transient state never counts).
+4. The scenario invariants the mapping file declares (``[invariants.NAME]``) are checked, those
+   on commerce re-read once after a catch-up wait, so a transient state never counts.
 5. The result is stored in ``verify_runs`` (passed, figures per table, the LSNs it holds for);
    the switch-reads gate reads it.
 """

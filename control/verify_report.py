@@ -124,7 +124,7 @@ class TableReport:
 
 @dataclass
 class InvariantReport:
-    """One scenario invariant (DESIGN §3) checked on commerce."""
+    """One scenario invariant (the mapping's [invariants.NAME]) and what verify found."""
 
     name: str
     domain: str

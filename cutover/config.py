@@ -26,7 +26,6 @@ from typing import Any, Literal, cast
 from cutover.errors import ConfigError, redact_dsn
 
 ENV_PREFIX = "CUTOVER_"
-DOMAINS: tuple[str, ...] = ("payment", "data", "merchant")
 
 
 @dataclass(frozen=True, slots=True)

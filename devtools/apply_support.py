@@ -41,11 +41,14 @@ from consumers.apply import ApplyConsumer, ApplyOptions, ApplySummary
 from cutover import envelope
 from cutover.codec import ColumnSpec, WriterSchema, encode, envelope_schema, writer_schema
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
+from cutover.mapping import load_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "shop"
 CONTROL_SQL = REPO / "cutover" / "control.sql"
-DOMAINS = ("payment", "data", "merchant")
+# The scenario's domains, as its mapping file declares them (names only: the expected rows
+# below never go through cutover.mapping).
+DOMAINS = tuple(load_mapping(EXAMPLES / "mapping.toml").domains)
 
 # ----------------------------------------------------------------------------- the legacy tables
 

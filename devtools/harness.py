@@ -24,11 +24,11 @@ import psycopg
 from psycopg import sql
 
 from cutover.config import Settings, load_settings
+from cutover.mapping import load_mapping
 from devtools.readback import Decoded, decode_all, read_all, schema_store
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "examples" / "shop" / "mapping.toml"
-DOMAINS = ("payment", "data", "merchant")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Scenario:
         return self.workdir / f"cutover-{self.tag}.toml"
 
     def topics(self) -> list[str]:
-        return [f"{self.prefix}.{d}" for d in DOMAINS]
+        return [f"{self.prefix}.{d}" for d in load_mapping(self.mapping).domains]
 
     def write_config(self) -> Path:
         lines = [

@@ -46,7 +46,7 @@ from psycopg import sql
 
 from cutover.config import Settings
 from cutover.errors import CheckFailed, DatabaseError, UsageError
-from cutover.mapping import MappingSpec, TableMapping, load_mapping
+from cutover.mapping import MappingSpec, TableMapping, check_column_types, load_mapping
 from producers import kafka_io, source_state
 from producers.pgoutput import lsn_to_str
 
@@ -697,6 +697,7 @@ def run_init(
 ) -> InitReport:
     """Preflight, then create what is missing. Raises CheckFailed listing every problem."""
     mapping = load_mapping(settings.mapping_path)
+    check_column_types(mapping, settings.source.dsn, None if skip_target else settings.target.dsn)
     report = InitReport(dry_run=dry_run)
     if target_ddl is not None and not target_ddl.is_file():
         raise UsageError(f"--target-ddl {target_ddl}: no such file")
