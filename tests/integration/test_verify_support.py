@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "shop"
 CONTROL_SQL = REPO / "cutover" / "control.sql"
 MAPPING_PATH = EXAMPLES / "mapping.toml"
-DOMAINS = ("payment", "data", "merchant")
+DOMAINS = tuple(load_mapping(MAPPING_PATH).domains)
 PARTITIONS = 3
 
 
