@@ -29,7 +29,7 @@ from cutover.mapping.model import (
     dotted,
 )
 from cutover.mapping.toml_lines import LineIndex
-from cutover.mapping.transforms import Predicate, PredicateValue
+from cutover.mapping.transforms import Predicate, PredicateValue, Rename
 
 MAX_MINOR_UNITS = 6
 
@@ -213,7 +213,54 @@ class Loader:
         key = ("tables", name)
         body = self.table(key, raw, "a source table's mapping")
         self.check_keys(key, body, _TABLE_KEYS, "table")
+        domain = self.domain_of(key, body, domains)
+        target = self.string(
+            (*key, "target"),
+            self.required(key, body, "target", '`target = "TABLE"` (the target table)'),
+            "the target table",
+        )
+        exclude = frozenset(
+            self.names((*key, "exclude"), body.get("exclude", []), "columns never published")
+        )
+        primary_key = self.names(
+            (*key, "primary_key"),
+            self.required(key, body, "primary_key", '`primary_key = ["id"]` (source columns)'),
+            "the source primary key",
+        )
+        if not primary_key:
+            self.fail((*key, "primary_key"), "must name at least one source column")
+        for col in primary_key:
+            self.not_excluded(exclude, (*key, "primary_key"), col, "primary key")
+        agg = self.string(
+            (*key, "aggregate_key"),
+            self.required(
+                key, body, "aggregate_key", '`aggregate_key = "COLUMN"` (the Kafka message key)'
+            ),
+            "the source column whose value is the Kafka message key",
+        )
+        self.not_excluded(exclude, (*key, "aggregate_key"), agg, "aggregate key")
+        delete_when: Predicate | None = None
+        if "delete_when" in body:
+            delete_when = self.load_predicate((*key, "delete_when"), body["delete_when"])
+            self.not_excluded(
+                exclude, (*key, "delete_when"), delete_when.column, "delete_when column"
+            )
+        columns = self.load_columns(key, body, exclude)
+        return TableMapping(
+            source_table=name,
+            target_table=target,
+            domain=domain,
+            aggregate_key=agg,
+            primary_key=primary_key,
+            target_key=self.target_key_of(key, primary_key, columns),
+            columns=columns,
+            exclude=exclude,
+            delete_when=delete_when,
+        )
 
+    def domain_of(
+        self, key: tuple[str, ...], body: Mapping[str, object], domains: Mapping[str, int]
+    ) -> str:
         domain = self.string(
             (*key, "domain"),
             self.required(key, body, "domain", '`domain = "NAME"` (a declared domain)'),
@@ -226,50 +273,25 @@ class Loader:
                 (*key, "domain"),
                 f'unknown domain "{domain}"{hint} (declared: {", ".join(domains)})',
             )
-        target = self.string(
-            (*key, "target"),
-            self.required(key, body, "target", '`target = "TABLE"` (the target table)'),
-            "the target table",
-        )
-        exclude = frozenset(
-            self.names((*key, "exclude"), body.get("exclude", []), "columns never published")
-        )
+        return domain
 
-        def not_excluded(at: tuple[str, ...], column: str, role: str) -> None:
-            if column in exclude:
-                self.fail(
-                    at,
-                    f'column "{column}" is excluded (tables.{dotted([name])}.exclude) but used '
-                    f"as {role}; an excluded column is never published, so remove it from "
-                    "exclude or stop using it",
-                )
+    def not_excluded(
+        self, exclude: frozenset[str], at: tuple[str, ...], column: str, role: str
+    ) -> None:
+        if column in exclude:
+            self.fail(
+                at,
+                f'column "{column}" is excluded (tables.{dotted([at[1]])}.exclude) but used '
+                f"as {role}; an excluded column is never published, so remove it from "
+                "exclude or stop using it",
+            )
 
-        primary_key = self.names(
-            (*key, "primary_key"),
-            self.required(key, body, "primary_key", '`primary_key = ["id"]` (source columns)'),
-            "the source primary key",
-        )
-        if not primary_key:
-            self.fail((*key, "primary_key"), "must name at least one source column")
-        for col in primary_key:
-            not_excluded((*key, "primary_key"), col, "primary key")
-        agg = self.string(
-            (*key, "aggregate_key"),
-            self.required(
-                key, body, "aggregate_key", '`aggregate_key = "COLUMN"` (the Kafka message key)'
-            ),
-            "the source column whose value is the Kafka message key",
-        )
-        not_excluded((*key, "aggregate_key"), agg, "aggregate key")
-
-        delete_when: Predicate | None = None
-        if "delete_when" in body:
-            delete_when = self.load_predicate((*key, "delete_when"), body["delete_when"])
-            not_excluded((*key, "delete_when"), delete_when.column, "delete_when column")
-
+    def load_columns(
+        self, key: tuple[str, ...], body: Mapping[str, object], exclude: frozenset[str]
+    ) -> tuple[ColumnMapping, ...]:
         raw_columns = self.table(
             (*key, "columns"),
-            self.required(key, body, "columns", f"a [tables.{dotted([name])}.columns] section"),
+            self.required(key, body, "columns", f"a [{dotted(key)}.columns] section"),
             "target column = source column or transform",
         )
         if not raw_columns:
@@ -294,31 +316,27 @@ class Loader:
             seen[folded] = target_col
             column = self.load_column(at, target_col, entry)
             for src in column.source_columns():
-                not_excluded(at, src, f"a source of {target_col}")
+                self.not_excluded(exclude, at, src, f"a source of {target_col}")
             columns.append(column)
+        return tuple(columns)
 
+    def target_key_of(
+        self, key: tuple[str, ...], primary_key: tuple[str, ...], columns: tuple[ColumnMapping, ...]
+    ) -> tuple[str, ...]:
+        """The target key: the plain rename of each source primary key column."""
         target_key: list[str] = []
         for col in primary_key:
-            copies = [c.target for c in columns if c.kind == "copy" and c.source == col]
+            copies = [
+                c.target for c in columns if isinstance(c.transform, Rename) and c.source == col
+            ]
             if not copies:
                 self.fail(
                     (*key, "primary_key"),
                     f'primary key column "{col}" must be mapped by a plain rename, '
-                    f'e.g. `{col} = "{col}"` under [tables.{dotted([name])}.columns]',
+                    f'e.g. `{col} = "{col}"` under [{dotted(key)}.columns]',
                 )
             target_key.append(copies[0])
-
-        return TableMapping(
-            source_table=name,
-            target_table=target,
-            domain=domain,
-            aggregate_key=agg,
-            primary_key=primary_key,
-            target_key=tuple(target_key),
-            columns=tuple(columns),
-            exclude=exclude,
-            delete_when=delete_when,
-        )
+        return tuple(target_key)
 
     def load_predicate(self, key: tuple[str, ...], raw: object) -> Predicate:
         body = self.table(key, raw, '{ column = "COLUMN", equals = VALUE } or in = [VALUES]')

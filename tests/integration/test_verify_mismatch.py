@@ -15,7 +15,15 @@ from cli.commands import verify as verify_command
 from control.verify import VerifyOptions, VerifyReport, run_verify
 from cutover.config import Settings
 from cutover.errors import VerifyMismatch
-from tests.integration.test_verify_support import commerce, legacy, make_settings, mapping, seed
+from cutover.mapping import parse_mapping
+from tests.integration.test_verify_support import (
+    MAPPING_PATH,
+    commerce,
+    legacy,
+    make_settings,
+    mapping,
+    seed,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +126,27 @@ def test_invariants_are_checked_on_commerce(seeded: Settings) -> None:
     report = run_verify(seeded, mapping(), domain="payment", actor="tester", options=SMALL)
     failing = {i.name: i.violations for i in report.invariants if not i.passed}
     assert failing == {"invoice_link": 1, "settled_payment_amount": 1}
+
+
+SOURCE_INVARIANT = """
+[invariants.no_deleted_product]
+side = "source"
+description = "no product is deleted"
+tables = ["products"]
+query = "SELECT id, status FROM {products} WHERE status = 'deleted'"
+"""
+
+
+def test_an_invariant_the_mapping_declares_on_the_source_side(seeded: Settings) -> None:
+    spec = parse_mapping(MAPPING_PATH.read_text() + SOURCE_INVARIANT, "mapping.toml")
+    deleted = legacy(seeded, "SELECT count(*) FROM shop.products WHERE status = 'deleted'")[0][0]
+    assert deleted > 0  # the prefill has 'deleted' products
+    report = run_verify(seeded, spec, domain="merchant", actor="tester", options=SMALL)
+    assert [(i.name, i.domain, i.violations) for i in report.invariants] == [
+        ("no_deleted_product", "merchant", min(deleted, 1000))
+    ]
+    assert report.failed_domains == ["merchant"]
+    assert all(t.passed for t in report.tables)
 
 
 class Interrupt(Exception):
