@@ -3,6 +3,7 @@ percentiles, the report and its JSON, and the rendering."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from control.monitor import (
     build_report,
     group_lag,
     latency_samples,
+    monitored_domains,
     percentile,
 )
 from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
+from cutover.errors import MappingError
 
 SETTINGS = Settings(
     source=SourceSettings(dsn="dbname=legacy"),
@@ -145,3 +148,15 @@ def test_byte_sizes_for_people() -> None:
     assert _bytes(512) == "512 B"
     assert _bytes(2048) == "2.0 kB"
     assert _bytes(5 * 1024**3) == "5.0 GB"
+
+
+def test_monitored_domains_come_from_the_mapping_file(tmp_path: Path) -> None:
+    shop = Path(__file__).resolve().parents[2] / "examples" / "shop" / "mapping.toml"
+    assert monitored_domains(replace(SETTINGS, mapping_path=shop)) == [
+        "payment",
+        "data",
+        "merchant",
+    ]
+    # No built-in fallback list: a missing mapping is the usual configuration error (exit 2).
+    with pytest.raises(MappingError):
+        monitored_domains(replace(SETTINGS, mapping_path=tmp_path / "missing.toml"))
