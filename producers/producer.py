@@ -61,6 +61,7 @@ from cutover.config import Settings
 from cutover.errors import (
     CheckFailed,
     ConfigError,
+    CutoverError,
     DatabaseError,
     KafkaError,
     RuntimeFailure,
@@ -682,10 +683,13 @@ class CdcProducer:
             return
         request = self._request
         assert request is not None
+        if not snapshot.request_is_open(self.ctl, request.id):
+            self.log.warning("snapshot.cancelled", table=request.source_table, request=request.id)
+            self._request = None
+            return
         tm = self.mapping.tables.get(request.source_table)
         if tm is None:
-            source_state.mark_request(self.ctl, request.id, "failed", "table is not in the mapping")
-            self._request = None
+            self._fail_request(request, "table is not in the mapping")
             return
         schema = self.mapping.source_schema
         columns = snapshot.published_column_specs(
@@ -698,17 +702,24 @@ class CdcProducer:
             keys = tuple(parent.reread)
             parent.reread = []
             self._reread_parent = None
-        chunk = snapshot.read_chunk(
-            self.ctl,
-            schema=schema,
-            table=tm.source_table,
-            columns=columns,
-            primary_key=tm.primary_key,
-            request=request,
-            last_pk=request.last_pk,
-            chunk_rows=self.settings.source.snapshot_chunk_rows,
-            keys=keys,
-        )
+        try:
+            chunk = snapshot.read_chunk(
+                self.ctl,
+                schema=schema,
+                table=tm.source_table,
+                columns=columns,
+                primary_key=tm.primary_key,
+                request=request,
+                last_pk=request.last_pk,
+                chunk_rows=self.settings.source.snapshot_chunk_rows,
+                keys=keys,
+            )
+        except CutoverError as exc:
+            reason = snapshot.request_fault(exc)
+            if reason is None:
+                raise
+            self._fail_request(request, reason)
+            return
         self.stream.add_window(
             ChunkWindow(
                 chunk_id=chunk.chunk_id,
@@ -723,6 +734,14 @@ class CdcProducer:
                 attempt=parent.attempt + 1 if parent is not None else 0,
             )
         )
+
+    def _fail_request(self, request: source_state.SnapshotRequest, reason: str) -> None:
+        """Mark a request failed for its own fault (it stays visible in ``snapshot --list``)."""
+        source_state.mark_request(self.ctl, request.id, "failed", reason)
+        self.log.error(
+            "snapshot.failed", table=request.source_table, request=request.id, error=reason
+        )
+        self._request = None
 
     def _chunk_done(self, window: ChunkWindow) -> None:
         """After step 5: record a chunk's progress, or schedule what must be read again."""

@@ -1,12 +1,14 @@
 """DBLog watermark snapshots: the database side of a chunk, and the request queue.
 
-A snapshot (the initial load of a table, or ``cutover snapshot --table T [--where SQL]``) is read
-in chunks of ``snapshot_chunk_rows`` rows in primary-key order, interleaved with the stream:
+A snapshot (the initial load of a table, or ``cutover snapshot --table T [--where FILTER]``) is
+read in chunks of ``snapshot_chunk_rows`` rows in primary-key order, interleaved with the stream:
 
 1. emit the LOW watermark: ``pg_logical_emit_message(true, 'cutover.snapshot.low', chunk id)``
    (its own committed transaction, so it is in the WAL before the SELECT starts);
-2. SELECT the chunk: published columns only (excluded columns are never read), primary key
-   after the last one read, ordered by primary key, ``LIMIT chunk_rows``;
+2. SELECT the chunk in a READ ONLY transaction: published columns only (excluded columns are
+   never read), primary key after the last one read, ordered by primary key, ``LIMIT
+   chunk_rows``, and the request's filter (:mod:`producers.predicate`, parsed again from the
+   operator's text for every chunk: the stored text is never run as SQL);
 3. emit the HIGH watermark (``'cutover.snapshot.high'``).
 
 The stream side (:class:`producers.events.ChangeStream`) drops from the chunk every key changed
@@ -20,6 +22,11 @@ advanced past the high watermark; a killed producer repeats at most the chunk in
 Values are read as text (``col::text``) and decoded with the same functions that decode pgoutput
 tuples (:func:`producers.pgoutput.decode_value`), so a snapshot row and a streamed row of the same
 data are identical, type for type.
+
+The request queue: :func:`queue_request` (``cutover snapshot --table``), :func:`list_requests`
+(``--list``) and :func:`cancel_request` (``--cancel``). A request whose filter or query fails in
+the producer is marked ``failed`` with the reason (:func:`request_fault`) instead of staying
+``running``.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ import psycopg
 from psycopg import sql
 
 from cutover.codec import ColumnSpec
-from cutover.errors import DatabaseError, UsageError
+from cutover.errors import CheckFailed, CutoverError, DatabaseError, UsageError
 from cutover.mapping import MappingSpec
-from producers import pgoutput
+from producers import pgoutput, predicate
 from producers.events import SNAPSHOT_HIGH_PREFIX, SNAPSHOT_LOW_PREFIX
 from producers.source_state import SnapshotRequest, request_snapshot
 
@@ -91,13 +98,15 @@ def chunk_query(
     primary_key: Sequence[str],
     *,
     after: bool,
-    where_sql: str | None,
+    where: sql.Composable | None = None,
     keys: int = 0,
 ) -> sql.Composed:
     """SELECT of one chunk: every published column as text, then the primary key as text.
 
     ``after``: only rows with a primary key greater than the parameters; ``keys``: only the
-    rows with one of that many primary keys (a key chunk: the parameters are the key values).
+    rows with one of that many primary keys (a key chunk: the parameters are the key values);
+    ``where``: a rendered filter (:func:`producers.predicate.render`, alias ``t``) whose
+    parameters follow the key parameters.
     """
     # Every column is qualified with the alias t: a bare ORDER BY "id" would bind to the OUTPUT
     # column "id"::text and sort the chunk as text (10 < 9), skipping rows between chunks.
@@ -111,10 +120,9 @@ def chunk_query(
         conditions.append(sql.SQL("({}) > {}").format(pk, one_key))
     if keys:
         conditions.append(sql.SQL("({}) IN ({})").format(pk, sql.SQL(", ").join([one_key] * keys)))
-    if where_sql:
-        # The operator's filter (cutover snapshot --where): trusted input by definition, checked
-        # with EXPLAIN when it was requested; parenthesised so it cannot widen the pk bound.
-        conditions.append(sql.SQL("({})").format(sql.SQL(where_sql)))
+    if where is not None:
+        # Parenthesised and AND-ed: whatever the filter, the primary-key bound still holds.
+        conditions.append(sql.SQL("({})").format(where))
     where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
     return sql.SQL("SELECT {select} FROM {table} AS t{where} ORDER BY {pk} LIMIT %s").format(
         select=select, table=sql.Identifier(schema, table), where=where, pk=pk
@@ -147,25 +155,29 @@ def read_chunk(
     """
     chunk_id = f"{request.id}:{request.chunks + 1}:{uuid.uuid4().hex[:12]}"
     names = [c.name for c in columns]
+    # Parsed before the low watermark: a refused filter (UsageError) emits nothing.
+    flt = compile_where(request.where_sql, names, schema, table)
     query = chunk_query(
         schema,
         table,
         names,
         primary_key,
         after=last_pk is not None and not keys,
-        where_sql=request.where_sql,
+        where=flt.sql if flt else None,
         keys=len(keys),
     )
-    params: list[Any] = (
-        [v for key in keys for v in key] + [len(keys)] if keys else [*(last_pk or ()), chunk_rows]
-    )
+    bound: list[Any] = [v for key in keys for v in key] if keys else list(last_pk or ())
+    params = [*bound, *(flt.params if flt else ()), len(keys) if keys else chunk_rows]
     by_name = {c.name: c for c in columns}
     pk_specs = [by_name[c] for c in primary_key]
     try:
         # (1) low watermark, committed before the SELECT starts.
         conn.execute(_EMIT, (SNAPSHOT_LOW_PREFIX, chunk_id))
-        # (2) the chunk, published columns only, after the last primary key read.
-        raw = conn.execute(query, params).fetchall()
+        # (2) the chunk, published columns only, after the last primary key read; read-only
+        # by construction (whatever the filter, the transaction cannot write).
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            raw = conn.execute(query, params).fetchall()
         # (3) high watermark, committed after the SELECT finished.
         conn.execute(_EMIT, (SNAPSHOT_HIGH_PREFIX, chunk_id))
     except psycopg.Error as exc:
@@ -195,19 +207,42 @@ def estimate_rows(conn: Conn, schema: str, table: str) -> int | None:
     return int(row[0]) if row and row[0] >= 0 else None
 
 
-def validate_where(conn: Conn, schema: str, table: str, where_sql: str) -> None:
-    """Refuse a --where filter that does not parse or names unknown columns (via EXPLAIN)."""
-    query = sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE ({})").format(
-        sql.Identifier(schema, table), sql.SQL(where_sql)
+def compile_where(
+    where: str | None, columns: Sequence[str], schema: str, table: str
+) -> predicate.Filter | None:
+    """The parsed ``--where`` filter of a request on ``schema.table`` (None: no filter)."""
+    if not where:
+        return None
+    return predicate.compile_filter(where, columns, table=f"{schema}.{table}")
+
+
+def validate_where(conn: Conn, schema: str, table: str, flt: predicate.Filter) -> None:
+    """Refuse a parsed filter PostgreSQL cannot plan (types): EXPLAIN, read-only, rolled back."""
+    query = sql.SQL("EXPLAIN SELECT 1 FROM {} AS t WHERE ({})").format(
+        sql.Identifier(schema, table), flt.sql
     )
     try:
         with conn.transaction(force_rollback=True):
-            conn.execute("SET LOCAL transaction_read_only = on")
-            conn.execute(query)
+            conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute(query, flt.params)
     except psycopg.Error as exc:
         raise UsageError(
-            f"--where {where_sql!r} is not a valid filter on {schema}.{table}: {exc}"
+            f"--where {flt.text!r} is not a valid filter on {schema}.{table}: {exc}"
         ) from None
+
+
+def request_fault(exc: CutoverError) -> str | None:
+    """Why a request failed through its own fault (its filter, its query), or None.
+
+    A refused filter, or a data/syntax/access/read-only error (SQLSTATE classes 22, 42, 25) of
+    its chunk query, fails the request for good; anything else (a lost connection) is the producer's
+    problem and is retried after a restart.
+    """
+    if isinstance(exc, UsageError):
+        return exc.message
+    if isinstance(exc, DatabaseError) and (exc.sqlstate or "")[:2] in ("22", "25", "42"):
+        return exc.message
+    return None
 
 
 def queue_request(
@@ -215,18 +250,96 @@ def queue_request(
     *,
     mapping: MappingSpec,
     slot: str,
+    publication: str,
     table: str,
-    where_sql: str | None,
+    where: str | None,
     requested_by: str | None,
 ) -> int:
-    """``cutover snapshot``: validate and queue a request; the running producer executes it."""
+    """``cutover snapshot --table``: validate and queue a request; the running producer runs it.
+
+    The operator's filter text is stored as written, for display; the producer parses it again.
+    """
     if table not in mapping.tables:
         known = ", ".join(mapping.tables)
         raise UsageError(f"table {table!r} is not in the mapping; mapped tables: {known}")
+    schema = mapping.source_schema
     try:
         with psycopg.connect(dsn, autocommit=True, application_name="cutover snapshot") as conn:
-            if where_sql:
-                validate_where(conn, mapping.source_schema, table, where_sql)
-            return request_snapshot(conn, slot, table, where_sql, requested_by=requested_by)
+            if where:
+                columns = published_column_specs(conn, publication, schema, table)
+                flt = compile_where(where, [c.name for c in columns], schema, table)
+                assert flt is not None
+                validate_where(conn, schema, table, flt)
+            return request_snapshot(conn, slot, table, where, requested_by=requested_by)
     except psycopg.Error as exc:
         raise _db(exc, "queueing the snapshot request") from None
+
+
+_LIST: Final = (
+    "SELECT r.id, r.source_table, r.where_sql, r.kind, r.status, coalesce(p.rows_emitted, 0),"
+    " coalesce(p.chunks, 0), r.requested_by, r.requested_at, r.started_at, r.finished_at, r.error"
+    " FROM cutover.snapshot_requests r"
+    " LEFT JOIN cutover.snapshot_progress p ON p.request_id = r.id"
+    " WHERE r.slot_name = %s ORDER BY r.id"
+)
+LIST_FIELDS: Final = (
+    "id", "table", "where", "kind", "status", "rows", "chunks", "requested_by", "requested_at",
+    "started_at", "finished_at", "error",
+)  # fmt: skip
+
+
+def list_requests(dsn: str, slot: str) -> list[dict[str, Any]]:
+    """``cutover snapshot --list``: every request of ``slot``, oldest first."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, application_name="cutover snapshot") as conn:
+            rows = conn.execute(_LIST, (slot,)).fetchall()
+    except psycopg.Error as exc:
+        raise _db(exc, "listing the snapshot requests") from None
+    return [dict(zip(LIST_FIELDS, row, strict=True)) for row in rows]
+
+
+def cancel_request(dsn: str, slot: str, request_id: int, *, by: str | None) -> str:
+    """``cutover snapshot --cancel ID``: fail an open request; returns its table.
+
+    The producer checks the status before every chunk, so a running request stops after the
+    chunk in flight. Initial snapshots are not cancelled (the table would never be loaded).
+    """
+    reason = f"cancelled by {by or 'an operator'}"
+    try:
+        with psycopg.connect(dsn, autocommit=True, application_name="cutover snapshot") as conn:
+            row = conn.execute(
+                "UPDATE cutover.snapshot_requests SET status = 'failed', error = %s,"
+                " finished_at = now() WHERE id = %s AND slot_name = %s AND kind = 'request'"
+                " AND status IN ('pending', 'running') RETURNING source_table",
+                (reason, request_id, slot),
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+            found = conn.execute(
+                "SELECT kind, status FROM cutover.snapshot_requests"
+                " WHERE id = %s AND slot_name = %s",
+                (request_id, slot),
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise _db(exc, "cancelling the snapshot request") from None
+    if found is None:
+        raise UsageError(f"there is no snapshot request {request_id} on slot {slot}")
+    kind, status = found
+    if status in ("done", "failed"):
+        raise CheckFailed(f"snapshot request {request_id} is already {status}")
+    raise CheckFailed(
+        f"snapshot request {request_id} is an initial snapshot ({kind}): cancelling it would "
+        "leave the table unloaded; use `cutover init --resnapshot` to start over"
+    )
+
+
+def request_is_open(conn: Conn, request_id: int) -> bool:
+    """Whether ``request_id`` is still pending or running (not cancelled meanwhile)."""
+    try:
+        row = conn.execute(
+            "SELECT status IN ('pending', 'running') FROM cutover.snapshot_requests WHERE id = %s",
+            (request_id,),
+        ).fetchone()
+    except psycopg.Error as exc:
+        raise _db(exc, "reading cutover.snapshot_requests") from None
+    return bool(row and row[0])

@@ -13,7 +13,7 @@ name (with column lists), so writes here produce WAL but no change events.
   the last writer schema, so that an incompatible change is refused after a restart too, not only
   when the producer saw both versions.
 * ``snapshot_requests``: initial loads (``kind = 'initial'``, one per table, created by the
-  producer on its first start) and requests from ``cutover snapshot --table T [--where SQL]``.
+  producer on its first start) and requests from ``cutover snapshot --table T [--where FILTER]``.
 * ``snapshot_progress``: per request, the primary key of the last chunk row read and the rows
   emitted; written only after the chunk's rows were acknowledged and the slot advanced past the
   chunk's high watermark, so a killed producer resumes with that chunk.
@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS cutover.snapshot_requests (
     id           bigserial   PRIMARY KEY,
     slot_name    text        NOT NULL,
     source_table text        NOT NULL,    -- the mapping's table name (in its source_schema)
-    where_sql    text,                    -- optional filter, operator-supplied SQL
+    where_sql    text,                    -- optional filter as the operator wrote it (parsed again)
     kind         text        NOT NULL CHECK (kind IN ('initial', 'request')),
     status       text        NOT NULL DEFAULT 'pending'
                  CHECK (status IN ('pending', 'running', 'done', 'failed')),
@@ -327,8 +327,9 @@ def record_progress(
             )
             if done:
                 conn.execute(
+                    # Not over a cancellation (cutover snapshot --cancel) made meanwhile.
                     "UPDATE cutover.snapshot_requests SET status = 'done',"
-                    " finished_at = now() WHERE id = %s",
+                    " finished_at = now() WHERE id = %s AND status = 'running'",
                     (request_id,),
                 )
     except psycopg.Error as exc:

@@ -15,7 +15,7 @@ from psycopg import sql
 from cutover import codec
 from cutover.codec import ColumnSpec
 from cutover.config import KafkaSettings
-from cutover.errors import ConfigError
+from cutover.errors import ConfigError, UsageError
 from cutover.mapping import MappingSpec, load_mapping
 from producers.fast_avro import encoder_for
 from producers.init import (
@@ -28,6 +28,7 @@ from producers.init import (
     ri_index_name,
 )
 from producers.kafka_io import producer_config, topic_specs
+from producers.predicate import compile_filter
 from producers.producer import CRASH_POINTS, ProducerOptions, lock_keys, options_from_environ
 from producers.snapshot import chunk_query, decode_row
 
@@ -266,21 +267,26 @@ def test_publication_diff_says_what_changes() -> None:
 
 
 def test_chunk_query_reads_published_columns_after_the_last_key() -> None:
+    where = compile_filter("qty > 1", ["order_id", "line_no", "qty"], table="shop.order_items")
     query = chunk_query(
         "shop", "order_items", ["order_id", "qty"], ["order_id", "line_no"],
-        after=True, where_sql="qty > 1",
+        after=True, where=where.sql,
     )  # fmt: skip
     assert query.as_string(None) == (
         'SELECT "t"."order_id"::text, "t"."qty"::text, "t"."order_id"::text, "t"."line_no"::text '
         'FROM "shop"."order_items" AS t WHERE ("t"."order_id", "t"."line_no") > (%s, %s) '
-        'AND (qty > 1) ORDER BY "t"."order_id", "t"."line_no" LIMIT %s'
+        'AND (("t"."qty" > %s)) ORDER BY "t"."order_id", "t"."line_no" LIMIT %s'
     )
-    first = chunk_query("shop", "users", ["id"], ["id"], after=False, where_sql=None)
+    assert where.params == (1,)
+    # A filter that tries to close the parenthesis is refused, so the pk bound always holds.
+    with pytest.raises(UsageError, match="unbalanced"):
+        compile_filter("qty > 1) OR (true", ["qty"], table="shop.order_items")
+    first = chunk_query("shop", "users", ["id"], ["id"], after=False)
     # Qualified: a bare "id" in ORDER BY would sort by the text output column.
     assert first.as_string(None) == (
         'SELECT "t"."id"::text, "t"."id"::text FROM "shop"."users" AS t ORDER BY "t"."id" LIMIT %s'
     )
-    keys = chunk_query("shop", "users", ["id"], ["id"], after=False, where_sql=None, keys=2)
+    keys = chunk_query("shop", "users", ["id"], ["id"], after=False, keys=2)
     assert 'WHERE ("t"."id") IN ((%s), (%s))' in keys.as_string(None)
     assert isinstance(first, sql.Composed)
 
