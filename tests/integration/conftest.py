@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import psycopg
 import pytest
@@ -21,12 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "shop"
 
 
+def skip_or_fail(message: str) -> NoReturn:
+    """Skip a test whose service is missing; under ``CI=true`` that is a failure instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _need(env: dict[str, str], key: str) -> str:
     if key not in env:
-        message = f"{key} not set and .stack/env missing: run `make up` first"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"{key} not set and .stack/env missing: run `make up` first")
     return env[key]
 
 

@@ -33,6 +33,7 @@ from devtools.apply_support import (
     wait_for,
     write_config,
 )
+from tests.integration.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
 @pytest.fixture
 def commerce(fresh_commerce: str) -> str:
     if not DATA.exists():
-        pytest.skip("needs the local stack's commerce cluster (make up)")
+        skip_or_fail("needs the local stack's commerce cluster (make up)")
     init_control(fresh_commerce)
     return fresh_commerce
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import uuid
@@ -40,6 +39,7 @@ from devtools.apply_support import (
     wait_for,
 )
 from producers.source_state import ensure_schema, record_position
+from tests.integration.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +51,7 @@ def kafka_consumer_groups(bootstrap: str, group: str) -> dict[tuple[str, int], d
     """``kafka-consumer-groups --describe --group G`` from the stack's jars, parsed by column."""
     java = shutil.which("java")
     if java is None or not KAFKA_LIBS.is_dir():
-        message = "java or the Kafka jars (.stack-cache/kafka-libs) are missing: run `make up`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("java or the Kafka jars (.stack-cache/kafka-libs) are missing: run `make up`")
     result = subprocess.run(
         [
             java,

@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from devtools.harness import Scenario, init, open_scenario, stop
+from devtools.harness import Scenario, changes, init, open_scenario, stop
 from devtools.workload import prefill, run_workload
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
@@ -39,11 +40,23 @@ def _start_apply(scenario: Scenario, name: str, port: int) -> subprocess.Popen[b
 
 
 def _scrape(port: int, metric: str) -> float:
-    """Sum of every sample of ``metric`` on the process's /metrics endpoint."""
+    """Sum of every sample of ``metric`` on the process's /metrics endpoint (it must be there)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    pattern = re.compile(rf"^{metric}(?:{{[^}}]*}})? ([0-9.e+]+)$", re.MULTILINE)
-    return sum(float(value) for value in pattern.findall(text))
+    pattern = re.compile(rf"^{metric}(?:{{[^}}]*}})? ([-0-9.e+]+)$", re.MULTILINE)
+    values = pattern.findall(text)
+    assert values, f"{metric} is not served on port {port}"
+    return sum(float(value) for value in values)
+
+
+def _scrape_until(port: int, metric: str, done: Callable[[float], bool], timeout: float) -> float:
+    """Scrape ``metric`` until ``done(value)`` (or the timeout); the last value."""
+    deadline = time.monotonic() + timeout
+    value = _scrape(port, metric)
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = _scrape(port, metric)
+    return value
 
 
 def _wait_equal(legacy: str, commerce: str, timeout: float) -> None:
@@ -89,11 +102,18 @@ def test_live_workload_reaches_commerce_exactly(
             assert not errors, errors
             _wait_equal(fresh_legacy, fresh_commerce, timeout=180)
             # The real processes serve their metrics while they run.
-            produced = _scrape(ports[0], "cutover_events_produced_total")
+            # The producer counts the streamed change events Kafka acknowledged (not the
+            # snapshot rows, not heartbeats): exactly the c/u/d events in the topics.
+            streamed = sum(1 for e in changes(scenario.read()) if e.record["op"] != "r")
+            produced = _scrape_until(
+                ports[0], "cutover_events_produced_total", lambda v: v == streamed, 30
+            )
+            assert produced == streamed > 0
             applied = sum(_scrape(p, "cutover_events_applied_total") for p in ports[1:])
-            assert produced > 0
             assert applied >= produced  # applied counts heartbeats and the snapshot too
-            assert _scrape(ports[0], "cutover_slot_lag_bytes") >= 0
+            # Caught up, the slot is advanced by every heartbeat: it holds back next to nothing.
+            lag = _scrape_until(ports[0], "cutover_slot_lag_bytes", lambda v: 0 <= v < 2**20, 30)
+            assert 0 <= lag < 2**20
             assert sum(_scrape(p, "cutover_apply_latency_seconds_count") for p in ports[1:]) > 0
         finally:
             codes = [stop(p) for p in appliers]
