@@ -22,7 +22,7 @@ Creation (each reported as ``created`` / ``exists`` / ``altered``; re-running ch
    index ``cutover_ri_<table>`` on (primary key, aggregate key) ``CONCURRENTLY`` and makes it the
    replica identity, so deletes can be routed to the aggregate's partition;
 3. the publication, FOR TABLE with explicit column lists = the table's columns minus the
-   mapping's ``exclude``: excluded (social) columns are never decoded. An existing publication
+   mapping's ``exclude``: pgoutput never sends excluded (social) columns. An existing publication
    with other tables or columns is ALTERed (``SET TABLE``) and reported as ``altered``. Columns
    added to a table later are NOT published until the mapping mentions them and init runs again
    (so the writer schema stays what consumers know until someone decides);

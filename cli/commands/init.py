@@ -29,7 +29,7 @@ key and a usable replica identity; every column is either read by the mapping or
 
 Creates: the legacy control tables (schema cutover), a replica-identity index where a table's
 aggregate key is not in its primary key (so deletes carry their Kafka key), the publication with
-column lists (excluded columns are never decoded; an existing publication with other columns is
+column lists (pgoutput never sends excluded columns; an existing publication with other columns is
 altered, and init says so), the pgoutput slot, the Kafka topics (domain topics, dlq, compacted
 control and schemas), the commerce control tables, and with --target-ddl the commerce schema.
 """

@@ -27,7 +27,7 @@
 CREATE SCHEMA IF NOT EXISTS commerce;
 
 -- data domain: what a buyer needs, never the social profile (handle, follower_count and bio stay
--- in the old database: they are excluded from the publication and never decoded).
+-- in the old database: they are excluded from the publication, pgoutput never sends them).
 CREATE TABLE IF NOT EXISTS commerce.customers (
     customer_id   bigint      NOT NULL PRIMARY KEY,
     display_name  text        NOT NULL,
