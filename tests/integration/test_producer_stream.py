@@ -293,6 +293,14 @@ def test_snapshot_with_concurrent_updates_ends_equal_to_the_source(
         hot.start()
         try:
             run_workload(scenario.source_dsn, rate=400, duration=6, seed=8, bulk_every=300)
+            # Keep the hot updates going until the products snapshot is done, however slow the
+            # machine: its chunk windows must see concurrent changes for the checks below.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(
+                ev["event"] == "snapshot.done" and ev.get("table") == "products"
+                for ev in scenario.log_events()
+            ):
+                time.sleep(0.2)
             stop_hot.set()
             hot.join()
             request = scenario.cli("snapshot", "--table", "products", "--where", "stock > 10")
