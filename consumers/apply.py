@@ -36,13 +36,11 @@ transaction), the consumer leaves the group cleanly.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -50,14 +48,22 @@ from confluent_kafka import KafkaError as RdKafkaError
 from structlog.typing import FilteringBoundLogger
 
 from consumers.batch import Entry, closed_prefix
-from consumers.dlq import DeadLetter, DlqPublisher, PoisonHalt
-from consumers.events import Change, Heartbeat, from_record
+from consumers.engine import (
+    TP,
+    ApplyEngine,
+    ApplySummary,
+    Batch,
+    CommitInfo,
+    CrashPoint,
+    Decoder,
+    Tx,
+)
+from consumers.letters import DlqPublisher, RecordLetters
 from consumers.schemas import SchemaReader, kafka_error
-from consumers.sink import OffsetUpdate, Sink, translate
+from consumers.sink import Sink, translate
 from consumers.sql import NEW_ROW_OFFSET
-from cutover import metrics
 from cutover.config import Settings
-from cutover.errors import CutoverError, DatabaseError, DecodeError, KafkaError, UnknownSchema
+from cutover.errors import DatabaseError, KafkaError
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
 
@@ -67,8 +73,6 @@ def log() -> FilteringBoundLogger:
     # runs would keep structlog's defaults (console renderer on stdout).
     return get_logger(__name__)
 
-
-TP = tuple[str, int]
 
 # Settings the exactly-once protocol depends on: the pass-through cannot change them.
 _FORCED = {
@@ -87,16 +91,6 @@ _TRANSIENT = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03"})
 
 
 @dataclass(frozen=True, slots=True)
-class CommitInfo:
-    """What one COMMIT made visible (for observers: the benchmark, metrics)."""
-
-    committed_at_ms: int
-    source_ts_ms: Sequence[int]
-    events: int
-    dead_letters: int
-
-
-@dataclass(frozen=True, slots=True)
 class ApplyOptions:
     """Knobs of one apply process that are not in the config file."""
 
@@ -111,16 +105,7 @@ class ApplyOptions:
     on_commit: Callable[[CommitInfo], None] | None = None
     #: Fault tests only (``CUTOVER_CRASH_AT``): kill this process like ``kill -9`` right before
     #: or right after the commerce COMMIT of a batch.
-    crash_at: Literal["apply_before_commit", "apply_after_commit"] | None = None
-
-
-@dataclass(slots=True)
-class ApplySummary:
-    events: int = 0
-    upserted: int = 0
-    deleted: int = 0
-    dead_letters: int = 0
-    commits: int = 0
+    crash_at: CrashPoint | None = None
 
 
 @dataclass(slots=True)
@@ -134,34 +119,9 @@ class _Partition:
     buffer: list[Entry] = field(default_factory=list)
 
 
-_LATENCY_SAMPLE = 10_000
-
-
-def _crash() -> None:
-    """Die like ``kill -9`` would: no flush, no rollback, no finally."""
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass(slots=True)
-class _Tx:
-    """The open commerce-database transaction."""
-
-    locked: set[TP] = field(default_factory=set)
-    pending: dict[TP, OffsetUpdate] = field(default_factory=dict)
-    events: int = 0
-    upserted: int = 0
-    deleted: int = 0
-    letters: int = 0
-    source_ts: list[int] = field(default_factory=list)
-    # For the metrics: events per domain, and source commit times of a bounded sample of them
-    # (the latency histogram; a 1,000,000-event transaction must not grow memory).
-    by_domain: dict[str, int] = field(default_factory=dict)
-    latency_sample: list[int] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-
-
 class ApplyConsumer:
-    """One apply process. ``run()`` until ``stop`` is set (or idle, see :class:`ApplyOptions`)."""
+    """One apply process: the Kafka source of :class:`consumers.engine.ApplyEngine`.
+    ``run()`` until ``stop`` is set (or idle, see :class:`ApplyOptions`)."""
 
     def __init__(
         self,
@@ -180,26 +140,49 @@ class ApplyConsumer:
         self.batch_max = settings.apply.batch_max_events
         self.long_tx_events = self.options.long_tx_events or 2 * self.batch_max
         self.topics = [settings.kafka.topic(d) for d in self.mapping.domains]
-        self._domain_of = {settings.kafka.topic(d): d for d in self.mapping.domains}
-        self.summary = ApplySummary()
+        self.engine = ApplyEngine(
+            self.mapping,
+            connect=self._connect_db,
+            control_schema=self.control,
+            letters=RecordLetters(
+                self.group,
+                halt=settings.apply.dlq_policy == "halt",
+                publisher=lambda: DlqPublisher(settings),
+            ),
+            domain_of={settings.kafka.topic(d): d for d in self.mapping.domains},
+            on_commit=self.options.on_commit,
+            crash_at=self.options.crash_at,
+            observe=True,
+        )
         self._parts: dict[TP, _Partition] = {}
         self._streaming: set[TP] = set()
         self._paused: set[TP] = set()
         self._need_reseek: set[TP] = set()
-        self._tx: _Tx | None = None
         self._db_broken = False
         self._callback_error: BaseException | None = None
-        self._sink: Sink | None = None
         self._consumer: Any = None
-        self._dlq: DlqPublisher | None = None
         self._schemas: SchemaReader | None = None
+        self._decoder: Decoder | None = None
+        self._last_message = time.monotonic()
+
+    @property
+    def summary(self) -> ApplySummary:
+        return self.engine.summary
+
+    @property
+    def sink(self) -> Sink:
+        return self.engine.db
 
     # ================================================================== lifecycle
 
     def run(self) -> ApplySummary:
         try:
             self._start()
-            self._loop()
+            self.engine.run(self, self.stop)
+            if self.engine.tx is not None:
+                # Stopping inside a long source transaction: it cannot be committed in part.
+                # Whoever gets the partitions next re-applies it from the stored offsets.
+                self._abandon_tx("stopping inside a long source transaction")
         except BaseException:
             self._abandon_tx("error")
             raise
@@ -212,6 +195,7 @@ class ApplyConsumer:
         self._check_control_tables()
         self._schemas = SchemaReader(self.settings.kafka, self.group)
         self._schemas.refresh()
+        self._decoder = Decoder(self._schemas.store, self._schemas.refresh)
         self._consumer = Consumer(self._consumer_conf())
         self._consumer.subscribe(
             self.topics,
@@ -219,6 +203,7 @@ class ApplyConsumer:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        self._last_message = time.monotonic()
         log().info(
             "apply.started",
             group_id=self.group,
@@ -227,40 +212,32 @@ class ApplyConsumer:
             long_tx_events=self.long_tx_events,
         )
 
-    def _loop(self) -> None:
-        last_message = time.monotonic()
-        while not self.stop.is_set():
-            try:
-                msgs = self._consumer.consume(
-                    self.batch_max, self.settings.apply.batch_max_wait_ms / 1000
-                )
-            except KafkaException as exc:
-                raise kafka_error(exc, "consuming") from None
-            self._raise_callback_error()
-            if msgs:
-                last_message = time.monotonic()
-            try:
-                if self._db_broken:
-                    raise DatabaseError("connection lost", side="target")
-                self._ingest(msgs)
-                self._step()
-            except DatabaseError as exc:
-                if not self._recoverable(exc):
-                    raise
-                self._recover(exc)
-            idle = self.options.exit_when_idle_s
-            if (
-                idle is not None
-                and self._tx is None
-                and time.monotonic() - last_message > idle
-                and not any(p.buffer for p in self._parts.values())
-            ):
-                log().info("apply.idle_exit", idle_s=idle)
-                break
-        if self._tx is not None:
-            # Stopping inside a long source transaction: it cannot be committed in part.
-            # Whoever gets the partitions next re-applies it from the stored offsets.
-            self._abandon_tx("stopping inside a long source transaction")
+    def next_batch(self) -> Batch | None:
+        """One poll: the entries to apply now, per partition (the engine's Source protocol)."""
+        self._update_pause()
+        idle = self.options.exit_when_idle_s
+        if (
+            idle is not None
+            and self.engine.tx is None
+            and time.monotonic() - self._last_message > idle
+            and not any(p.buffer for p in self._parts.values())
+        ):
+            log().info("apply.idle_exit", idle_s=idle)
+            return None
+        try:
+            msgs = self._consumer.consume(
+                self.batch_max, self.settings.apply.batch_max_wait_ms / 1000
+            )
+        except KafkaException as exc:
+            raise kafka_error(exc, "consuming") from None
+        self._raise_callback_error()
+        if msgs:
+            self._last_message = time.monotonic()
+        if self._db_broken:
+            raise DatabaseError("connection lost", side="target")
+        self._ingest(msgs)
+        plan = self._plan()
+        return Batch(plan, commit=not self._streaming)
 
     def _consumer_conf(self) -> dict[str, Any]:
         conf: dict[str, Any] = {
@@ -280,7 +257,7 @@ class ApplyConsumer:
         log().warning("apply.kafka_error", error=err.str(), code=err.name(), fatal=err.fatal())
 
     def _close(self) -> None:
-        log().info("apply.stopping", **_summary_fields(self.summary))
+        log().info("apply.stopping", **self.summary.fields())
         if self._consumer is not None:
             try:
                 # Leaves the group: the remaining members get our partitions at once.
@@ -288,19 +265,17 @@ class ApplyConsumer:
             except (KafkaException, RuntimeError) as exc:
                 log().warning("apply.close_failed", error=str(exc))
             self._consumer = None
-        if self._dlq is not None:
-            self._dlq.close()
+        self.engine.letters.close()
         if self._schemas is not None:
             self._schemas.close()
-        if self._sink is not None and not self._sink.conn.closed:
-            self._sink.conn.close()
+        self.engine.close()
         log().info("apply.stopped")
 
     # ================================================================== database connection
 
-    def _connect(self) -> None:
+    def _connect_db(self) -> psycopg.Connection[tuple[object, ...]]:
         try:
-            conn = psycopg.connect(
+            return psycopg.connect(
                 self.settings.target.dsn,
                 autocommit=True,
                 connect_timeout=10,
@@ -308,13 +283,10 @@ class ApplyConsumer:
             )
         except psycopg.Error as exc:
             raise translate(exc, "connecting") from exc
-        self._sink = Sink(conn, self.mapping, self.control)
-        self._db_broken = False
 
-    @property
-    def sink(self) -> Sink:
-        assert self._sink is not None
-        return self._sink
+    def _connect(self) -> None:
+        self.engine.connect()
+        self._db_broken = False
 
     def _check_control_tables(self) -> None:
         for table in ("consumer_offsets", "tombstones", "dead_letters"):
@@ -326,12 +298,14 @@ class ApplyConsumer:
                     side="target",
                 )
 
-    def _recoverable(self, exc: DatabaseError) -> bool:
-        conn = self._sink.conn if self._sink else None
-        if conn is None or conn.closed or conn.broken or self._db_broken:
-            return True
-        state = exc.sqlstate or ""
-        return state in _TRANSIENT or state.startswith("08")
+    def recover(self, exc: DatabaseError) -> bool:
+        """Source protocol: recover from a database error if it is worth a retry."""
+        if not (self.engine.broken() or self._db_broken):
+            state = exc.sqlstate or ""
+            if state not in _TRANSIENT and not state.startswith("08"):
+                return False
+        self._recover(exc)
+        return True
 
     def _recover(self, exc: DatabaseError) -> None:
         """Abandon the batch, reconnect, and re-seek every partition from the stored offsets."""
@@ -341,9 +315,7 @@ class ApplyConsumer:
         delay = 0.2
         while True:
             try:
-                if self._sink is None or self._sink.conn.closed or self._sink.conn.broken:
-                    if self._sink is not None:
-                        self._sink.conn.close()
+                if self.engine.broken():
                     self._connect()
                 self._reseek(list(self._parts))
                 break
@@ -355,27 +327,15 @@ class ApplyConsumer:
                         side="target",
                         sqlstate=again.sqlstate,
                     ) from None
-                if self._sink is not None and not self._sink.conn.closed:
-                    self._sink.conn.close()
+                self.engine.close()
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         log().info("apply.db_recovered")
 
     def _abandon_tx(self, reason: str) -> None:
-        if self._tx is not None:
-            log().warning(
-                "apply.tx_rolled_back",
-                reason=reason,
-                events=self._tx.events,
-                partitions=len(self._tx.locked),
-            )
-        self._tx = None
+        if not self.engine.rollback(reason):
+            self._db_broken = True
         self._streaming.clear()
-        if self._sink is not None:
-            try:
-                self._sink.rollback()
-            except DatabaseError:
-                self._db_broken = True
         self._resume_all()
 
     # ================================================================== rebalance callbacks
@@ -421,7 +381,7 @@ class ApplyConsumer:
     def _drop_partitions(self, partitions: list[TopicPartition], event: str) -> None:
         try:
             tps = {(p.topic, p.partition) for p in partitions}
-            tx = self._tx
+            tx = self.engine.tx
             if tx is not None and (tps & tx.locked or tps & self._streaming):
                 # The open long transaction holds uncommitted work of a partition we no longer
                 # own: it can never commit. Roll back; the partitions we keep restart from the
@@ -508,6 +468,8 @@ class ApplyConsumer:
             skip = pending  # messages of this poll predate the seek
         else:
             skip = set()
+        decoder = self._decoder
+        assert decoder is not None
         refreshed = False
         for msg in msgs:
             err = msg.error()
@@ -526,39 +488,10 @@ class ApplyConsumer:
                 continue  # fetched before a seek, or already taken
             part.cursor = offset + 1
             entry = Entry(offset, msg.key(), msg.value())
-            refreshed = self._decode(entry, refreshed)
+            refreshed = decoder.decode(entry, refreshed)
             part.buffer.append(entry)
 
-    def _decode(self, entry: Entry, refreshed: bool) -> bool:
-        """Decode ``entry`` in place; returns whether the schemas topic was re-read."""
-        assert self._schemas is not None
-        if entry.value is None:
-            entry.error = DecodeError("message has no value (null)")
-            return refreshed
-        try:
-            try:
-                ws, record = self._schemas.store.decode(entry.value)
-            except UnknownSchema:
-                if refreshed:
-                    raise
-                # Only a fingerprint unknown after re-reading the schemas topic is poison.
-                self._schemas.refresh()
-                refreshed = True
-                ws, record = self._schemas.store.decode(entry.value)
-            entry.event = from_record(ws.name, record)
-        except DecodeError as exc:
-            entry.error = exc
-        return refreshed
-
-    # ================================================================== step: plan, apply, commit
-
-    def _step(self) -> None:
-        plan = self._plan()
-        if plan:
-            self._apply(plan)
-        if self._tx is not None and not self._streaming:
-            self._commit()
-        self._update_pause()
+    # ================================================================== plan: what a step applies
 
     def _plan(self) -> dict[TP, list[Entry]]:
         """Take, per partition, the entries this step applies (see the module docstring)."""
@@ -605,89 +538,25 @@ class ApplyConsumer:
         self._streaming.add(tp)
         log().info("apply.long_tx_opened", partition=_tp_text([tp]), open_tail=tail)
 
-    def _apply(self, plan: dict[TP, list[Entry]]) -> None:
-        # Commit protocol, part 1 (the rest is in _commit):
-        # 1. BEGIN, unless a long transaction is already open.
-        if self._tx is None:
-            self.sink.begin()
-            self._tx = _Tx()
-        tx = self._tx
-        # 2. Fence: lock the offsets rows of partitions new to this transaction and check they
-        #    still hold what this member started from. A partition another member moved on is
-        #    dropped from the batch and re-sought from the database.
-        new = [tp for tp in plan if tp not in tx.locked]
-        if new:
-            for tp in self._fence(new):
-                del plan[tp]
-                self._streaming.discard(tp)
-                self._reseek([tp])
-        # 3. Decode errors become dead letters; heartbeats only update the offsets row;
-        #    changes go to the sink, which applies them set-based with position guards.
-        changes: list[Change] = []
-        refs: list[tuple[TP, Entry]] = []
-        letters: list[DeadLetter] = []
-        for tp, entries in plan.items():
-            domain = tp[0].rsplit(".", 1)[-1]
-            tx.by_domain[domain] = tx.by_domain.get(domain, 0) + len(entries)
-            upd = tx.pending.get(tp)
-            if upd is None:
-                upd = tx.pending[tp] = OffsetUpdate(tp[0], tp[1], entries[0].offset)
-            for entry in entries:
-                event = entry.event
-                if entry.error is not None or event is None:
-                    letters.append(self._letter(tp, entry, entry.error, None))
-                elif isinstance(event, Heartbeat):
-                    upd.last_heartbeat_ms = max(upd.last_heartbeat_ms or 0, event.ts_ms)
-                    metrics.heartbeat_seen(domain, event.ts_ms)
-                else:
-                    if len(tx.latency_sample) < _LATENCY_SAMPLE:
-                        tx.latency_sample.append(event.ts_ms)
-                    changes.append(event)
-                    refs.append((tp, entry))
-                    upd.last_source_lsn = max(upd.last_source_lsn or 0, event.lsn)
-                    upd.last_source_ts_ms = max(upd.last_source_ts_ms or 0, event.ts_ms)
-                    if self.options.on_commit is not None:  # bounded memory otherwise
-                        tx.source_ts.append(event.ts_ms)
-            # Only offsets of whole units are ever committed: at COMMIT every partition of the
-            # transaction ended on a closing event (streaming ones are committed when closed).
-            upd.next_offset = entries[-1].offset + 1
-        stats, failures = self.sink.apply(changes)
-        for i, error in failures:
-            tp, entry = refs[i]
-            letters.append(self._letter(tp, entry, error, changes[i].table))
-        # 4. Poison messages: halt, or record them in this transaction and send them to the
-        #    dead-letter topic (flushed before COMMIT, in _commit).
-        if letters:
-            letters.sort(key=lambda letter: (letter.topic, letter.partition, letter.offset))
-            if self.settings.apply.dlq_policy == "halt":
-                first = letters[0]
-                log().error(
-                    "dlq.halt",
-                    topic=first.topic,
-                    partition=first.partition,
-                    offset=first.offset,
-                    error_class=first.error_class,
-                    error=first.error.message,
-                )
-                raise PoisonHalt(first.topic, first.partition, first.offset, first.error)
-            self.sink.record_dead_letters([letter.db_row(self.group) for letter in letters])
-            for letter in letters:
-                metrics.dead_letter(letter.topic.rsplit(".", 1)[-1], letter.error_class)
-            if self._dlq is None:
-                self._dlq = DlqPublisher(self.settings)
-            self._dlq.send(letters)
-        tx.events += sum(len(entries) for entries in plan.values())
-        tx.upserted += stats.upserted
-        tx.deleted += stats.deleted
-        tx.letters += len(letters)
+    # ================================================================== the engine's hooks
 
-    def _fence(self, tps: list[TP]) -> set[TP]:
-        tx = self._tx
-        assert tx is not None
+    def claim(self, sink: Sink, tx: Tx, batch: Batch) -> None:
+        """Commit protocol, step 2 (see :mod:`consumers.engine`): the fence. Lock the offsets
+        rows of partitions new to this transaction and check they still hold what this member
+        started from. A partition another member moved on is dropped from the batch and
+        re-sought from the database."""
+        new = [tp for tp in batch.entries if tp not in tx.locked]
+        for tp in self._fence(sink, tx, new):
+            del batch.entries[tp]
+            self._streaming.discard(tp)
+            self._reseek([tp])
+        batch.commit = not self._streaming
+
+    def _fence(self, sink: Sink, tx: Tx, tps: list[TP]) -> set[TP]:
         absent = [tp for tp in tps if self._parts[tp].committed is None]
         if absent:
-            self.sink.claim_offsets(self.group, absent)
-        stored = self.sink.read_offsets(self.group, tps, lock=True)
+            sink.claim_offsets(self.group, absent)
+        stored = sink.read_offsets(self.group, tps, lock=True)
         fenced: set[TP] = set()
         for tp in tps:
             expected = self._parts[tp].committed
@@ -702,30 +571,15 @@ class ApplyConsumer:
                 )
         return fenced
 
-    def _commit(self) -> None:
-        tx = self._tx
-        assert tx is not None
-        # Commit protocol, part 2:
-        # 5. Dead letters sent in this transaction are acknowledged by Kafka before COMMIT. A
-        #    crash after this and before 7 redoes the batch and sends them again: at least once
-        #    on the topic, exactly once in cutover.dead_letters (unique per offset).
-        if tx.letters and self._dlq is not None:
-            self._dlq.flush()
-        # 6. Store next_offset (last offset of the batch + 1) and the source progress of every
-        #    partition in the transaction; the rows were written in 3.
+    def before_commit(self, sink: Sink, tx: Tx) -> None:
+        """Step 6: store next_offset (last offset of the batch + 1) and the source progress of
+        every partition in the transaction."""
         if tx.pending:
-            self.sink.store_offsets(self.group, list(tx.pending.values()))
-        # 7. COMMIT: rows, tombstones, dead letters and offsets become visible together.
-        if self.options.crash_at == "apply_before_commit":
-            _crash()
-        self.sink.commit()
-        if self.options.crash_at == "apply_after_commit":
-            _crash()
-        self._tx = None
-        committed_at = int(time.time() * 1000)
-        metrics.batch_applied(tx.by_domain, tx.latency_sample, committed_at)
-        # 8. Remember what is stored (the fence of the next batch expects it), then tell Kafka
-        #    too, asynchronously: only a monitoring hint, never read back.
+            sink.store_offsets(self.group, list(tx.pending.values()))
+
+    def after_commit(self, tx: Tx) -> None:
+        """Step 8: remember what is stored (the fence of the next batch expects it), then tell
+        Kafka too, asynchronously: only a monitoring hint, never read back."""
         hints: list[TopicPartition] = []
         for tp, upd in tx.pending.items():
             part = self._parts.get(tp)
@@ -737,48 +591,10 @@ class ApplyConsumer:
                 self._consumer.commit(offsets=hints, asynchronous=True)
             except KafkaException as exc:
                 log().debug("apply.kafka_commit_hint_failed", error=str(exc))
-        s = self.summary
-        s.events += tx.events
-        s.upserted += tx.upserted
-        s.deleted += tx.deleted
-        s.dead_letters += tx.letters
-        s.commits += 1
-        log().info(
-            "apply.batch_committed",
-            events=tx.events,
-            partitions=len(tx.pending),
-            upserted=tx.upserted,
-            deleted=tx.deleted,
-            dead_letters=tx.letters,
-            ms=round((time.monotonic() - tx.started) * 1000, 1),
-        )
-        if self.options.on_commit is not None:
-            self.options.on_commit(CommitInfo(committed_at, tx.source_ts, tx.events, tx.letters))
-
-    def _letter(
-        self, tp: TP, entry: Entry, error: CutoverError | None, table: str | None
-    ) -> DeadLetter:
-        return DeadLetter(
-            topic=tp[0],
-            partition=tp[1],
-            offset=entry.offset,
-            key=entry.key,
-            value=entry.value,
-            error=error or DecodeError("undecodable message"),
-            domain=self._domain_of.get(tp[0]),
-            source_table=table,
-        )
 
 
 def _tp_text(tps: Sequence[TP]) -> list[str]:
     return [f"{t}[{p}]" for t, p in tps]
 
 
-def _summary_fields(summary: ApplySummary) -> dict[str, int]:
-    return {
-        "events": summary.events,
-        "upserted": summary.upserted,
-        "deleted": summary.deleted,
-        "dead_letters": summary.dead_letters,
-        "commits": summary.commits,
-    }
+__all__ = ["ApplyConsumer", "ApplyOptions", "ApplySummary", "CommitInfo"]

@@ -1,23 +1,12 @@
-"""Dead letters: poison messages to ``<prefix>.dlq`` and ``cutover.dead_letters``; list, retry.
+"""`cutover dlq list` / `cutover dlq retry`: inspect and re-drive dead letters.
 
-A poison message is one the apply path cannot apply: undecodable bytes, an Avro fingerprint
-still unknown after re-reading the schemas topic, a row the mapping cannot map
-(:class:`~cutover.errors.UnmappableRow`), or data the commerce database refuses (a constraint
-violation, isolated from the good rows of its batch by :class:`consumers.sink.Sink`). It is never
-skipped silently:
+What a dead letter is and how the apply path records it: :mod:`consumers.letters`.
 
-* the original message goes to the dead-letter topic: same key, same value bytes, and headers
-  ``cutover.source_topic``, ``cutover.source_partition``, ``cutover.source_offset``,
-  ``cutover.error_class``, ``cutover.error``;
-* a row goes into ``cutover.dead_letters`` (with the payload) in the same database transaction
-  as the batch, so the offsets never move past a poison message that was not recorded.
-
-With ``apply.dlq_policy = "halt"`` the consumer instead stops with :class:`PoisonHalt` (exit 3)
-naming topic, partition, offset and reason, without storing offsets past it.
-
-``cutover dlq retry`` re-decodes the stored payloads with the current schemas and mapping and
-applies them through the same sink (position guards included): an event older than what the
-commerce row holds is a successful no-op.
+``cutover dlq retry`` is a source of the apply engine (:mod:`consumers.engine`): the open letters
+of ``cutover.dead_letters`` are re-decoded with the current schemas and applied with the current
+mapping through the same sink (position guards included): an event older than what the commerce
+row holds is a successful no-op. Its dead-letter policy records a letter that fails again on the
+letter itself (it stays open with the new error) instead of making a new one.
 """
 
 from __future__ import annotations
@@ -28,146 +17,34 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaException, Producer
 from structlog.typing import FilteringBoundLogger
 
 from consumers import sql as q
-from consumers.events import Change, from_record
-from consumers.schemas import SchemaReader, kafka_error
+from consumers.batch import Entry
+from consumers.engine import ApplyEngine, Batch, Decoder, SimpleSource, Tx
+from consumers.letters import DeadLetter, DlqPublisher, PoisonHalt
+from consumers.schemas import SchemaReader
 from consumers.sink import Sink, translate
 from cutover.config import Settings
-from cutover.errors import CutoverError, DecodeError, KafkaError, RuntimeFailure
+from cutover.errors import DecodeError
 from cutover.logging import get_logger
 from cutover.mapping import load_mapping
+
+__all__ = [
+    "DeadLetter",
+    "DlqPublisher",
+    "LetterRow",
+    "PoisonHalt",
+    "RetryReport",
+    "list_dead_letters",
+    "retry_dead_letters",
+]
 
 
 def log() -> FilteringBoundLogger:
     # Looked up at each use, not at import: a logger bound before cutover.logging.configure()
     # runs would keep structlog's defaults (console renderer on stdout).
     return get_logger(__name__)
-
-
-HEADER_MAX = 2000  # header values are for people and tools; the table keeps the full text
-
-
-class PoisonHalt(RuntimeFailure):
-    """``dlq_policy = "halt"`` met a poison message (exit 3); offsets stay before it."""
-
-    def __init__(self, topic: str, partition: int, offset: int, error: CutoverError) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.error = error
-        super().__init__(
-            f"poison message at {topic} [{partition}] offset {offset} "
-            f"({type(error).__name__}): {error.message}; dlq_policy is 'halt', so the consumer "
-            "stopped without storing offsets past it. Fix the mapping or the data, or set "
-            '[apply] dlq_policy = "dlq" to route such messages to the dead-letter topic'
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One poison message and why."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    error: CutoverError
-    domain: str | None = None
-    source_table: str | None = None
-
-    @property
-    def error_class(self) -> str:
-        return type(self.error).__name__
-
-    def headers(self) -> list[tuple[str, str | bytes | None]]:
-        return [
-            ("cutover.source_topic", self.topic.encode()),
-            ("cutover.source_partition", str(self.partition).encode()),
-            ("cutover.source_offset", str(self.offset).encode()),
-            ("cutover.error_class", self.error_class.encode()),
-            ("cutover.error", self.error.message[:HEADER_MAX].encode()),
-        ]
-
-    def db_row(self, group_id: str) -> tuple[object, ...]:
-        """The ``cutover.dead_letters`` row, in :data:`consumers.sql.DEAD_LETTER_COLUMNS` order."""
-        return (
-            group_id,
-            self.domain,
-            self.topic,
-            self.partition,
-            self.offset,
-            self.key,
-            self.value,
-            self.error_class,
-            self.error.message,
-            self.source_table,
-        )
-
-
-class DlqPublisher:
-    """Produces dead letters (idempotent producer, acks=all); :meth:`flush` waits for Kafka."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topic = settings.kafka.dlq_topic
-        conf: dict[str, Any] = {
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            **settings.kafka.producer,
-        }
-        self._producer = Producer(conf)
-        self._failures: list[str] = []
-
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self._failures.append(f"{err.str()} ({err.name()})")
-
-    def send(self, letters: Sequence[DeadLetter]) -> None:
-        for letter in letters:
-            try:
-                self._producer.produce(
-                    self.topic,
-                    value=letter.value,
-                    key=letter.key,
-                    headers=letter.headers(),
-                    on_delivery=self._on_delivery,
-                )
-            except BufferError:
-                self._producer.flush(10)
-                self._producer.produce(
-                    self.topic,
-                    value=letter.value,
-                    key=letter.key,
-                    headers=letter.headers(),
-                    on_delivery=self._on_delivery,
-                )
-            except KafkaException as exc:
-                raise kafka_error(exc, f"producing to {self.topic}") from None
-            log().warning(
-                "dlq.sent",
-                topic=letter.topic,
-                partition=letter.partition,
-                offset=letter.offset,
-                error_class=letter.error_class,
-                error=letter.error.message,
-                dlq_topic=self.topic,
-            )
-
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until Kafka acknowledged every dead letter sent; KafkaError otherwise."""
-        remaining = self._producer.flush(timeout_s)
-        if remaining:
-            raise KafkaError(f"{remaining} dead letters not acknowledged by {self.topic} in time")
-        if self._failures:
-            failures, self._failures = self._failures, []
-            raise KafkaError(f"dead letters not delivered to {self.topic}: {failures[0]}")
-
-    def close(self) -> None:
-        self._producer.flush(10)
 
 
 # ------------------------------------------------------------------------- cutover dlq list
@@ -245,58 +122,117 @@ def retry_dead_letters(settings: Settings, letter_id: int | None) -> RetryReport
     finally:
         reader.close()
     control = settings.target.control_schema
-    report = RetryReport()
+    source = _LetterSource(control, letter_id, Decoder(reader.store))
+    engine = ApplyEngine(
+        mapping,
+        connect=lambda: _connect(settings.target.dsn),
+        control_schema=control,
+        letters=source,
+        domain_of={settings.kafka.topic(d): d for d in mapping.domains},
+    )
+    sink = engine.connect()
     try:
-        conn = psycopg.connect(settings.target.dsn, autocommit=True)
+        source.load(sink)
+        engine.run(source)
+    finally:
+        engine.close()
+    return source.report
+
+
+def _connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
+    try:
+        return psycopg.connect(dsn, autocommit=True)
     except psycopg.Error as exc:
         raise translate(exc, "connecting") from exc
-    with conn:
-        sink = Sink(conn, mapping, control)
-        sink.begin()
-        try:
-            letters = sink.execute(
-                q.open_dead_letters(control, by_id=letter_id is not None), {"id": letter_id}
-            ).fetchall()
-            for lid, topic, partition, offset, _key, payload in letters:
-                error = _retry_one(sink, reader, payload if isinstance(payload, bytes) else None)
-                if error is None:
-                    sink.execute(q.mark_retried(control), {"id": lid})
-                    report.retried.append(int(lid))  # type: ignore[call-overload]
-                    log().info(
-                        "dlq.retried", id=lid, topic=topic, partition=partition, offset=offset
-                    )
-                else:
-                    sink.execute(
-                        q.note_retry_failure(control),
-                        {
-                            "id": lid,
-                            "error_class": type(error).__name__,
-                            "error_message": error.message,
-                        },
-                    )
-                    report.failed.append((int(lid), type(error).__name__, error.message))  # type: ignore[call-overload]
-                    log().warning(
-                        "dlq.retry_failed",
-                        id=lid,
-                        error_class=type(error).__name__,
-                        error=error.message,
-                    )
-            sink.commit()
-        except BaseException:
-            sink.rollback()
-            raise
-    return report
 
 
-def _retry_one(sink: Sink, reader: SchemaReader, payload: bytes | None) -> CutoverError | None:
-    if payload is None:
-        return DecodeError("the dead letter has no payload (a null message value)")
-    try:
-        ws, record = reader.store.decode(payload)
-        event = from_record(ws.name, record)
-    except DecodeError as exc:
-        return exc
-    if not isinstance(event, Change):
-        return None  # a heartbeat has nothing to apply
-    _stats, failures = sink.apply([event])
-    return failures[0][1] if failures else None
+Position = tuple[str, int, int]
+
+
+class _LetterSource(SimpleSource):
+    """The open dead letters as one batch, and the retry's dead-letter policy: a letter that
+    fails again keeps its row (status open, the new error); the others are marked retried."""
+
+    def __init__(self, control: str, letter_id: int | None, decoder: Decoder) -> None:
+        self.control = control
+        self.letter_id = letter_id
+        self.decoder = decoder
+        self.report = RetryReport()
+        self._ids: dict[Position, list[int]] = {}
+        self._batch: Batch | None = None
+        self._failed: set[int] = set()
+
+    def _open_letters(self, sink: Sink) -> list[tuple[Any, ...]]:
+        query = q.open_dead_letters(self.control, by_id=self.letter_id is not None)
+        return sink.execute(query, {"id": self.letter_id}).fetchall()
+
+    def load(self, sink: Sink) -> None:
+        """Read the open letters into one batch, decoded (outside the transaction)."""
+        entries: dict[tuple[str, int], list[Entry]] = {}
+        for lid, topic, partition, offset, key, payload in self._open_letters(sink):
+            entry = Entry(int(offset), key, payload if isinstance(payload, bytes) else None)
+            if entry.value is None:
+                entry.error = DecodeError("the dead letter has no payload (a null message value)")
+            else:
+                self.decoder.decode(entry)
+            position = (str(topic), int(partition), int(offset))
+            if position not in self._ids:  # the same message dead in two groups: apply once
+                entries.setdefault(position[:2], []).append(entry)
+            self._ids.setdefault(position, []).append(int(lid))
+        for batch_entries in entries.values():
+            batch_entries.sort(key=lambda e: e.offset)
+        self._batch = Batch(entries)
+
+    def next_batch(self) -> Batch | None:
+        batch, self._batch = self._batch, None
+        return batch
+
+    def claim(self, sink: Sink, tx: Tx, batch: Batch) -> None:
+        """Lock the letters (a parallel retry skips them); drop those locked or retried
+        elsewhere since they were read."""
+        locked = {(str(t), int(p), int(o)) for _i, t, p, o, _k, _v in self._open_letters(sink)}
+        for tp in list(batch.entries):
+            kept = [e for e in batch.entries[tp] if (tp[0], tp[1], e.offset) in locked]
+            if kept:
+                batch.entries[tp] = kept
+            else:
+                del batch.entries[tp]
+        self._ids = {pos: ids for pos, ids in self._ids.items() if pos in locked}
+        super().claim(sink, tx, batch)
+
+    # The dead-letter policy of a retry (consumers.letters.LetterPolicy).
+
+    def handle(self, sink: Sink, letters: Sequence[DeadLetter]) -> None:
+        for letter in letters:
+            for lid in self._ids.get((letter.topic, letter.partition, letter.offset), []):
+                self._failed.add(lid)
+                sink.execute(
+                    q.note_retry_failure(self.control),
+                    {
+                        "id": lid,
+                        "error_class": letter.error_class,
+                        "error_message": letter.error.message,
+                    },
+                )
+                self.report.failed.append((lid, letter.error_class, letter.error.message))
+                log().warning(
+                    "dlq.retry_failed", id=lid, error_class=letter.error_class,
+                    error=letter.error.message,
+                )  # fmt: skip
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def before_commit(self, sink: Sink, tx: Tx) -> None:
+        for (topic, partition, offset), ids in sorted(self._ids.items()):
+            for lid in ids:
+                if lid in self._failed:
+                    continue
+                sink.execute(q.mark_retried(self.control), {"id": lid})
+                self.report.retried.append(lid)
+                log().info("dlq.retried", id=lid, topic=topic, partition=partition, offset=offset)
+        self.report.retried.sort()
+        self.report.failed.sort()

@@ -55,9 +55,10 @@ from consumers.replay.filters import (
     plan_ranges,
     table_of_schema,
 )
-from consumers.replay.play import PlaySummary, play_to_target, play_to_topic
+from consumers.replay.play import PlaySummary, play_to_topic
 from consumers.replay.reader import Recorded, ReplayFile
 from consumers.replay.record import RecordSummary, record
+from consumers.replay.target import check_live_target, play_to_target
 from consumers.replay.writer import ReplayWriter
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "Recorded",
     "ReplayFile",
     "ReplayWriter",
+    "check_live_target",
     "encode_long",
     "file_schema",
     "make_filters",

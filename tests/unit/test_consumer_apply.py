@@ -9,8 +9,9 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from cli.main import build_parser, main
-from consumers.apply import ApplyConsumer, _Partition, _Tx
+from consumers.apply import ApplyConsumer, _Partition
 from consumers.batch import Entry
+from consumers.engine import Tx
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,15 +87,15 @@ class _FakeKafka:
 def _consumer_with_long_tx() -> tuple[ApplyConsumer, _FakeSink, _FakeKafka]:
     consumer = ApplyConsumer(_settings())
     sink, kafka = _FakeSink(), _FakeKafka()
-    consumer._sink = sink  # type: ignore[assignment]
+    consumer.engine.sink = sink  # type: ignore[assignment]
     consumer._consumer = kafka
     for p in range(3):
         part = _Partition("p.payment", p, committed=10, cursor=50)
         part.buffer.append(Entry(50, None, b"x"))
         consumer._parts[("p.payment", p)] = part
-    tx = _Tx()
+    tx = Tx()
     tx.locked = {("p.payment", 0), ("p.payment", 1)}
-    consumer._tx = tx
+    consumer.engine.tx = tx
     consumer._streaming = {("p.payment", 0)}
     consumer._paused = {("p.payment", 1), ("p.payment", 2)}
     return consumer, sink, kafka
@@ -105,7 +106,7 @@ def test_revoking_a_partition_of_the_open_long_transaction_rolls_it_back() -> No
     consumer._on_revoke(kafka, [TopicPartition("p.payment", 0)])
     consumer._raise_callback_error()
     assert sink.rolled_back == 1
-    assert consumer._tx is None and not consumer._streaming
+    assert consumer.engine.tx is None and not consumer._streaming
     assert ("p.payment", 0) not in consumer._parts
     # The kept partition that had uncommitted work in it restarts from the stored offsets.
     assert consumer._need_reseek == {("p.payment", 1)}
@@ -117,6 +118,6 @@ def test_revoking_a_partition_outside_the_transaction_keeps_it_open() -> None:
     consumer._on_revoke(kafka, [TopicPartition("p.payment", 2)])
     consumer._raise_callback_error()
     assert sink.rolled_back == 0
-    assert consumer._tx is not None
+    assert consumer.engine.tx is not None
     assert set(consumer._parts) == {("p.payment", 0), ("p.payment", 1)}
     assert consumer._need_reseek == set()
