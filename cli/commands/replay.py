@@ -31,6 +31,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from cli.main import Context
     from consumers.replay import Filters
+    from cutover.config import Settings
 
 DESCRIPTION = """\
 Testers' tool: record a range of a topic to an Avro object container file (any Avro reader
@@ -64,8 +65,14 @@ writer schemas go to <prefix>.schemas of the target topic when that topic exists
 poison messages land in its cutover.dead_letters (group cutover-replay). Playing one file into
 an empty sandbox gives the same tables every time.
 
-exit codes: 0 played, 2 missing file, unknown topic or bad flags, 3 damaged file or server
-failure."""
+--to-target refuses a live database (exit 2): the configured target (compared by the server's
+system identifier and the database oid, not by DSN text), or any database that holds consumer
+positions (cutover.consumer_offsets) or a cutover state (cutover.domain_state).
+--i-know-this-is-live REASON plays anyway and writes REASON to the audit trail of the configured
+target (`cutover audit`).
+
+exit codes: 0 played, 2 missing file, unknown topic, bad flags or a live target, 3 damaged file
+or server failure."""
 
 
 def register(sub: Any) -> None:
@@ -120,6 +127,15 @@ def register(sub: Any) -> None:
         "--schemas-topic",
         metavar="TOPIC",
         help="--to-topic: publish the writer schemas here (default: <prefix>.schemas of it)",
+    )
+    play.add_argument(
+        "--i-know-this-is-live",
+        dest="live_reason",
+        metavar="REASON",
+        help="--to-target: play into a live database anyway; REASON is audited",
+    )
+    play.add_argument(
+        "--actor", help="--to-target: who, for the audit trail (default: the OS user)"
     )
     play.add_argument(
         "--batch-events",
@@ -242,7 +258,11 @@ def run_play(args: argparse.Namespace, context: Context) -> int:
     rate = parse_rate(args.rate)
     if args.batch_events is not None and args.to_target is None:
         raise UsageError("--batch-events applies to --to-target only")
+    if args.live_reason is not None and args.to_target is None:
+        raise UsageError("--i-know-this-is-live applies to --to-target only")
     settings = context.settings
+    if args.to_target is not None:
+        _refuse_live_target(args, settings)
     what = f"playing {args.file.name}"
     with _progress_bar(args.progress, what) as progress:
         if args.to_topic is not None:
@@ -288,3 +308,58 @@ def run_play(args: argparse.Namespace, context: Context) -> int:
             "partition(s): what it holds of them was applied"
         )
     return 0
+
+
+def _refuse_live_target(args: argparse.Namespace, settings: Settings) -> None:
+    """Exit 2 when ``--to-target`` names a live database, unless overridden (then audited)."""
+    from consumers.replay import check_live_target
+    from cutover.errors import UsageError, redact_dsn
+
+    reasons = check_live_target(settings, args.to_target)
+    if not reasons:
+        return
+    reason = (args.live_reason or "").strip()
+    if not reason:
+        raise UsageError(
+            f"refusing to play into {redact_dsn(args.to_target)}: it looks live: "
+            + "; ".join(reasons)
+            + ". Play into a sandbox, or pass --i-know-this-is-live REASON (audited)"
+        )
+    _audit_override(args, settings, reasons, reason)
+
+
+def _audit_override(
+    args: argparse.Namespace, settings: Settings, reasons: list[str], reason: str
+) -> None:
+    """The override goes to the audit trail of the configured target before anything is played:
+    no audit entry, no play."""
+    import psycopg
+
+    from control.audit import default_actor, record
+    from cutover.control_store import ensure_control_plane
+    from cutover.errors import DatabaseError, redact_dsn
+
+    schema = settings.target.control_schema
+    try:
+        with psycopg.connect(settings.target.dsn, autocommit=True, connect_timeout=10) as conn:
+            ensure_control_plane(conn, schema)
+            record(
+                conn,
+                schema,
+                actor=default_actor(args.actor),
+                command="replay play",
+                outcome="forced",
+                forced=True,
+                reason=reason,
+                detail={
+                    "file": str(args.file),
+                    "target": redact_dsn(args.to_target),
+                    "live_because": reasons,
+                },
+            )
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"auditing the override in the configured target: {str(exc).strip()}",
+            side="target",
+            sqlstate=exc.sqlstate,
+        ) from None

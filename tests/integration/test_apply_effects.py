@@ -219,18 +219,29 @@ def test_effects_of_every_kind_of_change(commerce: str, topics: Topics) -> None:
 def test_replay_from_offset_zero_changes_nothing(commerce: str, topics: Topics) -> None:
     model = ShopModel(EventFactory(topics.prefix, topics.partitions), seed=7)
     publish_schemas(topics, model.factory)
-    messages = [m for _ in range(400) for m in model.step()]
+    # One step is one source transaction (its last message in each partition closes it).
+    steps = [model.step() for _ in range(400)]
+    messages = [m for step in steps for m in step]
     produce(topics.bootstrap, messages)
     settings = settings_for(commerce, topics, batch_max_events=300)
-    apply_until(settings, lambda: total_offsets(commerce, settings.apply.group_id) == len(messages))
+    group = settings.apply.group_id
+    apply_until(settings, lambda: total_offsets(commerce, group) == len(messages))
     assert diff(model.expected(), fetch_commerce(commerce)) == []
     before = table_checksums(commerce)
 
-    # A new group id starts from offset 0 and replays the whole topic.
-    replay = settings_for(commerce, topics, batch_max_events=1000)
-    apply_until(replay, lambda: total_offsets(commerce, replay.apply.group_id) == len(messages))
+    # The same events once more, newest source transaction first: every batch now carries
+    # events older than the rows hold, in an order no in-batch merge can put right. Only the
+    # position guards keep them from taking the rows back in time.
+    produce(topics.bootstrap, [m for step in reversed(steps) for m in step])
+    total = 2 * len(messages)
+    apply_until(settings, lambda: total_offsets(commerce, group) == total)
     assert table_checksums(commerce) == before
-    assert offsets(commerce, replay.apply.group_id) == offsets(commerce, settings.apply.group_id)
+
+    # A new group id starts from offset 0 and replays the whole topic, in order and reversed.
+    replay = settings_for(commerce, topics, batch_max_events=1000)
+    apply_until(replay, lambda: total_offsets(commerce, replay.apply.group_id) == total)
+    assert table_checksums(commerce) == before
+    assert offsets(commerce, replay.apply.group_id) == offsets(commerce, group)
 
 
 def test_heartbeats_update_the_offsets_row_and_apply_nothing(commerce: str, topics: Topics) -> None:

@@ -316,6 +316,93 @@ def test_cli_record_and_play(
     assert TARGET_KEY  # the helper module's contract is what the tables are compared with
 
 
+def _respell(dsn: str) -> str:
+    """The same database, spelled otherwise: URL form instead of keywords, localhost for
+    127.0.0.1 (or the other way round), an extra parameter."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = str(params.get("host", "127.0.0.1"))
+    other = "localhost" if host == "127.0.0.1" else "127.0.0.1"
+    user = f"{params['user']}:{params['password']}@" if params.get("password") else ""
+    return f"postgresql://{user}{other}:{params['port']}/{params['dbname']}?connect_timeout=7"
+
+
+def test_cli_refuses_to_play_into_a_live_database(
+    *,
+    shop: Recorded,
+    cli_env: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox_a: str,
+    sandbox_b: str,
+) -> None:
+    from cutover.control_store import ensure_control_plane
+
+    # The configured target is sandbox_a, which already holds the payment domain.
+    monkeypatch.setenv("CUTOVER_TARGET_DSN", sandbox_a)
+    payment = tmp_path / "p.avro"
+    record(_kafka(shop), shop.topics.topic("payment"), payment, Filters())
+    play_to_target(settings_for(sandbox_a, shop.topics), payment, sandbox_a, Filters(), Rate())
+    live = table_checksums(sandbox_a)
+    merchant = tmp_path / "m.avro"
+    record(_kafka(shop), shop.topics.topic("merchant"), merchant, Filters())
+    base = ["--config", str(cli_env), "replay", "play", str(merchant), "--json"]
+
+    # The configured target, as configured and spelled otherwise: refused, nothing written.
+    for dsn in (sandbox_a, _respell(sandbox_a)):
+        code, _out, err = _main([*base, "--to-target", dsn], capsys)
+        assert code == 2, err
+        assert "it is the configured target database" in err
+        assert "--i-know-this-is-live" in err
+        secret = psycopg.conninfo.conninfo_to_dict(sandbox_a).get("password")
+        assert not secret or str(secret) not in err
+        assert table_checksums(sandbox_a) == live
+
+    # A database that holds consumer positions, then one that holds a cutover state.
+    with psycopg.connect(sandbox_b, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO cutover.consumer_offsets (group_id, topic, kafka_partition, next_offset) "
+            "VALUES ('shop-apply', 'x.payment', 0, 42)"
+        )
+    empty = table_checksums(sandbox_b)
+    code, _out, err = _main([*base, "--to-target", sandbox_b], capsys)
+    assert code == 2 and "consumer positions" in err and "shop-apply" in err, err
+    with psycopg.connect(sandbox_b, autocommit=True) as conn:
+        conn.execute("DELETE FROM cutover.consumer_offsets")
+        ensure_control_plane(conn, "cutover")
+        conn.execute("INSERT INTO cutover.domain_state (domain) VALUES ('merchant')")
+    code, _out, err = _main([*base, "--to-target", sandbox_b], capsys)
+    assert code == 2 and "cutover state" in err, err
+    assert table_checksums(sandbox_b) == empty
+
+    # A fresh sandbox: played.
+    with psycopg.connect(sandbox_b, autocommit=True) as conn:
+        conn.execute("DROP TABLE cutover.domain_state CASCADE")
+    code, out, err = _main([*base, "--to-target", sandbox_b], capsys)
+    assert code == 0, err
+    assert json.loads(out)["played"] == len(shop.on(shop.topics.topic("merchant")))
+
+    # The override with a reason: played into the live database, and audited there.
+    override = ["--actor", "tester", "--i-know-this-is-live", "INC-7: reload merchants"]
+    code, out, err = _main([*base, "--to-target", _respell(sandbox_a), *override], capsys)
+    assert code == 0, err
+    assert table_checksums(sandbox_a) != live
+    with psycopg.connect(sandbox_a) as conn:
+        rows = conn.execute(
+            "SELECT actor, command, outcome, forced, reason, detail FROM cutover.audit"
+        ).fetchall()
+    assert len(rows) == 1
+    actor, command, outcome, forced, reason, detail = rows[0]
+    assert (actor, command, outcome, forced) == ("tester", "replay play", "forced", True)
+    assert reason == "INC-7: reload merchants"
+    assert str(merchant) == detail["file"]
+    assert any("configured target" in why for why in detail["live_because"])
+    # An override without a reason is no override.
+    code, _out, err = _main([*base, "--to-target", sandbox_a, "--i-know-this-is-live", " "],
+                            capsys)  # fmt: skip
+    assert code == 2, err
+
+
 def test_cli_bad_input(
     shop: Recorded, cli_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
