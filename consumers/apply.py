@@ -47,9 +47,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka import KafkaError as RdKafkaError
 from structlog.typing import FilteringBoundLogger
 
-from consumers.batch import Entry, closed_prefix
+from consumers.batch import TP, Entry, plan_step
 from consumers.engine import (
-    TP,
     ApplyEngine,
     ApplySummary,
     Batch,
@@ -495,48 +494,23 @@ class ApplyConsumer:
 
     def _plan(self) -> dict[TP, list[Entry]]:
         """Take, per partition, the entries this step applies (see the module docstring)."""
-        # Bound the memory of open tails as a whole, not only per partition.
-        tails = {tp: len(p.buffer) - self._closed(tp) for tp, p in self._parts.items()}
-        total = sum(len(p.buffer) for p in self._parts.values())
-        while total > 2 * self.long_tx_events:
-            candidates = [tp for tp in tails if tp not in self._streaming and tails[tp] > 0]
-            if not candidates:
-                break
-            big = max(candidates, key=lambda tp: tails[tp])
-            self._start_streaming(big, tails[big])
-            total -= len(self._parts[big].buffer)
+        step = plan_step(
+            {tp: part.buffer for tp, part in self._parts.items()},
+            self._streaming,
+            batch_max=self.batch_max,
+            long_tx_events=self.long_tx_events,
+        )
+        for tp, tail in step.opened:
+            log().info("apply.long_tx_opened", partition=_tp_text([tp]), open_tail=tail)
+        for tp in step.closed:
+            log().info("apply.long_tx_closed", partition=_tp_text([tp]))
+        self._streaming = step.streaming
         plan: dict[TP, list[Entry]] = {}
-        for tp, part in self._parts.items():
-            buf = part.buffer
-            if not buf:
-                continue
-            cut = self._closed(tp)
-            if tp in self._streaming:
-                if cut:
-                    take = cut  # its closing event arrived: commit once all are closed
-                    self._streaming.discard(tp)
-                    log().info("apply.long_tx_closed", partition=_tp_text([tp]))
-                elif len(buf) >= self.batch_max:
-                    take = len(buf)
-                else:
-                    take = 0
-            elif len(buf) - cut >= self.long_tx_events:
-                self._start_streaming(tp, len(buf) - cut)
-                take = len(buf)
-            else:
-                take = cut
-            if take:
-                plan[tp] = buf[:take]
-                del buf[:take]
+        for tp, take in step.take.items():
+            buf = self._parts[tp].buffer
+            plan[tp] = buf[:take]
+            del buf[:take]
         return plan
-
-    def _closed(self, tp: TP) -> int:
-        # A streaming partition's buffer starts inside its open source transaction.
-        return closed_prefix(self._parts[tp].buffer, at_boundary=tp not in self._streaming)
-
-    def _start_streaming(self, tp: TP, tail: int) -> None:
-        self._streaming.add(tp)
-        log().info("apply.long_tx_opened", partition=_tp_text([tp]), open_tail=tail)
 
     # ================================================================== the engine's hooks
 

@@ -10,6 +10,8 @@ Three steps between the consumed messages and the SQL:
    an upsert (``map_row``: columns whose source is an unchanged TOAST value are omitted), or a
    delete (op ``d`` or the table's ``delete_when``). An update that changed the primary key
    becomes a delete of the old key plus an upsert of the new one.
+   :func:`plan_step` decides, per partition, how much of its buffer one step of the consumer
+   applies, and when a huge open unit is applied in sub-batches of one long transaction.
 3. :func:`merge` — per target table and key, the operations of a batch fold into one, in source
    position order: the newest position wins; a later upsert that omits columns takes them from
    the earlier upsert of the same batch (the commerce row is older than both), so nothing is
@@ -23,12 +25,14 @@ The position guards in SQL (:mod:`consumers.sql`) then decide against what the d
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from consumers.events import Change, Event, Position
 from cutover.errors import CutoverError
 from cutover.mapping import TableMapping, is_delete, map_row, target_key
+
+TP = tuple[str, int]
 
 
 @dataclass(slots=True)
@@ -59,6 +63,73 @@ def closed_prefix(entries: Sequence[Entry], *, at_boundary: bool = True) -> int:
             cut = i + 1
         boundary = closes
     return cut
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one step of the consumer applies: how many leading entries of each partition."""
+
+    take: dict[TP, int]
+    #: The partitions applied in sub-batches afterwards (an open unit spanning batches).
+    streaming: set[TP]
+    #: Partitions that started streaming in this step, with their open tail's length.
+    opened: list[tuple[TP, int]] = field(default_factory=list)
+    #: Partitions whose long unit closed in this step.
+    closed: list[TP] = field(default_factory=list)
+
+
+def plan_step(
+    buffers: Mapping[TP, Sequence[Entry]],
+    streaming: set[TP],
+    *,
+    batch_max: int,
+    long_tx_events: int,
+) -> StepPlan:
+    """Per partition, the entries a step applies: the closed prefix; all of a partition whose
+    open tail reached ``long_tx_events`` (it streams: sub-batches of ``batch_max`` inside one
+    long transaction, committed once its closing event arrives). ``streaming`` is not changed."""
+    out = StepPlan({}, set(streaming))
+    stream = out.streaming
+
+    def closed(tp: TP) -> int:
+        # A streaming partition's buffer starts inside its open source transaction.
+        return closed_prefix(buffers[tp], at_boundary=tp not in stream)
+
+    def start(tp: TP, tail: int) -> None:
+        stream.add(tp)
+        out.opened.append((tp, tail))
+
+    # Bound the memory of open tails as a whole, not only per partition.
+    tails = {tp: len(buf) - closed(tp) for tp, buf in buffers.items()}
+    total = sum(len(buf) for buf in buffers.values())
+    while total > 2 * long_tx_events:
+        candidates = [tp for tp in tails if tp not in stream and tails[tp] > 0]
+        if not candidates:
+            break
+        big = max(candidates, key=lambda tp: tails[tp])
+        start(big, tails[big])
+        total -= len(buffers[big])
+    for tp, buf in buffers.items():
+        if not buf:
+            continue
+        cut = closed(tp)
+        if tp in stream:
+            if cut:
+                take = cut  # its closing event arrived: commit once all are closed
+                stream.discard(tp)
+                out.closed.append(tp)
+            elif len(buf) >= batch_max:
+                take = len(buf)
+            else:
+                take = 0
+        elif len(buf) - cut >= long_tx_events:
+            start(tp, len(buf) - cut)
+            take = len(buf)
+        else:
+            take = cut
+        if take:
+            out.take[tp] = take
+    return out
 
 
 def row_key(key: Sequence[object]) -> str:

@@ -39,7 +39,7 @@ from typing import Literal, Protocol
 
 import psycopg
 
-from consumers.batch import Entry
+from consumers.batch import TP, Entry
 from consumers.events import Change, Heartbeat, from_record
 from consumers.letters import DeadLetter, LetterPolicy
 from consumers.sink import OffsetUpdate, Sink
@@ -49,7 +49,6 @@ from cutover.errors import CutoverError, DatabaseError, DecodeError, UnknownSche
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec
 
-TP = tuple[str, int]
 CrashPoint = Literal["apply_before_commit", "apply_after_commit"]
 
 _LATENCY_SAMPLE = 10_000

@@ -136,29 +136,8 @@ def record(
     started = time.monotonic()
     consumer = Consumer(consumer_conf(kafka))
     try:
-        partitions = topic_partitions(consumer, topic, kafka.bootstrap)
-        missing = sorted((filters.partitions or frozenset()) - set(partitions))
-        if missing:
-            raise UsageError(
-                f"topic {topic} has partitions 0-{max(partitions)}; no partition {missing[0]}"
-            )
-        try:
-            marks = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                for p in partitions
-            }
-            time_starts = _offsets_for_time(consumer, topic, partitions, filters.from_time_ms)
-            time_ends = _offsets_for_time(consumer, topic, partitions, filters.to_time_ms)
-        except KafkaException as exc:
-            raise kafka_error(exc, f"reading the offsets of {topic}") from None
-        ranges = plan_ranges(partitions, marks, filters, time_starts, time_ends)
+        ranges = _ranges(consumer, kafka, topic, filters)
         total = sum(end - start for start, end in ranges.values())
-        if total == 0:
-            shown = ", ".join(f"[{p}] {a}-{b}" for p, (a, b) in sorted(ranges.items()))
-            raise UsageError(
-                f"the range holds no messages in {topic} (offsets per partition: "
-                f"{shown or 'none'}): nothing recorded"
-            )
         ranges = {p: r for p, r in ranges.items() if r[1] > r[0]}
         summary = RecordSummary(str(out), topic, ranges, filters=filters.as_json())
         reader = _schema_reader(kafka, topic, schemas_topic)
@@ -206,6 +185,35 @@ def record(
     return summary
 
 
+def _ranges(
+    consumer: Any, kafka: KafkaSettings, topic: str, filters: Filters
+) -> dict[int, tuple[int, int]]:
+    """The offsets to read per partition; UsageError for an unknown partition or no message."""
+    partitions = topic_partitions(consumer, topic, kafka.bootstrap)
+    missing = sorted((filters.partitions or frozenset()) - set(partitions))
+    if missing:
+        raise UsageError(
+            f"topic {topic} has partitions 0-{max(partitions)}; no partition {missing[0]}"
+        )
+    try:
+        marks = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in partitions
+        }
+        time_starts = _offsets_for_time(consumer, topic, partitions, filters.from_time_ms)
+        time_ends = _offsets_for_time(consumer, topic, partitions, filters.to_time_ms)
+    except KafkaException as exc:
+        raise kafka_error(exc, f"reading the offsets of {topic}") from None
+    ranges = plan_ranges(partitions, marks, filters, time_starts, time_ends)
+    if not any(end > start for start, end in ranges.values()):
+        shown = ", ".join(f"[{p}] {a}-{b}" for p, (a, b) in sorted(ranges.items()))
+        raise UsageError(
+            f"the range holds no messages in {topic} (offsets per partition: "
+            f"{shown or 'none'}): nothing recorded"
+        )
+    return ranges
+
+
 def _offsets_for_time(
     consumer: Any, topic: str, partitions: Sequence[int], when_ms: int | None
 ) -> dict[int, int] | None:
@@ -238,6 +246,7 @@ class _Recorder:
         self.writer = writer
         self.progress = progress
         self.total = total
+        self.by_time = filters.from_time_ms is not None or filters.to_time_ms is not None
         #: Branch per fingerprint; None: unknown even after re-reading the schemas topic.
         self.by_fp: dict[int, Branch | None] = {}
 
@@ -261,15 +270,13 @@ class _Recorder:
     def run(
         self, ranges: Mapping[int, tuple[int, int]], idle_timeout_s: float, summary: RecordSummary
     ) -> None:
-        topic, filters, writer, consumer = self.topic, self.filters, self.writer, self.consumer
+        topic, consumer = self.topic, self.consumer
         pending = dict(ranges)
         #: Next offset expected per partition: what is left bounds the batch asked for, since
         #: consume() waits for a full batch (or its timeout) before it returns.
         nxt = {p: start for p, (start, _e) in pending.items()}
         consumer.assign([TopicPartition(topic, p, start) for p, (start, _e) in pending.items()])
         eof = RdKafkaError._PARTITION_EOF
-        by_content = filters.by_content
-        by_time = filters.from_time_ms is not None or filters.to_time_ms is not None
         scanned = 0
         reported = 0
         last_message = time.monotonic()
@@ -311,26 +318,7 @@ class _Recorder:
                     del pending[partition]
                     done.append(partition)
                 scanned += 1
-                ts = msg.timestamp()[1]
-                # Offsets come from the times, but a message may carry an earlier timestamp
-                # than its predecessor (producer clocks): filter on the time exactly too.
-                if by_time and not filters.position(partition, offset, ts):
-                    continue
-                value = msg.value()
-                branch = self.branch(value)
-                key = msg.key()
-                if by_content and not filters.content(key, branch.table if branch else None):
-                    continue
-                writer.write(
-                    topic,
-                    partition,
-                    offset=offset,
-                    timestamp_ms=ts,
-                    key=key,
-                    headers=msg.headers(),
-                    value=value,
-                    branch=branch,
-                )
+                self._write(msg, partition, offset)
             if done:
                 consumer.pause([TopicPartition(topic, p) for p in done])
             if self.progress is not None and scanned - reported >= 2000:
@@ -339,6 +327,30 @@ class _Recorder:
         summary.scanned = scanned
         if self.progress is not None:
             self.progress(scanned, self.total)
+
+    def _write(self, msg: Any, partition: int, offset: int) -> None:
+        """Write one message of the range, unless the time or content filters drop it."""
+        filters = self.filters
+        ts = msg.timestamp()[1]
+        # Offsets come from the times, but a message may carry an earlier timestamp than its
+        # predecessor (producer clocks): filter on the time exactly too.
+        if self.by_time and not filters.position(partition, offset, ts):
+            return
+        value = msg.value()
+        branch = self.branch(value)
+        key = msg.key()
+        if filters.by_content and not filters.content(key, branch.table if branch else None):
+            return
+        self.writer.write(
+            self.topic,
+            partition,
+            offset=offset,
+            timestamp_ms=ts,
+            key=key,
+            headers=msg.headers(),
+            value=value,
+            branch=branch,
+        )
 
 
 def _valid_body(branch: Branch, value: bytes) -> bool:

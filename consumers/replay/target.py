@@ -31,8 +31,8 @@ import psycopg
 from psycopg import sql
 from structlog.typing import FilteringBoundLogger
 
-from consumers.batch import Entry
-from consumers.engine import TP, ApplyEngine, Batch, Decoder, SimpleSource
+from consumers.batch import TP, Entry
+from consumers.engine import ApplyEngine, Batch, Decoder, SimpleSource
 from consumers.letters import RecordLetters
 from consumers.replay.avro import REPLAY_GROUP
 from consumers.replay.filters import Filters, Pacer, ProgressFn, Rate

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from consumers.batch import Entry, RowOp, closed_prefix, column_groups, merge, row_key, to_ops
+from consumers.batch import (
+    Entry,
+    RowOp,
+    closed_prefix,
+    column_groups,
+    merge,
+    plan_step,
+    row_key,
+    to_ops,
+)
 from consumers.events import Change, Heartbeat, Position
 from cutover.errors import DecodeError, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping, load_mapping
@@ -76,6 +85,34 @@ def test_closed_prefix_cuts_after_the_last_closing_event() -> None:
 def test_closed_prefix_of_an_open_transaction_is_empty() -> None:
     assert closed_prefix([_entry(0, False), _entry(1, False)]) == 0
     assert closed_prefix([]) == 0
+
+
+def test_a_step_takes_closed_prefixes_and_streams_a_long_open_unit() -> None:
+    a, b = ("t", 0), ("t", 1)
+    buffers = {
+        a: [_entry(0, False), _entry(1, True), _entry(2, False)],  # one unit, then an open tail
+        b: [_entry(i, False) for i in range(5)],  # a long unit, still open
+    }
+    step = plan_step(buffers, set(), batch_max=3, long_tx_events=4)
+    assert step.take == {a: 2, b: 5}
+    assert step.streaming == {b} and step.opened == [(b, 5)] and step.closed == []
+    assert len(buffers[b]) == 5  # the caller cuts the buffers
+    # Streaming: sub-batches of batch_max until the closing event arrives, then its prefix.
+    more = {a: [], b: [_entry(5, False), _entry(6, False)]}
+    assert plan_step(more, {b}, batch_max=3, long_tx_events=4).take == {}
+    more[b].append(_entry(7, False))
+    assert plan_step(more, {b}, batch_max=3, long_tx_events=4).take == {b: 3}
+    more[b] += [_entry(8, True), _entry(9, False)]
+    done = plan_step(more, {b}, batch_max=3, long_tx_events=4)
+    assert done.take == {b: 4} and done.streaming == set() and done.closed == [b]
+
+
+def test_open_tails_are_bounded_as_a_whole() -> None:
+    # Three partitions each below long_tx_events, together above twice it: the biggest streams.
+    buffers = {("t", p): [_entry(i, False) for i in range(4 + p)] for p in range(3)}
+    step = plan_step(buffers, set(), batch_max=100, long_tx_events=7)
+    assert step.opened == [(("t", 2), 6)] and step.streaming == {("t", 2)}
+    assert step.take == {}
 
 
 def test_an_undecodable_message_inside_an_open_unit_does_not_close_it() -> None:
