@@ -1,9 +1,11 @@
-"""`cutover apply`: the apply consumer loop (exactly-once effect into the commerce database).
+"""`cutover apply`: the Kafka source of the apply engine (exactly-once effect into commerce).
 
 One process = one member of the consumer group ``apply.group_id`` (cooperative-sticky
 assignment, ``read_committed``, no auto commit), subscribed to the domain topics of the mapping.
-The loop is thin; the decisions live in pure modules (:mod:`consumers.events`,
-:mod:`consumers.batch`, :mod:`consumers.sql`) and the database work in :mod:`consumers.sink`.
+:class:`ApplyConsumer` polls, buffers and plans per partition, and plays its part of the commit
+protocol of :mod:`consumers.engine` (the fence, the offsets); the engine runs the loop and the
+transaction. The decisions live in pure modules (:mod:`consumers.events`, :mod:`consumers.batch`,
+:mod:`consumers.sql`) and the database work in :mod:`consumers.sink`.
 
 Exactly-once effect, in three parts:
 
