@@ -214,3 +214,46 @@ def test_missing_and_damaged_files_are_refused_clearly(tmp_path: Path) -> None:
 def test_recorded_is_plain_data() -> None:
     rec = Recorded("t", 0, 1, 2, None, (), None, None)
     assert rec.offset == 1
+
+
+def test_playing_to_a_target_commits_only_where_no_unit_is_open() -> None:
+    from consumers.engine import Decoder
+    from consumers.replay import Pacer, PlaySummary, Rate
+    from consumers.replay.target import _FileSource
+
+    factory, messages = _messages(700)
+    store = SchemaStore()
+    for ws in factory.schemas.values():
+        store.add(ws)
+    records = [
+        Recorded(m.topic, m.partition, i, 1_700_000_000_000 + i, m.key, m.headers, None, m.value)
+        for i, m in enumerate(messages)
+    ]
+    records.append(Recorded("t.payment", 0, 700, 0, None, (), None, b"junk"))
+    summary = PlaySummary("f", "db", Rate().describe())
+    source = _FileSource(
+        iter(records), Decoder(store), pacer=Pacer(Rate()), batch_max=37, summary=summary,
+        progress=None, total=len(records),
+    )  # fmt: skip
+    last_closes: dict[tuple[str, int], bool] = {}
+    seen = commits = 0
+    junk = []
+    while (batch := source.next_batch()) is not None:
+        for tp, entries in batch.entries.items():
+            seen += len(entries)
+            for entry in entries:
+                if entry.event is not None:
+                    last_closes[tp] = entry.event.closes
+                else:
+                    junk.append(entry)
+        if batch.commit and not source._done:
+            commits += 1
+            assert all(last_closes.values())  # no source transaction is cut by a COMMIT
+        elif not batch.commit:
+            assert not all(last_closes.values())
+    assert seen == summary.played == len(records)
+    assert commits > 0
+    # The undecodable message is in a batch, with its error (it becomes a dead letter).
+    assert len(junk) == 1 and isinstance(junk[0].error, DecodeError)
+    # The file ends inside a unit (messages[:700] cut a step): the last batch commits anyway.
+    assert summary.open_units_at_end == sum(not c for c in last_closes.values()) > 0
