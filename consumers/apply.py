@@ -62,8 +62,9 @@ from consumers.engine import (
 from consumers.letters import DlqPublisher, RecordLetters
 from consumers.schemas import SchemaReader, kafka_error
 from consumers.sink import Sink, translate
-from consumers.sql import NEW_ROW_OFFSET
 from cutover.config import Settings
+from cutover.control_store import CONSUMER_TABLES
+from cutover.control_store.offsets import NEW_ROW_OFFSET
 from cutover.errors import DatabaseError, KafkaError
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
@@ -290,14 +291,11 @@ class ApplyConsumer:
         self._db_broken = False
 
     def _check_control_tables(self) -> None:
-        for table in ("consumer_offsets", "tombstones", "dead_letters"):
-            name = f"{self.control}.{table}"
-            row = self.sink.execute("SELECT to_regclass(%s)", (name,)).fetchone()
-            if row is None or row[0] is None:
-                raise DatabaseError(
-                    f"control table {name} does not exist: run `cutover init` first",
-                    side="target",
-                )
+        for table in self.sink.control.missing(CONSUMER_TABLES)[:1]:
+            raise DatabaseError(
+                f"control table {self.control}.{table} does not exist: run `cutover init` first",
+                side="target",
+            )
 
     def recover(self, exc: DatabaseError) -> bool:
         """Source protocol: recover from a database error if it is worth a retry."""

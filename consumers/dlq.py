@@ -14,18 +14,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from consumers import sql as q
 from consumers.batch import Entry
 from consumers.engine import ApplyEngine, Batch, Decoder, SimpleSource, Tx
 from consumers.letters import DeadLetter, DlqPublisher, PoisonHalt
 from consumers.schemas import SchemaReader
 from consumers.sink import Sink, translate
 from cutover.config import Settings
+from cutover.control_store import ControlStore, dead_letters
 from cutover.errors import DecodeError
 from cutover.logging import get_logger
 from cutover.mapping import load_mapping
@@ -83,15 +82,13 @@ class LetterRow:
 
 
 def list_dead_letters(settings: Settings, status: str | None) -> list[LetterRow]:
-    control = settings.target.control_schema
     try:
-        with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
-            rows = conn.execute(
-                q.list_dead_letters(control, status=status is not None), {"status": status}
-            ).fetchall()
+        conn = psycopg.connect(settings.target.dsn, autocommit=True)
     except psycopg.Error as exc:
         raise translate(exc, "listing dead letters") from exc
-    return [LetterRow(*row) for row in rows]
+    with conn:
+        letters = dead_letters.list_rows(ControlStore(conn, settings.target.control_schema), status)
+    return [LetterRow(*letter) for letter in letters]
 
 
 # ------------------------------------------------------------------------- cutover dlq retry
@@ -162,9 +159,8 @@ class _LetterSource(SimpleSource):
         self._batch: Batch | None = None
         self._failed: set[int] = set()
 
-    def _open_letters(self, sink: Sink) -> list[tuple[Any, ...]]:
-        query = q.open_dead_letters(self.control, by_id=self.letter_id is not None)
-        return sink.execute(query, {"id": self.letter_id}).fetchall()
+    def _open_letters(self, sink: Sink) -> list[dead_letters.OpenLetter]:
+        return dead_letters.lock_open(sink.control, self.letter_id)
 
     def load(self, sink: Sink) -> None:
         """Read the open letters into one batch, decoded (outside the transaction)."""
@@ -206,13 +202,8 @@ class _LetterSource(SimpleSource):
         for letter in letters:
             for lid in self._ids.get((letter.topic, letter.partition, letter.offset), []):
                 self._failed.add(lid)
-                sink.execute(
-                    q.note_retry_failure(self.control),
-                    {
-                        "id": lid,
-                        "error_class": letter.error_class,
-                        "error_message": letter.error.message,
-                    },
+                dead_letters.note_retry_failure(
+                    sink.control, lid, letter.error_class, letter.error.message
                 )
                 self.report.failed.append((lid, letter.error_class, letter.error.message))
                 log().warning(
@@ -231,7 +222,7 @@ class _LetterSource(SimpleSource):
             for lid in ids:
                 if lid in self._failed:
                     continue
-                sink.execute(q.mark_retried(self.control), {"id": lid})
+                dead_letters.mark_retried(sink.control, lid)
                 self.report.retried.append(lid)
                 log().info("dlq.retried", id=lid, topic=topic, partition=partition, offset=offset)
         self.report.retried.sort()

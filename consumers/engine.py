@@ -42,9 +42,10 @@ import psycopg
 from consumers.batch import TP, Entry
 from consumers.events import Change, Heartbeat, from_record
 from consumers.letters import DeadLetter, LetterPolicy
-from consumers.sink import OffsetUpdate, Sink
+from consumers.sink import Sink
 from cutover import metrics
 from cutover.codec import SchemaStore
+from cutover.control_store.offsets import OffsetUpdate
 from cutover.errors import CutoverError, DatabaseError, DecodeError, UnknownSchema
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec

@@ -31,6 +31,8 @@ from psycopg import sql
 from consumers import sql as q
 from consumers.batch import RowOp, column_groups, merge, to_ops
 from consumers.events import Change
+from cutover.control_store import ControlStore, dead_letters, offsets
+from cutover.control_store.offsets import OffsetUpdate
 from cutover.errors import CutoverError, DatabaseError, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping
 
@@ -85,6 +87,7 @@ class Sink:
         self.conn = conn
         self.mapping = mapping
         self.control_schema = control_schema
+        self.control = ControlStore(conn, control_schema, "target")
         self._stages: set[str] = set()
         self._dirty: set[str] = set()
 
@@ -278,51 +281,15 @@ class Sink:
     def read_offsets(
         self, group: str, partitions: Sequence[tuple[str, int]], *, lock: bool
     ) -> dict[tuple[str, int], int]:
-        params = _partition_params(group, partitions)
-        rows = self.execute(q.read_offsets(self.control_schema, lock=lock), params).fetchall()
-        return {(str(t), int(p)): int(n) for t, p, n in rows}  # type: ignore[call-overload]
+        return offsets.load(self.control, group, partitions, lock=lock)
 
     def claim_offsets(self, group: str, partitions: Sequence[tuple[str, int]]) -> None:
-        self.execute(q.claim_offsets(self.control_schema), _partition_params(group, partitions))
+        offsets.claim(self.control, group, partitions)
 
     def store_offsets(self, group: str, updates: Sequence[OffsetUpdate]) -> None:
-        params: dict[str, Any] = {
-            "group": group,
-            "topics": [u.topic for u in updates],
-            "parts": [u.partition for u in updates],
-            "next": [u.next_offset for u in updates],
-            "lsn": [u.last_source_lsn for u in updates],
-            "ts": [u.last_source_ts_ms for u in updates],
-            "hb": [u.last_heartbeat_ms for u in updates],
-        }
-        self.execute(q.upsert_offsets(self.control_schema), params)
+        offsets.save(self.control, group, updates)
 
     def record_dead_letters(self, rows: Sequence[Sequence[object]]) -> None:
-        """Insert dead letters (tuples in :data:`consumers.sql.DEAD_LETTER_COLUMNS` order)."""
-        if not rows:
-            return
-        try:
-            with self.conn.cursor() as cur:
-                cur.executemany(q.insert_dead_letter(self.control_schema), rows)
-        except psycopg.Error as exc:
-            raise translate(exc, "recording dead letters") from exc
-
-
-@dataclass(slots=True)
-class OffsetUpdate:
-    """What one partition's offsets row becomes at COMMIT."""
-
-    topic: str
-    partition: int
-    next_offset: int
-    last_source_lsn: int | None = None
-    last_source_ts_ms: int | None = None
-    last_heartbeat_ms: int | None = None
-
-
-def _partition_params(group: str, partitions: Sequence[tuple[str, int]]) -> dict[str, Any]:
-    return {
-        "group": group,
-        "topics": [t for t, _ in partitions],
-        "parts": [p for _, p in partitions],
-    }
+        """Insert dead letters (tuples in :data:`cutover.control_store.dead_letters.COLUMNS`
+        order)."""
+        dead_letters.insert(self.control, rows)

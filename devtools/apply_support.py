@@ -41,11 +41,11 @@ from consumers.apply import ApplyConsumer, ApplyOptions, ApplySummary
 from cutover import envelope
 from cutover.codec import ColumnSpec, WriterSchema, encode, envelope_schema, writer_schema
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
+from cutover.control_store import ControlStore
 from cutover.mapping import load_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "shop"
-CONTROL_SQL = REPO / "cutover" / "control.sql"
 # The scenario's domains, as its mapping file declares them (names only: the expected rows
 # below never go through cutover.mapping).
 DOMAINS = tuple(load_mapping(EXAMPLES / "mapping.toml").domains)
@@ -769,7 +769,7 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) 
 def init_control(dsn: str) -> None:
     """What `cutover init` does on the commerce side, for these tests: the control tables."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(CONTROL_SQL.read_text().encode())
+        ControlStore(conn, "cutover").ensure()
 
 
 def fetch_commerce(dsn: str) -> dict[str, dict[tuple[Any, ...], Row]]:

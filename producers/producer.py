@@ -31,11 +31,10 @@ producer is behind, one peek reads up to ``peek_batch * catchup_factor`` changes
 checkpointed every ``peek_batch`` changes (steps 3-7 run between rows of the cursor: the slot is
 not held once the peek has been materialised).
 
-Other duties: one producer per slot (a session advisory lock derived from the slot name; the
-second one is refused naming the holder's pid); slot safety at start (:func:`check_slot`);
+Other duties: one producer per slot and slot safety at start (:mod:`producers.slot_safety`);
 heartbeats while idle (``pg_logical_emit_message(true, 'cutover.heartbeat', ...)`` so the slot
 advances even when the captured tables are idle: PostgreSQL 15 skips empty transactions, and a
-transactional logical message is not empty); DBLog snapshots (:mod:`producers.snapshot`);
+transactional logical message is not empty); DBLog snapshots (:mod:`producers.snapshot_runner`);
 SIGTERM/SIGINT finish the current checkpoint and exit 0; crash points for fault tests.
 """
 
@@ -47,9 +46,8 @@ import signal
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Final
 
@@ -58,10 +56,10 @@ from psycopg import sql
 
 from cutover import codec, metrics
 from cutover.config import Settings
+from cutover.control_store import LEGACY_SCHEMA, PRODUCER_TABLES, ControlStore
+from cutover.control_store import producer as producer_state
 from cutover.errors import (
-    CheckFailed,
     ConfigError,
-    CutoverError,
     DatabaseError,
     KafkaError,
     RuntimeFailure,
@@ -69,28 +67,22 @@ from cutover.errors import (
 )
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
-from producers import kafka_io, snapshot, source_state
+from producers import kafka_io
 from producers.events import (
     HEARTBEAT_KEY,
     HEARTBEAT_PREFIX,
     ChangeStream,
-    ChunkWindow,
     SourceInfo,
     TableRoute,
     heartbeat_record,
 )
 from producers.fast_avro import encoder_for
 from producers.pgoutput import lsn_to_str
+from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
+from producers.snapshot_runner import SnapshotRunner
 
 CRASH_POINTS: Final = ("after_produce_before_ack", "after_ack_before_advance")
 _ITERSIZE: Final = 5_000
-# Advisory lock namespace ('cutv'); the second key is crc32 of the slot name.
-_LOCK_CLASS: Final = 0x63757476
-_REQUEST_POLL_S: Final = 1.0
-# Key chunks re-reading rows changed with unchanged TOAST values inside a window, at most.
-_MAX_REREADS: Final = 5
-# How long a starting producer waits for a slot still held by a (dead producer's) backend.
-_SLOT_BUSY_WAIT_S: Final = 30.0
 # Kafka heartbeats are rate-limited to the interval, with slack so that idle heartbeats, which
 # are themselves one interval apart, are not skipped every other time by timing jitter.
 _HEARTBEAT_SLACK: Final = 0.8
@@ -152,119 +144,6 @@ def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
     return DatabaseError(f"{doing}: {exc}".strip(), side="source", sqlstate=exc.sqlstate)
 
 
-def lock_keys(slot: str) -> tuple[int, int, int]:
-    """(class key, signed object key for pg_try_advisory_lock, unsigned key as in pg_locks)."""
-    unsigned = zlib.crc32(slot.encode())
-    signed = unsigned - (1 << 32) if unsigned >= (1 << 31) else unsigned
-    return _LOCK_CLASS, signed, unsigned
-
-
-def acquire_producer_lock(conn: Conn, slot: str) -> None:
-    """Hold a session advisory lock for the producer's life; refuse if another producer has it."""
-    key1, key2, unsigned = lock_keys(slot)
-    try:
-        got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key1, key2)).fetchone()
-        if got and got[0]:
-            return
-        holder = conn.execute(
-            "SELECT l.pid, a.application_name, a.client_addr::text FROM pg_locks l"
-            " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.objsubid = 2"
-            " AND l.granted",
-            (key1, unsigned),
-        ).fetchone()
-    except psycopg.Error as exc:
-        raise _db(exc, "taking the producer lock") from None
-    who = (
-        f"backend pid {holder[0]} ({holder[1] or 'unknown application'})"
-        if holder
-        else "another session"
-    )
-    raise CheckFailed(
-        f"another producer is already running on slot {slot}: {who} holds its lock. "
-        "Only one producer may read a slot; stop the other one first"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class SlotStatus:
-    confirmed: int
-    recorded: int
-    wal_status: str | None
-
-
-def check_slot(
-    conn: Conn, slot: str, *, log: Any = None, busy_wait_s: float = _SLOT_BUSY_WAIT_S
-) -> SlotStatus:
-    """Slot safety at start: refuse a missing or lost slot, or one AHEAD of our record.
-
-    ``confirmed <= recorded`` is normal (a crash between recording and advancing, or a
-    PostgreSQL crash that lost an advance not yet checkpointed): the producer resumes from the
-    slot and delivers that range again. A slot still held by a backend is waited for a little:
-    after a kill -9 the dead producer's backend finishes the peek it was running first.
-    """
-    deadline = time.monotonic() + busy_wait_s
-    while True:
-        try:
-            row = conn.execute(
-                "SELECT plugin, (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint, wal_status,"
-                " active_pid, database = current_database() FROM pg_replication_slots"
-                " WHERE slot_name = %s",
-                (slot,),
-            ).fetchone()
-            recorded = source_state.read_position(conn, slot)
-        except psycopg.Error as exc:
-            raise _db(exc, f"checking slot {slot}") from None
-        if row is None or row[3] is None or time.monotonic() >= deadline:
-            break
-        if log is not None:
-            log.info("slot.busy_waiting", active_pid=row[3])
-        time.sleep(0.5)
-    rec = f"{lsn_to_str(recorded)}" if recorded is not None else "nothing"
-    if row is None:
-        raise SlotSafetyError(
-            f"slot {slot} does not exist (the producer had delivered up to {rec}): it was "
-            "dropped; changes since then were not captured. Possible data loss, re-snapshot "
-            "required: `cutover init` (recreates the slot), then `cutover init --resnapshot`"
-        )
-    plugin, confirmed, wal_status, active_pid, same_db = row
-    if not same_db or plugin != "pgoutput":
-        raise ConfigError(f"slot {slot} is not a pgoutput slot of this database")
-    if wal_status == "lost":
-        raise SlotSafetyError(
-            f"slot {slot} is lost (wal_status = lost): PostgreSQL removed WAL it still needed "
-            f"(max_slot_wal_keep_size). Possible data loss, re-snapshot required: drop the slot, "
-            "`cutover init`, then `cutover init --resnapshot`"
-        )
-    if recorded is None:
-        raise ConfigError(
-            f"no delivered position recorded for slot {slot} in cutover.producer_state: "
-            "run `cutover init` first"
-        )
-    if confirmed is None or int(confirmed) > recorded:
-        raise SlotSafetyError(
-            f"slot {slot} is at {lsn_to_str(int(confirmed or 0))}, AHEAD of the last position "
-            f"the producer delivered ({lsn_to_str(recorded)}): it was advanced, or dropped and "
-            "recreated, behind the producer's back, so changes in between may be in no topic. "
-            "Possible data loss, re-snapshot required: `cutover init --resnapshot`"
-        )
-    if active_pid is not None:
-        raise CheckFailed(
-            f"slot {slot} is in use by backend pid {active_pid}: another reader (not a cutover "
-            "producer holding the lock) is attached; stop it first"
-        )
-    if log is not None and int(confirmed) < recorded:
-        log.info(
-            "slot.behind_record",
-            slot=slot,
-            confirmed=lsn_to_str(int(confirmed)),
-            recorded=lsn_to_str(recorded),
-            note="crash between record and advance: that range is delivered again",
-        )
-    return SlotStatus(int(confirmed), recorded, wal_status)
-
-
 def _crash(point: str) -> None:
     """Kill this process like ``kill -9`` would (no flush, no atexit, no finally)."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -313,11 +192,7 @@ class CdcProducer:
         self._last_advance = time.monotonic()
         self._position = 0
         self._checkpointed_commits = 0
-        self._request: source_state.SnapshotRequest | None = None
-        self._request_polled = 0.0
-        self._request_estimate: int | None = None
         self._domain_partitions: dict[str, int] = {}
-        self._reread_parent: ChunkWindow | None = None
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -346,56 +221,19 @@ class CdcProducer:
 
     def run(self) -> ProducerReport:
         settings = self.settings
-        src = settings.source
         started = time.monotonic()
-        mapping = load_mapping(settings.mapping_path)
+        self.mapping = load_mapping(settings.mapping_path)
         with (
             self._connect("control", autocommit=True) as ctl,
             self._connect("reader", autocommit=False) as reader,
         ):
-            if source_state.missing_tables(ctl):
-                raise ConfigError(
-                    "the legacy control tables (schema cutover) are missing: run `cutover init`"
-                )
-            acquire_producer_lock(ctl, src.slot)
-            status = check_slot(ctl, src.slot, log=self.log)
-            self._position = status.confirmed
-            self._persisted = source_state.read_table_columns(ctl, src.slot)
-            db = str(ctl.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
-            kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
-            topics = [settings.kafka.topic(d) for d in mapping.domains]
-            partitions = kafka.partitions([*topics, settings.kafka.schemas_topic])
-            self._domain_partitions = {t: partitions[t] for t in topics}
-            for topic, count in self._domain_partitions.items():
-                if count != settings.kafka.partitions:
-                    self.log.warning(
-                        "producer.partition_mismatch",
-                        topic=topic,
-                        partitions=count,
-                        configured=settings.kafka.partitions,
-                    )
-            self.kafka = kafka
+            # The producer's state lives next to the slot it reads (legacy, schema cutover).
             self.ctl = ctl
-            self.mapping = mapping
-            self._publish_schema_ws(self._hb_schema)
-            self.stream = ChangeStream(
-                mapping,
-                SourceInfo(version=_version(), name=settings.kafka.topic_prefix, db=db),
-                partitions=self._domain_partitions,
-                topic_for=settings.kafka.topic,
-                emit=kafka.produce,
-                on_schema=self._on_schema,
-                known_columns=self._persisted,
-                clock_ms=lambda: time.time_ns() // 1_000_000,
-                encoder_factory=encoder_for,
-            )
-            if self.options.initial_snapshot:
-                created = source_state.ensure_initial_requests(ctl, src.slot, list(mapping.tables))
-                if created:
-                    self.log.info("snapshot.initial_queued", tables=len(created))
+            self.store = ControlStore(ctl, LEGACY_SCHEMA, "source")
+            status = self._start()
             self.log.info(
                 "producer.started",
-                publication=src.publication,
+                publication=settings.source.publication,
                 position=lsn_to_str(self._position),
                 recorded=lsn_to_str(status.recorded),
                 topics=self._domain_partitions,
@@ -417,6 +255,58 @@ class CdcProducer:
                 )
         return self.report
 
+    def _start(self) -> SlotStatus:
+        """Lock the slot, check it, connect to Kafka and build the stream and snapshot runner."""
+        settings, src = self.settings, self.settings.source
+        if self.store.missing(PRODUCER_TABLES):
+            raise ConfigError(
+                "the legacy control tables (schema cutover) are missing: run `cutover init`"
+            )
+        acquire_producer_lock(self.ctl, src.slot)
+        status = check_slot(self.store, src.slot, log=self.log)
+        self._position = status.confirmed
+        self._persisted = producer_state.read_table_columns(self.store, src.slot)
+        db = str(self.ctl.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+        self.kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
+        self._domain_partitions = self._partitions()
+        self._publish_schema_ws(self._hb_schema)
+        self.stream = ChangeStream(
+            self.mapping,
+            SourceInfo(version=_version(), name=settings.kafka.topic_prefix, db=db),
+            partitions=self._domain_partitions,
+            topic_for=settings.kafka.topic,
+            emit=self.kafka.produce,
+            on_schema=self._on_schema,
+            known_columns=self._persisted,
+            clock_ms=lambda: time.time_ns() // 1_000_000,
+            encoder_factory=encoder_for,
+        )
+        self.snapshots = SnapshotRunner(
+            settings, self.store, self.mapping, self.stream, log=self.log, progress=self.progress
+        )
+        if self.options.initial_snapshot:
+            created = producer_state.ensure_initial_requests(
+                self.store, src.slot, list(self.mapping.tables)
+            )
+            if created:
+                self.log.info("snapshot.initial_queued", tables=len(created))
+        return status
+
+    def _partitions(self) -> dict[str, int]:
+        """The partition count of every domain topic (a mismatch with the config is logged)."""
+        kafka = self.settings.kafka
+        topics = [kafka.topic(d) for d in self.mapping.domains]
+        partitions = self.kafka.partitions([*topics, kafka.schemas_topic])
+        for topic in topics:
+            if partitions[topic] != kafka.partitions:
+                self.log.warning(
+                    "producer.partition_mismatch",
+                    topic=topic,
+                    partitions=partitions[topic],
+                    configured=kafka.partitions,
+                )
+        return {t: partitions[t] for t in topics}
+
     # -- the loop ------------------------------------------------------------------------------
 
     def _loop(self, reader: Conn, started: float) -> None:
@@ -433,15 +323,15 @@ class CdcProducer:
             ):
                 self.report.stopped_by = "max_runtime"
                 break
-            self._maybe_start_chunk()
+            self.snapshots.maybe_start_chunk()
             read = self._read_once(reader, limit)
             if read >= limit:
                 limit = min(limit * 2, max_limit)  # behind: read more per peek (module doc)
                 continue
             # The peek returned less than asked: everything in the WAL was read (caught up).
             limit = src.peek_batch
-            busy = bool(self.stream.windows) or self._request is not None
-            if self.options.exit_when_idle and not busy and not self._poll_requests(force=True):
+            busy = bool(self.stream.windows) or self.snapshots.request is not None
+            if self.options.exit_when_idle and not busy and not self.snapshots.poll(force=True):
                 self.report.stopped_by = "idle"
                 break
             if time.monotonic() - self._last_advance >= src.heartbeat_interval_s:
@@ -520,8 +410,8 @@ class CdcProducer:
             metrics.events_produced(topic.rsplit(".", 1)[-1], count)
         stream.events_by_topic.clear()
         # (4) record the position durably (write-ahead of the advance).
-        source_state.record_position(
-            self.ctl,
+        producer_state.record_position(
+            self.store,
             self.settings.source.slot,
             self.settings.source.publication,
             lsn,
@@ -571,7 +461,7 @@ class CdcProducer:
             chunks = list(stream.completed_chunks)
             stream.completed_chunks.clear()
             for window in chunks:
-                self._chunk_done(window)
+                self.snapshots.chunk_done(window)
 
     # -- heartbeats ----------------------------------------------------------------------------
 
@@ -640,170 +530,14 @@ class CdcProducer:
                 fingerprint=route.writer.fingerprint_hex,
             )
         if self._persisted.get(route.qualified) != route.columns:
-            source_state.record_table_columns(
-                self.ctl,
+            producer_state.record_table_columns(
+                self.store,
                 self.settings.source.slot,
                 route.qualified,
                 route.columns,
                 route.writer.fingerprint_hex,
             )
             self._persisted[route.qualified] = route.columns
-
-    # -- snapshots -----------------------------------------------------------------------------
-
-    def _poll_requests(self, *, force: bool = False) -> bool:
-        """Pick the oldest open snapshot request (polled at most once a second)."""
-        if self._request is not None:
-            return True
-        now = time.monotonic()
-        if not force and now - self._request_polled < _REQUEST_POLL_S:
-            return False
-        self._request_polled = now
-        requests = source_state.open_requests(self.ctl, self.settings.source.slot)
-        if not requests:
-            return False
-        request = requests[0]
-        if request.status == "pending":
-            source_state.mark_request(self.ctl, request.id, "running")
-            self.log.info(
-                "snapshot.started",
-                table=request.source_table,
-                request=request.id,
-                kind=request.kind,
-                where=request.where_sql,
-            )
-        self._request = request
-        self._request_estimate = snapshot.estimate_rows(
-            self.ctl, self.mapping.source_schema, request.source_table
-        )
-        return True
-
-    def _maybe_start_chunk(self) -> None:
-        if self.stream.windows or not self._poll_requests():
-            return
-        request = self._request
-        assert request is not None
-        if not snapshot.request_is_open(self.ctl, request.id):
-            self.log.warning("snapshot.cancelled", table=request.source_table, request=request.id)
-            self._request = None
-            return
-        tm = self.mapping.tables.get(request.source_table)
-        if tm is None:
-            self._fail_request(request, "table is not in the mapping")
-            return
-        schema = self.mapping.source_schema
-        columns = snapshot.published_column_specs(
-            self.ctl, self.settings.source.publication, schema, tm.source_table
-        )
-        route = self.stream.route_for(schema, tm.source_table, columns)
-        parent = self._reread_parent
-        keys: tuple[tuple[object, ...], ...] = ()
-        if parent is not None:
-            keys = tuple(parent.reread)
-            parent.reread = []
-            self._reread_parent = None
-        try:
-            chunk = snapshot.read_chunk(
-                self.ctl,
-                schema=schema,
-                table=tm.source_table,
-                columns=columns,
-                primary_key=tm.primary_key,
-                request=request,
-                last_pk=request.last_pk,
-                chunk_rows=self.settings.source.snapshot_chunk_rows,
-                keys=keys,
-            )
-        except CutoverError as exc:
-            reason = snapshot.request_fault(exc)
-            if reason is None:
-                raise
-            self._fail_request(request, reason)
-            return
-        self.stream.add_window(
-            ChunkWindow(
-                chunk_id=chunk.chunk_id,
-                route=route,
-                rows=chunk.rows,
-                request_id=request.id,
-                last_pk=chunk.last_pk,
-                selected=chunk.selected,
-                final=chunk.final,
-                parent=parent,
-                keys=keys,
-                attempt=parent.attempt + 1 if parent is not None else 0,
-            )
-        )
-
-    def _fail_request(self, request: source_state.SnapshotRequest, reason: str) -> None:
-        """Mark a request failed for its own fault (it stays visible in ``snapshot --list``)."""
-        source_state.mark_request(self.ctl, request.id, "failed", reason)
-        self.log.error(
-            "snapshot.failed", table=request.source_table, request=request.id, error=reason
-        )
-        self._request = None
-
-    def _chunk_done(self, window: ChunkWindow) -> None:
-        """After step 5: record a chunk's progress, or schedule what must be read again."""
-        request = self._request
-        if request is None or request.id != window.request_id:
-            return
-        root = window.parent or window
-        if window.state == "failed":
-            self.log.warning("snapshot.chunk_retry", chunk=window.chunk_id)
-            if window.parent is not None:
-                window.parent.reread.extend(window.keys)
-                self._reread_parent = window.parent
-            return  # a range chunk is simply read again under new watermarks
-        if window.parent is not None:
-            root.emitted += window.emitted
-        if window.reread:
-            if window.attempt < _MAX_REREADS:
-                # Rows the stream changed with unchanged TOAST values inside the window: read
-                # them again before the chunk counts as done (progress is not recorded yet).
-                root.reread = list(window.reread)
-                root.attempt = window.attempt
-                self._reread_parent = root
-                self.log.info("snapshot.reread", chunk=window.chunk_id, keys=len(window.reread))
-                return
-            self.log.warning(
-                "snapshot.reread_gave_up",
-                chunk=window.chunk_id,
-                keys=len(window.reread),
-                note="rows updated continuously with unchanged TOAST values",
-            )
-        source_state.record_progress(
-            self.ctl, request.id, root.last_pk, root.emitted, done=root.final
-        )
-        rows = request.rows_emitted + root.emitted
-        event = {
-            "table": request.source_table,
-            "request": request.id,
-            "chunk": request.chunks + 1,
-            "selected": root.selected,
-            "emitted": root.emitted,
-            "dropped": root.dropped,
-            "rows": rows,
-            "estimate": self._request_estimate,
-            "done": root.final,
-            "lsn": lsn_to_str(window.high_lsn),
-        }
-        self.log.info("snapshot.chunk_done", **event)
-        if self.progress is not None:
-            self.progress(event)
-        if root.final:
-            self.log.info(
-                "snapshot.done", table=request.source_table, request=request.id, rows=rows
-            )
-            self._request = None
-        else:
-            self._request = replace(
-                request,
-                status="running",
-                last_pk=root.last_pk,
-                rows_emitted=rows,
-                chunks=request.chunks + 1,
-            )
 
 
 def run_producer(

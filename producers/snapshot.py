@@ -40,11 +40,12 @@ import psycopg
 from psycopg import sql
 
 from cutover.codec import ColumnSpec
+from cutover.control_store import LEGACY_SCHEMA, ControlStore
+from cutover.control_store.producer import SnapshotRequest, request_snapshot
 from cutover.errors import CheckFailed, CutoverError, DatabaseError, UsageError
 from cutover.mapping import MappingSpec
 from producers import pgoutput, predicate
 from producers.events import SNAPSHOT_HIGH_PREFIX, SNAPSHOT_LOW_PREFIX
-from producers.source_state import SnapshotRequest, request_snapshot
 
 Conn = psycopg.Connection[Any]
 
@@ -270,7 +271,8 @@ def queue_request(
                 flt = compile_where(where, [c.name for c in columns], schema, table)
                 assert flt is not None
                 validate_where(conn, schema, table, flt)
-            return request_snapshot(conn, slot, table, where, requested_by=requested_by)
+            store = ControlStore(conn, LEGACY_SCHEMA, "source")
+            return request_snapshot(store, slot, table, where, requested_by=requested_by)
     except psycopg.Error as exc:
         raise _db(exc, "queueing the snapshot request") from None
 

@@ -183,14 +183,12 @@ def _connect(dsn: str, what: str) -> Conn:
 
 
 def _check_sandbox(sink: Sink, control: str, target_schema: str) -> None:
-    for name in (f"{control}.tombstones", f"{control}.dead_letters"):
-        row = sink.execute("SELECT to_regclass(%s)", (name,)).fetchone()
-        if row is None or row[0] is None:
-            raise DatabaseError(
-                f"the sandbox has no control table {name}: run `cutover init` against it "
-                "(or load cutover/control.sql) first",
-                side="target",
-            )
+    for table in sink.control.missing(["tombstones", "dead_letters"])[:1]:
+        raise DatabaseError(
+            f"the sandbox has no control table {control}.{table}: run `cutover init` against it "
+            "first",
+            side="target",
+        )
     row = sink.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (target_schema,)).fetchone()
     if row is None:
         raise DatabaseError(

@@ -15,6 +15,7 @@ from typing import NoReturn
 import psycopg
 import pytest
 
+from cutover.control_store import ControlStore
 from devtools.scratch import scratch_database
 from devtools.stack import read_env
 
@@ -70,7 +71,7 @@ def fresh_commerce(target_dsn: str) -> Iterator[str]:
 
 @pytest.fixture
 def commerce(fresh_commerce: str) -> str:
-    """A fresh commerce database with the consumer's control tables (cutover/control.sql)."""
+    """A fresh commerce database with the control tables (schema cutover, the store's file)."""
     with psycopg.connect(fresh_commerce, autocommit=True) as conn:
-        conn.execute((REPO / "cutover" / "control.sql").read_bytes())
+        ControlStore(conn, "cutover").ensure()
     return fresh_commerce

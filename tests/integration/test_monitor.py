@@ -23,6 +23,8 @@ import pytest
 from cli import main as cli
 from control.monitor import KafkaProbe, Monitor
 from cutover.config import Settings, SourceSettings
+from cutover.control_store import LEGACY_SCHEMA, ControlStore
+from cutover.control_store.producer import record_position
 from devtools.apply_support import (
     EventFactory,
     Message,
@@ -38,7 +40,6 @@ from devtools.apply_support import (
     total_offsets,
     wait_for,
 )
-from producers.source_state import ensure_schema, record_position
 from tests.integration.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
@@ -155,8 +156,9 @@ def test_monitor_agrees_with_kafka_consumer_groups(
     produce(topics.bootstrap, later)
     # The producer's record of its heartbeat, and some WAL behind the slot.
     with psycopg.connect(legacy, autocommit=True) as conn:
-        ensure_schema(conn)
-        record_position(conn, slot_name, "pub", 0, "test:1")
+        store = ControlStore(conn, LEGACY_SCHEMA, "source")
+        store.ensure()
+        record_position(store, slot_name, "pub", 0, "test:1")
         conn.execute("CREATE TABLE wal_filler AS SELECT g FROM generate_series(1, 20000) g")
 
     monitor = Monitor(settings)

@@ -33,11 +33,11 @@ from cutover.config import (
     SourceSettings,
     TargetSettings,
 )
+from cutover.control_store import LEGACY_SCHEMA, ControlStore
 from cutover.mapping import MappingSpec, load_mapping
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "shop"
-CONTROL_SQL = REPO / "cutover" / "control.sql"
 MAPPING_PATH = EXAMPLES / "mapping.toml"
 DOMAINS = tuple(load_mapping(MAPPING_PATH).domains)
 PARTITIONS = 3
@@ -74,7 +74,7 @@ def seed(settings: Settings, *, orders: int = 2000) -> dict[str, int]:
 
     workload.prefill(settings.source.dsn, orders=orders, seed=5)
     with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
-        conn.execute(CONTROL_SQL.read_text().encode())
+        ControlStore(conn, "cutover").ensure()
     return copy_mapped_rows(settings.source.dsn, settings.target.dsn, mapping())
 
 
@@ -104,26 +104,13 @@ def delete_topics(settings: Settings) -> None:
             fut.result(timeout=30)
 
 
-PRODUCER_STATE_DDL = """
-CREATE SCHEMA IF NOT EXISTS cutover;
-CREATE TABLE IF NOT EXISTS cutover.producer_state (
-    slot_name      text        PRIMARY KEY,
-    publication    text        NOT NULL,
-    delivered_lsn  bigint      NOT NULL,
-    producer       text,
-    heartbeat_at   timestamptz,
-    updated_at     timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-
 def stage_pipeline(settings: Settings) -> None:
     """Everything the gates check, healthy: slot, heartbeat, offsets at the end of each topic."""
     with psycopg.connect(settings.source.dsn, autocommit=True) as conn:
         conn.execute(
             "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [settings.source.slot]
         )
-        conn.execute(PRODUCER_STATE_DDL)
+        ControlStore(conn, LEGACY_SCHEMA, "source").ensure()
         beat(settings)
     with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
         for d in DOMAINS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from consumers import sql as q
+from cutover.control_store import dead_letters, offsets
 
 
 def _text(composed: object) -> str:
@@ -64,22 +65,22 @@ def test_stage_has_target_types_and_no_constraints() -> None:
 
 
 def test_offsets_fence_locks_rows() -> None:
-    locked = _text(q.read_offsets("cutover", lock=True))
+    locked = _text(offsets.read_query("cutover", lock=True))
     assert locked.endswith("ORDER BY topic, kafka_partition FOR UPDATE")
-    assert "FOR UPDATE" not in _text(q.read_offsets("cutover", lock=False))
-    claim = _text(q.claim_offsets("cutover"))
+    assert "FOR UPDATE" not in _text(offsets.read_query("cutover", lock=False))
+    claim = _text(offsets.claim_query("cutover"))
     assert "ON CONFLICT (group_id, topic, kafka_partition) DO NOTHING" in claim
-    assert str(q.NEW_ROW_OFFSET) in claim
+    assert str(offsets.NEW_ROW_OFFSET) in claim
 
 
 def test_offsets_upsert_keeps_known_progress_when_a_batch_has_none() -> None:
-    text = _text(q.upsert_offsets("cutover"))
+    text = _text(offsets.upsert_query("cutover"))
     assert "next_offset = EXCLUDED.next_offset" in text
     assert "last_heartbeat_ms = COALESCE(EXCLUDED.last_heartbeat_ms, o.last_heartbeat_ms)" in text
 
 
 def test_dead_letters_are_unique_per_offset() -> None:
-    text = _text(q.insert_dead_letter("cutover"))
+    text = _text(dead_letters.insert_query("cutover"))
     assert text.startswith('INSERT INTO "cutover"."dead_letters" ("group_id", "domain", ')
     assert text.endswith("ON CONFLICT (group_id, topic, kafka_partition, kafka_offset) DO NOTHING")
-    assert text.count("%s") == len(q.DEAD_LETTER_COLUMNS)
+    assert text.count("%s") == len(dead_letters.COLUMNS)

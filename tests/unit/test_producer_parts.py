@@ -18,10 +18,10 @@ from cutover.config import KafkaSettings
 from cutover.errors import ConfigError, UsageError
 from cutover.mapping import MappingSpec, load_mapping
 from producers.fast_avro import encoder_for
-from producers.init import (
+from producers.init import _publication_diff
+from producers.init_checks import (
     InitReport,
     TableInfo,
-    _publication_diff,
     identity_columns,
     preflight_tables,
     published_columns,
@@ -29,7 +29,8 @@ from producers.init import (
 )
 from producers.kafka_io import producer_config, topic_specs
 from producers.predicate import compile_filter
-from producers.producer import CRASH_POINTS, ProducerOptions, lock_keys, options_from_environ
+from producers.producer import CRASH_POINTS, ProducerOptions, options_from_environ
+from producers.slot_safety import lock_keys
 from producers.snapshot import chunk_query, decode_row
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,30 +1,24 @@
-"""The control store: the tables that hold the pipeline's and the cutover's own state, in the
-database it is told to use (commerce for the forward direction; legacy for the reverse one).
-
-This module owns the control-plane DDL (``control_plane.sql``) and the domain-state rows that the
-state machine (:mod:`control.state`) moves and the read router (:mod:`cutover.routing`) follows.
-"""
+"""Domain state: the ``domain_state`` rows that the state machine (:mod:`control.state`) moves
+and the read router (:mod:`cutover.routing`) follows, with their ``transitions``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from cutover.errors import DatabaseError
-
-Conn = psycopg.Connection[Any]
+from cutover.control_store.store import Conn, db_error, qualified
 
 REPLICATING = "replicating"
 SWITCHING_READS = "switching_reads"
 READS_SWITCHED = "reads_switched"
 ROLLING_BACK = "rolling_back"
 WRITES_SWITCHED = "writes_switched"
+COMPLETED = "completed"
 COMPLETED = "completed"
 
 STATES: tuple[str, ...] = (
@@ -40,34 +34,6 @@ IN_FLIGHT = frozenset({SWITCHING_READS, ROLLING_BACK})
 COMMERCE_READS = frozenset({READS_SWITCHED, WRITES_SWITCHED, COMPLETED})
 #: States whose writes are taken by commerce (legacy's tables of the domain are fenced).
 COMMERCE_WRITES = frozenset({WRITES_SWITCHED, COMPLETED})
-
-# Advisory lock key for creating the control plane ("cutc" as an integer).
-_DDL_LOCK = 0x63757463
-
-
-def control_plane_ddl() -> str:
-    """The text of ``cutover/control_plane.sql`` (unqualified names, see its header)."""
-    return resources.files("cutover").joinpath("control_plane.sql").read_text(encoding="utf-8")
-
-
-def ensure_control_plane(conn: Conn, schema: str) -> None:
-    """Create the control schema and tables if missing (idempotent, safe concurrently).
-
-    Runs under a transaction-level advisory lock: two commands starting at once on a fresh
-    database would otherwise race on CREATE TABLE IF NOT EXISTS (a catalog unique violation).
-    """
-    try:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_DDL_LOCK])
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
-            conn.execute(control_plane_ddl().encode())
-    except psycopg.Error as exc:
-        raise DatabaseError(
-            f"creating the control tables in schema {schema}: {str(exc).strip()}",
-            side="target",
-            sqlstate=exc.sqlstate,
-        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +86,6 @@ class DomainState:
                 "status": self.transition_status,
             },
         }
-
-
-def qualified(schema: str, table: str) -> sql.Identifier:
-    return sql.Identifier(schema, table)
-
-
-def db_error(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {str(exc).strip()}", side="target", sqlstate=exc.sqlstate)
 
 
 def ensure_domains(conn: Conn, schema: str, domains: Sequence[str]) -> None:
@@ -188,3 +146,97 @@ def load_states(
     except psycopg.Error as exc:
         raise db_error(exc, "reading cutover.domain_state") from None
     return {r[0]: _row_to_state(r) for r in rows}
+
+
+# Transitions (DESIGN §6): written by the state machine inside the transactions it opens; these
+# run in the caller's transaction and raise psycopg errors for the caller to name the step.
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A new ``transitions`` row (status ``intent``)."""
+
+    transition_id: str
+    domain: str
+    action: str
+    from_state: str
+    to_state: str
+    version: int
+    actor: str
+    reason: str | None
+    forced: bool
+    created_at: datetime
+
+
+def begin_transition(
+    conn: Conn, schema: str, t: Transition, *, via: str, abandon: str | None = None
+) -> None:
+    """Step 1: record the intent and put the domain in the in-flight state ``via``.
+
+    ``abandon`` names an unfinished transition this one overrides (a rollback of a switch).
+    """
+    transitions = qualified(schema, "transitions")
+    if abandon is not None:
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET status = 'abandoned', done_at = now() "
+                "WHERE transition_id = %s AND status IN ('intent', 'published')"
+            ).format(transitions),
+            [abandon],
+        )
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (transition_id, domain, action, from_state, to_state, "
+            "version, actor, reason, forced, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(transitions),
+        [
+            t.transition_id,
+            t.domain,
+            t.action,
+            t.from_state,
+            t.to_state,
+            t.version,
+            t.actor,
+            t.reason,
+            t.forced,
+            t.created_at,
+        ],
+    )
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET state = %s, transition_id = %s, actor = %s WHERE domain = %s"
+        ).format(qualified(schema, "domain_state")),
+        [via, t.transition_id, t.actor, t.domain],
+    )
+
+
+def mark_published(conn: Conn, schema: str, transition_id: str) -> None:
+    """Step 2: the target state was acknowledged on the control topic."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = 'published', published_at = COALESCE(published_at, now()) "
+            "WHERE transition_id = %s AND status = 'intent'"
+        ).format(qualified(schema, "transitions")),
+        [transition_id],
+    )
+
+
+def finish_transition(
+    conn: Conn, schema: str, domain: str, transition_id: str, *, state: str, version: int,
+    actor: str,
+) -> None:  # fmt: skip
+    """Step 3: the domain is in ``state`` at ``version``; the transition is done."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET state = %s, version = %s, changed_at = now(), actor = %s, "
+            "transition_id = NULL WHERE domain = %s AND transition_id = %s"
+        ).format(qualified(schema, "domain_state")),
+        [state, version, actor, domain, transition_id],
+    )
+    conn.execute(
+        sql.SQL("UPDATE {} SET status = 'done', done_at = now() WHERE transition_id = %s").format(
+            qualified(schema, "transitions")
+        ),
+        [transition_id],
+    )
