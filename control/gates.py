@@ -44,7 +44,9 @@ import psycopg
 from psycopg import sql
 
 from cutover.config import GateSettings, Settings
-from cutover.errors import KafkaError
+from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
+from cutover.control_store import producer as producer_state
+from cutover.errors import DatabaseError, KafkaError
 from cutover.kafka import fetch_watermarks, kafka_consumer
 
 __all__ = [
@@ -63,7 +65,7 @@ __all__ = [
 Conn = psycopg.Connection[Any]
 
 #: Schema of the producer's control tables in the LEGACY database.
-LEGACY_CONTROL_SCHEMA = "cutover"
+LEGACY_CONTROL_SCHEMA = LEGACY_SCHEMA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,13 +401,6 @@ def _err(exc: BaseException) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
 
 
-def _exists(conn: Conn, schema: str, table: str) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(schema, table).as_string(conn)]
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def verify_evidence(conn: Conn, control_schema: str, domain: str) -> VerifyEvidence:
     try:
         row = conn.execute(
@@ -428,62 +423,47 @@ def verify_evidence(conn: Conn, control_schema: str, domain: str) -> VerifyEvide
 
 def lag_evidence(settings: Settings, conn: Conn, domain: str, consumer: Any) -> LagEvidence:
     topic = settings.kafka.topic(domain)
+    store = ControlStore(conn, settings.target.control_schema, "target")
     try:
-        rows = []
-        if _exists(conn, settings.target.control_schema, "consumer_offsets"):
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT kafka_partition, next_offset FROM {} WHERE group_id = %s AND topic = %s"
-                ).format(sql.Identifier(settings.target.control_schema, "consumer_offsets")),
-                [settings.apply.group_id, topic],
-            ).fetchall()
+        stored: dict[int, int] = {}
+        if store.exists(offsets.TABLE):
+            rows = offsets.read_group(store, settings.apply.group_id, topic)
+            stored = {o.partition: o.next_offset for o in rows}
         marks = fetch_watermarks(consumer, topic)
-    except (psycopg.Error, KafkaError) as exc:
+    except (psycopg.Error, DatabaseError, KafkaError) as exc:
         return LagEvidence(topic=topic, error=_err(exc))
-    per = apply_lag(marks, {int(p): int(n) for p, n in rows})
+    per = apply_lag(marks, stored)
     return LagEvidence(topic=topic, partitions=per, total=sum(per.values()))
 
 
 def dead_letter_evidence(settings: Settings, conn: Conn, domain: str) -> DeadLetterEvidence:
-    schema = settings.target.control_schema
+    store = ControlStore(conn, settings.target.control_schema, "target")
     try:
-        if not _exists(conn, schema, "dead_letters"):
+        if not store.exists(dead_letters.TABLE):
             # Fail closed: without the table nothing says no letter is open (the consumer
             # creates it on start; a missing one means the pipeline is not what we think).
             return DeadLetterEvidence(
-                error=f"no {schema}.dead_letters table: has `cutover consume` ever run?"
+                error=f"no {store.schema}.dead_letters table: has `cutover consume` ever run?"
             )
-        row = conn.execute(
-            sql.SQL(
-                "SELECT count(*), (array_agg(id ORDER BY id))[1:10] FROM {} "
-                "WHERE status = 'open' AND (domain = %s OR topic = %s)"
-            ).format(sql.Identifier(schema, "dead_letters")),
-            [domain, settings.kafka.topic(domain)],
-        ).fetchone()
-    except psycopg.Error as exc:
+        count, ids = dead_letters.open_of_domain(store, domain, settings.kafka.topic(domain))
+    except (psycopg.Error, DatabaseError) as exc:
         return DeadLetterEvidence(error=_err(exc))
-    assert row is not None
-    return DeadLetterEvidence(open=int(row[0]), sample_ids=tuple(int(i) for i in row[1] or ()))
+    return DeadLetterEvidence(open=count, sample_ids=ids)
 
 
 def heartbeat_evidence(settings: Settings, legacy: Conn) -> HeartbeatEvidence:
+    store = ControlStore(legacy, LEGACY_CONTROL_SCHEMA, "source")
     try:
-        if not _exists(legacy, LEGACY_CONTROL_SCHEMA, "producer_state"):
+        if not store.exists("producer_state"):
             return HeartbeatEvidence(error="the producer never ran (no cutover.producer_state)")
-        row = legacy.execute(
-            sql.SQL(
-                "SELECT EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, producer FROM {} "
-                "WHERE slot_name = %s"
-            ).format(sql.Identifier(LEGACY_CONTROL_SCHEMA, "producer_state")),
-            [settings.source.slot],
-        ).fetchone()
-    except psycopg.Error as exc:
+        beat = producer_state.read_heartbeat(store, settings.source.slot)
+    except (psycopg.Error, DatabaseError) as exc:
         return HeartbeatEvidence(error=_err(exc))
-    if row is None or row[0] is None:
+    if beat is None or beat.age_s is None:
         return HeartbeatEvidence(
             error=f"no heartbeat recorded for slot {settings.source.slot} in cutover.producer_state"
         )
-    return HeartbeatEvidence(age_s=max(0.0, float(row[0])), producer=row[1])
+    return HeartbeatEvidence(age_s=max(0.0, beat.age_s), producer=beat.producer)
 
 
 def slot_evidence(settings: Settings, legacy: Conn) -> SlotEvidence:

@@ -39,7 +39,6 @@ from datetime import UTC, datetime
 from typing import Literal, TypeAlias
 
 import psycopg
-from psycopg import sql
 
 from control.publish import Publisher, state_message
 from cutover.config import Settings
@@ -52,9 +51,12 @@ from cutover.control_store import (
     WRITES_SWITCHED,
     Conn,
     DomainState,
+    Transition,
+    begin_transition,
     db_error,
+    finish_transition,
     load_states,
-    qualified,
+    mark_published,
 )
 from cutover.errors import UsageError
 from cutover.logging import get_logger
@@ -267,21 +269,11 @@ def _start(
     intent = _Intent(
         decided, transition_id, version, decided.to_state or "", datetime.now(UTC), actor
     )
-    if decided.abandon is not None:
-        conn.execute(
-            sql.SQL(
-                "UPDATE {} SET status = 'abandoned', done_at = now() "
-                "WHERE transition_id = %s AND status IN ('intent', 'published')"
-            ).format(qualified(schema, "transitions")),
-            [decided.abandon],
-        )
-    conn.execute(
-        sql.SQL(
-            "INSERT INTO {} (transition_id, domain, action, from_state, to_state, "
-            "version, actor, reason, forced, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(qualified(schema, "transitions")),
-        [
+    assert decided.via is not None  # plan() names the in-flight state of a new transition
+    begin_transition(
+        conn,
+        schema,
+        Transition(
             transition_id,
             current.domain,
             decided.action,
@@ -292,13 +284,9 @@ def _start(
             reason,
             forced,
             intent.changed_at,
-        ],
-    )
-    conn.execute(
-        sql.SQL(
-            "UPDATE {} SET state = %s, transition_id = %s, actor = %s WHERE domain = %s"
-        ).format(qualified(schema, "domain_state")),
-        [decided.via, transition_id, actor, current.domain],
+        ),
+        via=decided.via,
+        abandon=decided.abandon,
     )
     return intent
 
@@ -375,13 +363,7 @@ def _publish(conn: Conn, schema: str, domain: str, intent: _Intent, publisher: P
         ),
     )
     try:
-        conn.execute(
-            sql.SQL(
-                "UPDATE {} SET status = 'published', published_at = COALESCE(published_at, now()) "
-                "WHERE transition_id = %s AND status = 'intent'"
-            ).format(qualified(schema, "transitions")),
-            [intent.transition_id],
-        )
+        mark_published(conn, schema, intent.transition_id)
     except psycopg.Error as exc:
         raise db_error(exc, f"recording the publication of {domain}'s state") from None
 
@@ -391,18 +373,14 @@ def _complete(conn: Conn, schema: str, domain: str, intent: _Intent) -> None:
     action = intent.decided.action
     try:
         with conn.transaction():
-            conn.execute(
-                sql.SQL(
-                    "UPDATE {} SET state = %s, version = %s, changed_at = now(), actor = %s, "
-                    "transition_id = NULL WHERE domain = %s AND transition_id = %s"
-                ).format(qualified(schema, "domain_state")),
-                [intent.to_state, intent.version, intent.actor, domain, intent.transition_id],
-            )
-            conn.execute(
-                sql.SQL(
-                    "UPDATE {} SET status = 'done', done_at = now() WHERE transition_id = %s"
-                ).format(qualified(schema, "transitions")),
-                [intent.transition_id],
+            finish_transition(
+                conn,
+                schema,
+                domain,
+                intent.transition_id,
+                state=intent.to_state,
+                version=intent.version,
+                actor=intent.actor,
             )
     except psycopg.Error as exc:
         raise db_error(exc, f"completing the {action} of {domain}") from None

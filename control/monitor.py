@@ -66,6 +66,8 @@ from control.monitor_report import (
     percentile,
 )
 from cutover.config import Settings
+from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
+from cutover.control_store import producer as producer_state
 from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
 
 __all__ = [
@@ -173,30 +175,26 @@ def _epoch_ms(column: sql.Composable) -> sql.Composed:
 
 def read_target(conn: psycopg.Connection[Any], control: str, group: str) -> TargetReading:
     """The apply group's offsets rows and the open dead letters per domain."""
-    offsets = sql.SQL(
-        "SELECT topic, kafka_partition, next_offset, last_source_ts_ms, last_heartbeat_ms, {} "
-        "FROM {} WHERE group_id = %s"
-    ).format(_epoch_ms(sql.Identifier("applied_at")), sql.Identifier(control, "consumer_offsets"))
-    letters = sql.SQL(
-        "SELECT coalesce(domain, ''), count(*) FROM {} WHERE status = 'open' GROUP BY 1"
-    ).format(sql.Identifier(control, "dead_letters"))
-    try:
-        now = conn.execute(sql.SQL("SELECT {}").format(_epoch_ms(sql.SQL("now()")))).fetchone()
-        rows = conn.execute(offsets, (group,)).fetchall()
-        open_rows = conn.execute(letters).fetchall()
-    except psycopg.Error as exc:
-        raise DatabaseError(
-            f"reading {control}.consumer_offsets and {control}.dead_letters: "
-            f"{(exc.diag.message_primary or str(exc)).strip()}",
-            side="target",
-            sqlstate=exc.sqlstate,
-        ) from None
+    store = ControlStore(conn, control, "target")
+    now = store.execute(
+        sql.SQL("SELECT {}").format(_epoch_ms(sql.SQL("now()"))), doing="reading the clock"
+    ).fetchone()
+    rows = offsets.read_group(store, group)
+    open_letters = dead_letters.open_by_domain(store)
     assert now is not None
     return TargetReading(
         offsets=[
-            OffsetsRow(str(t), int(p), int(n), ts, hb, int(at)) for t, p, n, ts, hb, at in rows
+            OffsetsRow(
+                o.topic,
+                o.partition,
+                o.next_offset,
+                o.last_source_ts_ms,
+                o.last_heartbeat_ms,
+                o.applied_at_ms,
+            )
+            for o in rows
         ],
-        open_dead_letters={str(d): int(c) for d, c in open_rows},
+        open_dead_letters=open_letters,
         now_ms=int(now[0]),
     )
 
@@ -211,14 +209,6 @@ def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
             " FROM pg_replication_slots WHERE slot_name = %s",
             (slot,),
         ).fetchone()
-        state = None
-        present = conn.execute("SELECT to_regclass('cutover.producer_state')").fetchone()
-        if present is not None and present[0] is not None:
-            state = conn.execute(
-                "SELECT extract(epoch FROM now() - heartbeat_at)::float8, delivered_lsn, producer"
-                " FROM cutover.producer_state WHERE slot_name = %s",
-                (slot,),
-            ).fetchone()
     except psycopg.Error as exc:
         raise DatabaseError(
             f"reading the slot {slot}: {(exc.diag.message_primary or str(exc)).strip()}",
@@ -238,11 +228,13 @@ def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
             safe_wal_size=None if row[4] is None else int(row[4]),
         )
     )
+    store = ControlStore(conn, LEGACY_SCHEMA, "source")
+    beat = producer_state.read_heartbeat(store, slot) if store.exists("producer_state") else None
     return SourceReading(
         slot=slot_reading,
-        heartbeat_age_s=None if state is None or state[0] is None else float(state[0]),
-        delivered_lsn=None if state is None else int(state[1]),
-        producer=None if state is None else state[2],
+        heartbeat_age_s=None if beat is None else beat.age_s,
+        delivered_lsn=None if beat is None else beat.delivered_lsn,
+        producer=None if beat is None else beat.producer,
     )
 
 

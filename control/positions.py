@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from psycopg import sql
-
 from control import digest as dg
-from control.verify_io import Conn, run_query, table_exists
+from control.verify_io import Conn
 from cutover.config import Settings
+from cutover.control_store import LEGACY_SCHEMA, ControlStore
+from cutover.control_store import offsets as stored_offsets
+from cutover.control_store import producer as producer_state
 from cutover.kafka import fetch_watermarks, kafka_consumer
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec
@@ -25,8 +26,8 @@ __all__ = ["LEGACY_CONTROL_SCHEMA", "PositionReader", "partitions_of"]
 
 log = get_logger("control.verify")
 
-#: Schema of the producer's control tables in the LEGACY database (producers/source_state.py).
-LEGACY_CONTROL_SCHEMA = "cutover"
+#: Schema of the producer's control tables in the LEGACY database (cutover.control_store).
+LEGACY_CONTROL_SCHEMA = LEGACY_SCHEMA
 
 
 def partitions_of(
@@ -60,24 +61,17 @@ class PositionReader:
         recorded a position for the domain (then commerce is treated as static)."""
         topic = self.settings.kafka.topic(domain)
         schema = self.settings.target.control_schema
-        if not table_exists(self.commerce, "target", schema, "consumer_offsets"):
+        store = ControlStore(self.commerce, schema, "target")
+        if not store.exists(stored_offsets.TABLE):
             return None
-        rows = run_query(
-            self.commerce,
-            "target",
-            sql.SQL(
-                "SELECT kafka_partition, next_offset, last_source_lsn FROM {} "
-                "WHERE group_id = %s AND topic = %s"
-            ).format(sql.Identifier(schema, "consumer_offsets")),
-            [self.settings.apply.group_id, topic],
-        )
+        rows = stored_offsets.read_group(store, self.settings.apply.group_id, topic)
         if not rows:
             return None
         if self._snapshot_unfinished(domain):
             # Snapshot rows of chunks not read yet carry no position below the delivered one:
             # until the snapshot is done, nothing of this domain counts as applied.
             return 0
-        offsets = {int(p): (int(n), None if lsn is None else int(lsn)) for p, n, lsn in rows}
+        offsets = {o.partition: (o.next_offset, o.last_source_lsn) for o in rows}
         delivered = self._delivered()
         # Read even without a delivered position: they name the topic's real partitions.
         watermarks = self._watermarks(topic)
@@ -88,35 +82,20 @@ class PositionReader:
 
     def _snapshot_unfinished(self, domain: str) -> bool:
         """Whether a snapshot of one of the domain's tables is pending or running."""
-        if not table_exists(self.legacy, "source", LEGACY_CONTROL_SCHEMA, "snapshot_requests"):
+        store = ControlStore(self.legacy, LEGACY_CONTROL_SCHEMA, "source")
+        if not store.exists("snapshot_requests"):
             return False
         tables = [t.source_table for t in self.mapping.tables_of(domain)]
-        rows = run_query(
-            self.legacy,
-            "source",
-            sql.SQL(
-                "SELECT count(*) FROM {} WHERE slot_name = %s AND source_table = ANY(%s)"
-                " AND status IN ('pending', 'running')"
-            ).format(sql.Identifier(LEGACY_CONTROL_SCHEMA, "snapshot_requests")),
-            [self.settings.source.slot, tables],
-        )
-        unfinished = bool(rows and rows[0][0])
+        unfinished = producer_state.unfinished_tables(store, self.settings.source.slot, tables) > 0
         if unfinished:
             log.info("verify.snapshot_unfinished", domain=domain)
         return unfinished
 
     def _delivered(self) -> int | None:
-        if not table_exists(self.legacy, "source", LEGACY_CONTROL_SCHEMA, "producer_state"):
+        store = ControlStore(self.legacy, LEGACY_CONTROL_SCHEMA, "source")
+        if not store.exists("producer_state"):
             return None
-        rows = run_query(
-            self.legacy,
-            "source",
-            sql.SQL("SELECT delivered_lsn FROM {} WHERE slot_name = %s").format(
-                sql.Identifier(LEGACY_CONTROL_SCHEMA, "producer_state")
-            ),
-            [self.settings.source.slot],
-        )
-        return int(rows[0][0]) if rows else None
+        return producer_state.read_position(store, self.settings.source.slot)
 
     def _watermarks(self, topic: str) -> dict[int, int] | None:
         try:

@@ -769,7 +769,7 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) 
 def init_control(dsn: str) -> None:
     """What `cutover init` does on the commerce side, for these tests: the control tables."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ControlStore(conn, "cutover").ensure()
+        ControlStore(conn, "cutover").ensure("consumer")
 
 
 def fetch_commerce(dsn: str) -> dict[str, dict[tuple[Any, ...], Row]]:

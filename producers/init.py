@@ -371,7 +371,7 @@ def _ensure_target(
             elif report.dry_run:
                 report.action("commerce control tables", "would_create")
             else:
-                store.ensure()
+                store.ensure("consumer")
                 report.action(
                     "commerce control tables", "created", "cutover/control_store/schema.sql"
                 )
@@ -389,7 +389,7 @@ def _ensure_legacy_control(conn: Conn, report: InitReport) -> None:
         report.action("legacy control tables", "would_create" if missing else "exists")
         return
     if missing:
-        store.ensure()
+        store.ensure("producer")
     report.action("legacy control tables (schema cutover)", "created" if missing else "exists")
 
 

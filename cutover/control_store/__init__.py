@@ -1,5 +1,5 @@
 """The control store: the tables that hold the pipeline's and the cutover's own state, in the
-database it is told to use, with one schema file (``schema.sql``).
+database it is told to use, with one schema file (``schema.sql``, one section per role).
 
 A :class:`ControlStore` is a connection, the schema holding the tables, and which side that
 database is. In the forward direction the producer's store is legacy's schema ``cutover``
@@ -45,8 +45,10 @@ from cutover.control_store.store import (
     CONSUMER_TABLES,
     LEGACY_SCHEMA,
     PRODUCER_TABLES,
+    ROLE_TABLES,
     Conn,
     ControlStore,
+    Role,
     Side,
     db_error,
     ddl,
@@ -68,6 +70,7 @@ __all__ = [
     "PRODUCER_TABLES",
     "READS_SWITCHED",
     "REPLICATING",
+    "ROLE_TABLES",
     "ROLLING_BACK",
     "STABLE",
     "STATES",
@@ -76,6 +79,7 @@ __all__ = [
     "Conn",
     "ControlStore",
     "DomainState",
+    "Role",
     "Side",
     "Transition",
     "begin_transition",

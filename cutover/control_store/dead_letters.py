@@ -148,3 +148,28 @@ def note_retry_failure(
         [error_class, error_message, letter_id],
         doing="recording a dead letter's new error",
     )
+
+
+def open_by_domain(store: ControlStore) -> dict[str, int]:
+    """Open dead letters per domain ("" for those whose domain is unknown)."""
+    rows = store.execute(
+        sql.SQL(
+            "SELECT coalesce(domain, ''), count(*) FROM {} WHERE status = 'open' GROUP BY 1"
+        ).format(store.table(TABLE)),
+        doing=f"reading {store.schema}.{TABLE}",
+    ).fetchall()
+    return {str(d): int(c) for d, c in rows}
+
+
+def open_of_domain(store: ControlStore, domain: str, topic: str) -> tuple[int, tuple[int, ...]]:
+    """How many dead letters of ``domain`` (or its ``topic``) are open, and the first ten ids."""
+    row = store.execute(
+        sql.SQL(
+            "SELECT count(*), (array_agg(id ORDER BY id))[1:10] FROM {} "
+            "WHERE status = 'open' AND (domain = %s OR topic = %s)"
+        ).format(store.table(TABLE)),
+        [domain, topic],
+        doing=f"reading {store.schema}.{TABLE}",
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), tuple(int(i) for i in row[1] or ())

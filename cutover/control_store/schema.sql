@@ -2,12 +2,13 @@
 -- Idempotent (CREATE ... IF NOT EXISTS); applied by ControlStore.ensure under an advisory lock, so
 -- commands do not depend on `cutover init` having run. Names are unqualified on purpose: the code
 -- creates the control schema and runs this file with search_path set to it, in whichever database
--- the store is told it lives in. The forward direction keeps the producer's tables in LEGACY
--- (schema "cutover") and the consumers' and the cutover's in COMMERCE ([target] control_schema,
--- default "cutover"); every database gets the whole file, so the reverse direction (a producer on
--- commerce, appliers on legacy) finds its tables where it runs. Unused tables stay empty.
+-- the store is told it lives in. One section per role (`-- @section NAME` lines split them): a
+-- role creates its own tables where it runs. The forward direction keeps the producer's in LEGACY
+-- (schema "cutover") and the consumers' and the commands' in COMMERCE ([target] control_schema,
+-- default "cutover"); the reverse direction creates the same sections the other way round. The
+-- commands never create the consumers' tables: a missing dead_letters table fails the gate.
 
--- ============================================================================ apply consumers
+-- @section consumer
 -- Written by the apply consumers in the same transaction as the rows they apply.
 
 -- Consumed positions, stored with the rows (exactly-once effect): on partition assignment a
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     UNIQUE (group_id, topic, kafka_partition, kafka_offset)
 );
 
--- ============================================================================ cutover commands
+-- @section commands
 -- Verify results, the cutover state machine, and the audit trail.
 
 -- One row per `cutover verify` run. `domains` lists the domains whose every table the run
@@ -151,7 +152,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_at_idx ON audit (at);
 
--- ============================================================================ producer
+-- @section producer
 -- Next to the data the producer reads, so that one PostgreSQL transaction can never disagree
 -- with itself; never published (the publication lists the mapped tables by name).
 

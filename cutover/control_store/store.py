@@ -8,6 +8,7 @@ commerce, and the reverse direction the other way round.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,7 +23,10 @@ Conn = psycopg.Connection[Any]
 Side = Literal["source", "target"]
 Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
 
-#: The tables of each role, all created by ``schema.sql`` (wherever the store lives).
+#: The roles, one section of ``schema.sql`` each: a role creates its own tables where it runs.
+Role = Literal["consumer", "commands", "producer"]
+
+#: The tables of each role.
 CONSUMER_TABLES: Final = ("consumer_offsets", "tombstones", "dead_letters")
 COMMAND_TABLES: Final = ("verify_runs", "verify_chunks", "domain_state", "transitions", "audit")
 PRODUCER_TABLES: Final = (
@@ -32,6 +36,12 @@ PRODUCER_TABLES: Final = (
     "snapshot_progress",
 )
 
+ROLE_TABLES: Final[Mapping[Role, tuple[str, ...]]] = {
+    "consumer": CONSUMER_TABLES,
+    "commands": COMMAND_TABLES,
+    "producer": PRODUCER_TABLES,
+}
+
 #: The schema of the producer's tables in the legacy database (not configurable).
 LEGACY_SCHEMA: Final = "cutover"
 
@@ -39,10 +49,18 @@ LEGACY_SCHEMA: Final = "cutover"
 _DDL_LOCK: Final = 0x63757463
 
 
-def ddl() -> str:
-    """The text of ``cutover/control_store/schema.sql`` (unqualified names, see its header)."""
-    files = resources.files("cutover.control_store")
-    return files.joinpath("schema.sql").read_text(encoding="utf-8")
+_SECTION = re.compile(r"^-- @section (\w+)\n", re.MULTILINE)
+
+
+def ddl(*roles: Role) -> str:
+    """The text of ``cutover/control_store/schema.sql`` (unqualified names, see its header):
+    the sections of ``roles``, or the whole file without any."""
+    text = resources.files("cutover.control_store").joinpath("schema.sql").read_text("utf-8")
+    if not roles:
+        return text
+    parts = _SECTION.split(text)  # header, name, body, name, body, ...
+    sections = dict(zip(parts[1::2], parts[2::2], strict=True))
+    return "".join(sections[role] for role in roles)
 
 
 def qualified(schema: str, table: str) -> sql.Identifier:
@@ -78,8 +96,9 @@ class ControlStore:
         except psycopg.Error as exc:
             raise self.error(exc, doing) from None
 
-    def ensure(self) -> None:
-        """Create the schema and every control table if missing (idempotent, safe concurrently).
+    def ensure(self, *roles: Role) -> None:
+        """Create the schema and the tables of ``roles`` (all without any) if missing; idempotent
+        and safe concurrently.
 
         Runs under a transaction-level advisory lock: two commands starting at once on a fresh
         database would otherwise race on CREATE TABLE IF NOT EXISTS (a catalog unique violation).
@@ -93,7 +112,7 @@ class ControlStore:
                 self.conn.execute(
                     sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema))
                 )
-                self.conn.execute(ddl().encode())
+                self.conn.execute(ddl(*roles).encode())
         except psycopg.Error as exc:
             raise self.error(exc, f"creating the control tables in schema {self.schema}") from None
 
@@ -115,5 +134,5 @@ class ControlStore:
 
 
 def ensure_control_plane(conn: Conn, schema: str) -> None:
-    """Create the control tables in ``schema`` of the target database (see ControlStore.ensure)."""
-    ControlStore(conn, schema, "target").ensure()
+    """Create the cutover commands' tables in ``schema`` of the target database."""
+    ControlStore(conn, schema, "target").ensure("commands")

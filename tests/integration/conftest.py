@@ -71,7 +71,7 @@ def fresh_commerce(target_dsn: str) -> Iterator[str]:
 
 @pytest.fixture
 def commerce(fresh_commerce: str) -> str:
-    """A fresh commerce database with the control tables (schema cutover, the store's file)."""
+    """A fresh commerce database with the consumer's control tables (schema cutover)."""
     with psycopg.connect(fresh_commerce, autocommit=True) as conn:
-        ControlStore(conn, "cutover").ensure()
+        ControlStore(conn, "cutover").ensure("consumer")
     return fresh_commerce

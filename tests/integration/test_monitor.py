@@ -157,7 +157,7 @@ def test_monitor_agrees_with_kafka_consumer_groups(
     # The producer's record of its heartbeat, and some WAL behind the slot.
     with psycopg.connect(legacy, autocommit=True) as conn:
         store = ControlStore(conn, LEGACY_SCHEMA, "source")
-        store.ensure()
+        store.ensure("producer")
         record_position(store, slot_name, "pub", 0, "test:1")
         conn.execute("CREATE TABLE wal_filler AS SELECT g FROM generate_series(1, 20000) g")
 

@@ -74,7 +74,7 @@ def seed(settings: Settings, *, orders: int = 2000) -> dict[str, int]:
 
     workload.prefill(settings.source.dsn, orders=orders, seed=5)
     with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
-        ControlStore(conn, "cutover").ensure()
+        ControlStore(conn, "cutover").ensure("consumer")
     return copy_mapped_rows(settings.source.dsn, settings.target.dsn, mapping())
 
 
@@ -110,7 +110,7 @@ def stage_pipeline(settings: Settings) -> None:
         conn.execute(
             "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [settings.source.slot]
         )
-        ControlStore(conn, LEGACY_SCHEMA, "source").ensure()
+        ControlStore(conn, LEGACY_SCHEMA, "source").ensure("producer")
         beat(settings)
     with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
         for d in DOMAINS:
