@@ -251,67 +251,11 @@ def preflight_tables(
                 "it or remove it from the mapping",
             )
             continue
-        problems: list[str] = []
-        if not info.primary_key:
-            problems.append(
-                f"{where} has no primary key: add one (ALTER TABLE {where} ADD PRIMARY KEY ...); "
-                "snapshots chunk by it and consumers upsert by it"
-            )
-        elif set(info.primary_key) != set(tm.primary_key):
-            problems.append(
-                f"{where}: the primary key is ({', '.join(info.primary_key)}) but the mapping "
-                f"says primary_key = {list(tm.primary_key)}: fix the mapping"
-            )
-        unknown = sorted(c for c in tm.source_columns_used() | tm.exclude if c not in info.columns)
-        for col in unknown:
-            if col in info.generated:
-                problems.append(
-                    f"{where}.{col} is a generated column: PostgreSQL 15 cannot publish it; "
-                    "remove it from the mapping"
-                )
-            else:
-                problems.append(
-                    f"{where}.{col} is named in the mapping but the table has no such column"
-                )
-        undecided = [
-            c for c in info.columns if c not in tm.exclude and c not in tm.source_columns_used()
-        ]
-        if undecided:
-            problems.append(
-                f"{where}: column(s) {', '.join(undecided)} are neither read by the mapping nor "
-                "excluded; add them to exclude = [...] (never published) or map them, so "
-                "nothing is published without a decision"
-            )
         published = published_columns(info, tm)
-        if info.replica_identity == "n":
-            problems.append(
-                f"{where} has REPLICA IDENTITY NOTHING: updates and deletes cannot be captured; "
-                f"ALTER TABLE {where} REPLICA IDENTITY DEFAULT"
-            )
-        elif info.replica_identity == "f" and tm.exclude:
-            problems.append(
-                f"{where} has REPLICA IDENTITY FULL but excludes {', '.join(sorted(tm.exclude))}: "
-                "a column list must cover the replica identity, so PostgreSQL would refuse "
-                f"UPDATE and DELETE on {where}; ALTER TABLE {where} REPLICA IDENTITY DEFAULT"
-            )
-        elif info.replica_identity == "i":
-            hidden = [c for c in info.identity_columns if c not in published]
-            if hidden:
-                problems.append(
-                    f"{where}: replica identity index {info.identity_index} uses excluded "
-                    f"column(s) {', '.join(hidden)}; PostgreSQL would refuse UPDATE and DELETE. "
-                    f"ALTER TABLE {where} REPLICA IDENTITY DEFAULT"
-                )
-        if (
-            tm.aggregate_key not in identity_columns(info)
-            and tm.aggregate_key in info.columns
-            and tm.aggregate_key not in info.not_null
-        ):
-            problems.append(
-                f"{where}.{tm.aggregate_key} (the aggregate key) may be NULL and is not in the "
-                "replica identity: deletes could not be keyed. Make it NOT NULL (init then "
-                "adds it to the replica identity) or choose another aggregate_key"
-            )
+        problems = [
+            *_key_and_column_problems(where, info, tm),
+            *_identity_problems(where, info, tm, published),
+        ]
         report.check(
             f"table {where}",
             not problems,
@@ -324,3 +268,76 @@ def preflight_tables(
         if not problems:
             lists[name] = published
     return lists
+
+
+def _key_and_column_problems(where: str, info: TableInfo, tm: TableMapping) -> list[str]:
+    """The primary key matches the mapping; every column is decided about and exists."""
+    problems: list[str] = []
+    if not info.primary_key:
+        problems.append(
+            f"{where} has no primary key: add one (ALTER TABLE {where} ADD PRIMARY KEY ...); "
+            "snapshots chunk by it and consumers upsert by it"
+        )
+    elif set(info.primary_key) != set(tm.primary_key):
+        problems.append(
+            f"{where}: the primary key is ({', '.join(info.primary_key)}) but the mapping "
+            f"says primary_key = {list(tm.primary_key)}: fix the mapping"
+        )
+    unknown = sorted(c for c in tm.source_columns_used() | tm.exclude if c not in info.columns)
+    for col in unknown:
+        if col in info.generated:
+            problems.append(
+                f"{where}.{col} is a generated column: PostgreSQL 15 cannot publish it; "
+                "remove it from the mapping"
+            )
+        else:
+            problems.append(
+                f"{where}.{col} is named in the mapping but the table has no such column"
+            )
+    undecided = [
+        c for c in info.columns if c not in tm.exclude and c not in tm.source_columns_used()
+    ]
+    if undecided:
+        problems.append(
+            f"{where}: column(s) {', '.join(undecided)} are neither read by the mapping nor "
+            "excluded; add them to exclude = [...] (never published) or map them, so "
+            "nothing is published without a decision"
+        )
+    return problems
+
+
+def _identity_problems(
+    where: str, info: TableInfo, tm: TableMapping, published: tuple[str, ...]
+) -> list[str]:
+    """The replica identity lets PostgreSQL publish UPDATE/DELETE and key deletes."""
+    problems: list[str] = []
+    if info.replica_identity == "n":
+        problems.append(
+            f"{where} has REPLICA IDENTITY NOTHING: updates and deletes cannot be captured; "
+            f"ALTER TABLE {where} REPLICA IDENTITY DEFAULT"
+        )
+    elif info.replica_identity == "f" and tm.exclude:
+        problems.append(
+            f"{where} has REPLICA IDENTITY FULL but excludes {', '.join(sorted(tm.exclude))}: "
+            "a column list must cover the replica identity, so PostgreSQL would refuse "
+            f"UPDATE and DELETE on {where}; ALTER TABLE {where} REPLICA IDENTITY DEFAULT"
+        )
+    elif info.replica_identity == "i":
+        hidden = [c for c in info.identity_columns if c not in published]
+        if hidden:
+            problems.append(
+                f"{where}: replica identity index {info.identity_index} uses excluded "
+                f"column(s) {', '.join(hidden)}; PostgreSQL would refuse UPDATE and DELETE. "
+                f"ALTER TABLE {where} REPLICA IDENTITY DEFAULT"
+            )
+    if (
+        tm.aggregate_key not in identity_columns(info)
+        and tm.aggregate_key in info.columns
+        and tm.aggregate_key not in info.not_null
+    ):
+        problems.append(
+            f"{where}.{tm.aggregate_key} (the aggregate key) may be NULL and is not in the "
+            "replica identity: deletes could not be keyed. Make it NOT NULL (init then "
+            "adds it to the replica identity) or choose another aggregate_key"
+        )
+    return problems
