@@ -42,6 +42,7 @@ from cutover import envelope
 from cutover.codec import ColumnSpec, WriterSchema, encode, envelope_schema, writer_schema
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
 from cutover.control_store import ControlStore
+from cutover.control_store import offsets as stored_offsets
 from cutover.mapping import load_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -831,12 +832,8 @@ def diff(
 
 def offsets(dsn: str, group: str) -> dict[tuple[str, int], int]:
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT topic, kafka_partition, next_offset FROM cutover.consumer_offsets "
-            "WHERE group_id = %s",
-            (group,),
-        ).fetchall()
-    return {(t, p): n for t, p, n in rows}
+        rows = stored_offsets.read_group(ControlStore(conn, "cutover"), group)
+    return {(o.topic, o.partition): o.next_offset for o in rows}
 
 
 def total_offsets(dsn: str, group: str) -> int:
