@@ -43,6 +43,17 @@ def test_store_creates_every_table_in_its_schema_idempotently(fresh_commerce: st
         assert not _tables(conn, "cutover")  # nothing leaked into the default schema
 
 
+def test_each_role_creates_only_its_own_tables(fresh_commerce: str) -> None:
+    """The commands never create the consumers' tables: a missing dead_letters table must stay
+    missing (the dead_letters gate fails closed on it)."""
+    with psycopg.connect(fresh_commerce, autocommit=True) as conn:
+        store = ControlStore(conn, SCHEMA, "target")
+        store.ensure("commands")
+        assert store.missing(ALL_TABLES) == [*CONSUMER_TABLES, *PRODUCER_TABLES]
+        store.ensure("consumer")
+        assert store.missing(ALL_TABLES) == list(PRODUCER_TABLES)
+
+
 def test_table_groups_round_trip(fresh_commerce: str) -> None:
     with psycopg.connect(fresh_commerce, autocommit=True) as conn:
         store = ControlStore(conn, SCHEMA, "target")

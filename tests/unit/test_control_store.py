@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import re
 
-from cutover.control_store import COMMAND_TABLES, CONSUMER_TABLES, PRODUCER_TABLES, ddl
+from cutover.control_store import (
+    COMMAND_TABLES,
+    CONSUMER_TABLES,
+    PRODUCER_TABLES,
+    ROLE_TABLES,
+    ddl,
+)
+
+
+def _created(text: str) -> list[str]:
+    return re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \(", text)
 
 
 def test_schema_file_creates_exactly_the_tables_of_every_role() -> None:
-    created = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \(", ddl()))
-    assert created == {*CONSUMER_TABLES, *COMMAND_TABLES, *PRODUCER_TABLES}
+    assert sorted(_created(ddl())) == sorted({*CONSUMER_TABLES, *COMMAND_TABLES, *PRODUCER_TABLES})
+    for role, tables in ROLE_TABLES.items():
+        assert _created(ddl(role)) == list(tables), role
 
 
 def test_schema_file_names_no_schema() -> None:
