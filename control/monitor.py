@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from psycopg import sql
 
 from control.monitor_report import (
@@ -65,8 +65,10 @@ from control.monitor_report import (
     latency_samples,
     percentile,
 )
+from cutover import kafka as kafka_clients
 from cutover.config import Settings
 from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
+from cutover.kafka import translate as kafka_error
 
 __all__ = [
     "LATENCY_WINDOW_S",
@@ -96,34 +98,18 @@ __all__ = [
 # ====================================================================== I/O: thin readers
 
 
-def _kafka_error(exc: KafkaException, what: str) -> KafkaError:
-    err = exc.args[0] if exc.args else None
-    if err is not None and hasattr(err, "str") and hasattr(err, "name"):
-        return KafkaError(f"{what}: {err.str()}", code=err.name())
-    return KafkaError(f"{what}: {exc}")
-
-
 class KafkaProbe:
     """A consumer that never joins a group: metadata, watermarks and the apply group's
     committed offsets (OffsetFetch does not need membership). It commits nothing."""
 
     def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
-        conf: dict[str, Any] = {
-            k: v
-            for k, v in settings.kafka.consumer.items()
-            if k not in ("group.instance.id", "partition.assignment.strategy")
-        }
-        conf.update(
-            {
-                "bootstrap.servers": settings.kafka.bootstrap,
-                "group.id": settings.apply.group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "client.id": f"cutover-monitor-{uuid.uuid4().hex[:8]}",
-            }
-        )
         self.timeout_s = timeout_s
-        self._consumer = Consumer(conf)
+        self._consumer = kafka_clients.consumer(
+            settings.kafka,
+            "monitor",
+            group_id=settings.apply.group_id,
+            client_id=f"cutover-monitor-{uuid.uuid4().hex[:8]}",
+        )
 
     def read(self, topics: Sequence[str]) -> KafkaReading:
         ends: dict[TP, int] = {}
@@ -131,7 +117,7 @@ class KafkaProbe:
         try:
             meta = self._consumer.list_topics(timeout=self.timeout_s)
         except KafkaException as exc:
-            raise _kafka_error(exc, "reading the cluster metadata") from None
+            raise kafka_error(exc, "reading the cluster metadata") from None
         tps: list[TopicPartition] = []
         for topic in topics:
             tmeta = meta.topics.get(topic)
@@ -146,7 +132,7 @@ class KafkaProbe:
                 ends[(tp.topic, tp.partition)] = high
             committed = self._consumer.committed(tps, timeout=self.timeout_s) if tps else []
         except KafkaException as exc:
-            raise _kafka_error(exc, "reading offsets") from None
+            raise kafka_error(exc, "reading offsets") from None
         got: dict[TP, int | None] = {}
         for tp in committed:
             # OFFSET_INVALID (-1001): the group never committed this partition.

@@ -44,10 +44,11 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from cutover import kafka
 from cutover.config import Settings
 from cutover.errors import CheckFailed, DatabaseError, UsageError
 from cutover.mapping import MappingSpec, TableMapping, check_column_types, load_mapping
-from producers import kafka_io, source_state
+from producers import source_state
 from producers.pgoutput import lsn_to_str
 
 MIN_SERVER_VERSION: Final = 150000
@@ -738,11 +739,11 @@ def run_init(
                 resnapshot(conn, settings, report)
         except psycopg.Error as exc:
             raise _db(exc, "source", "init") from None
-    specs = kafka_io.topic_specs(settings.kafka, list(mapping.domains))
+    specs = kafka.topic_specs(settings.kafka, list(mapping.domains))
     if dry_run:
         report.action("kafka topics", "not_checked", ", ".join(s.name for s in specs))
     else:
-        for topic, entry in kafka_io.ensure_topics(settings.kafka, specs).items():
+        for topic, entry in kafka.ensure_topics(settings.kafka, specs).items():
             report.action(f"topic {topic}", entry["status"], entry.get("warning", ""))
             if "warning" in entry:
                 report.warnings.append(f"topic {topic} {entry['warning']}")
