@@ -61,9 +61,9 @@ from consumers.engine import (
 )
 from consumers.letters import DlqPublisher, RecordLetters
 from consumers.schemas import SchemaReader
-from consumers.sink import Sink, translate
+from consumers.sink import Sink
 from consumers.sql import NEW_ROW_OFFSET
-from cutover import kafka
+from cutover import kafka, pg
 from cutover.config import Settings
 from cutover.errors import DatabaseError, KafkaError
 from cutover.kafka import translate as kafka_error
@@ -258,15 +258,12 @@ class ApplyConsumer:
     # ================================================================== database connection
 
     def _connect_db(self) -> psycopg.Connection[tuple[object, ...]]:
-        try:
-            return psycopg.connect(
-                self.settings.target.dsn,
-                autocommit=True,
-                connect_timeout=10,
-                application_name=f"cutover-apply:{self.group}",
-            )
-        except psycopg.Error as exc:
-            raise translate(exc, "connecting") from exc
+        return pg.connect(
+            self.settings.target.dsn,
+            side="target",
+            connect_timeout=10,
+            application_name=f"cutover-apply:{self.group}",
+        )
 
     def _connect(self) -> None:
         self.engine.connect()

@@ -24,7 +24,8 @@ from consumers.batch import Entry
 from consumers.engine import ApplyEngine, Batch, Decoder, SimpleSource, Tx
 from consumers.letters import DeadLetter, DlqPublisher, PoisonHalt
 from consumers.schemas import SchemaReader
-from consumers.sink import Sink, translate
+from consumers.sink import Sink
+from cutover import pg
 from cutover.config import Settings
 from cutover.errors import DecodeError
 from cutover.logging import get_logger
@@ -85,12 +86,12 @@ class LetterRow:
 def list_dead_letters(settings: Settings, status: str | None) -> list[LetterRow]:
     control = settings.target.control_schema
     try:
-        with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
+        with pg.connect(settings.target.dsn, side="target", application_name="cutover dlq") as conn:
             rows = conn.execute(
                 q.list_dead_letters(control, status=status is not None), {"status": status}
             ).fetchall()
     except psycopg.Error as exc:
-        raise translate(exc, "listing dead letters") from exc
+        raise pg.translate(exc, "listing dead letters", "target") from exc
     return [LetterRow(*row) for row in rows]
 
 
@@ -140,10 +141,7 @@ def retry_dead_letters(settings: Settings, letter_id: int | None) -> RetryReport
 
 
 def _connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(dsn, autocommit=True)
-    except psycopg.Error as exc:
-        raise translate(exc, "connecting") from exc
+    return pg.connect(dsn, side="target", application_name="cutover dlq")
 
 
 Position = tuple[str, int, int]

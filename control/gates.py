@@ -44,7 +44,7 @@ import psycopg
 from psycopg import sql
 
 from cutover.config import GateSettings, Settings
-from cutover.errors import KafkaError
+from cutover.errors import KafkaError, redact_dsn
 from cutover.kafka import fetch_watermarks, kafka_consumer
 
 __all__ = [
@@ -395,8 +395,9 @@ def decide(results: Sequence[GateResult], *, force: bool) -> Decision:
 
 
 def _err(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+    # Evidence is printed: a libpq parse error may echo a piece of a DSN password.
+    text = redact_dsn(str(getattr(exc, "message", None) or exc).strip())
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _exists(conn: Conn, schema: str, table: str) -> bool:

@@ -42,6 +42,7 @@ import psycopg
 from psycopg import sql
 
 from control.publish import Publisher, state_message
+from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import (
     COMMERCE_READS,
@@ -52,7 +53,6 @@ from cutover.control_store import (
     WRITES_SWITCHED,
     Conn,
     DomainState,
-    db_error,
     load_states,
     qualified,
 )
@@ -349,7 +349,7 @@ def _write_intent(
                     conn, schema, current, decided, actor=actor, reason=reason, forced=forced
                 )
     except psycopg.Error as exc:
-        raise db_error(exc, f"writing the {action} intent of {domain}") from None
+        raise pg.translate(exc, f"writing the {action} intent of {domain}", "target") from None
     log.info(
         "cutover.transition_intent",
         domain=domain,
@@ -383,7 +383,9 @@ def _publish(conn: Conn, schema: str, domain: str, intent: _Intent, publisher: P
             [intent.transition_id],
         )
     except psycopg.Error as exc:
-        raise db_error(exc, f"recording the publication of {domain}'s state") from None
+        raise pg.translate(
+            exc, f"recording the publication of {domain}'s state", "target"
+        ) from None
 
 
 def _complete(conn: Conn, schema: str, domain: str, intent: _Intent) -> None:
@@ -405,7 +407,7 @@ def _complete(conn: Conn, schema: str, domain: str, intent: _Intent) -> None:
                 [intent.transition_id],
             )
     except psycopg.Error as exc:
-        raise db_error(exc, f"completing the {action} of {domain}") from None
+        raise pg.translate(exc, f"completing the {action} of {domain}", "target") from None
     log.info(
         RULES[action].event,
         domain=domain,

@@ -66,8 +66,9 @@ from control.monitor_report import (
     percentile,
 )
 from cutover import kafka as kafka_clients
+from cutover import pg
 from cutover.config import Settings
-from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
+from cutover.errors import CutoverError, KafkaError
 from cutover.kafka import translate as kafka_error
 
 __all__ = [
@@ -171,11 +172,8 @@ def read_target(conn: psycopg.Connection[Any], control: str, group: str) -> Targ
         rows = conn.execute(offsets, (group,)).fetchall()
         open_rows = conn.execute(letters).fetchall()
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"reading {control}.consumer_offsets and {control}.dead_letters: "
-            f"{(exc.diag.message_primary or str(exc)).strip()}",
-            side="target",
-            sqlstate=exc.sqlstate,
+        raise pg.translate(
+            exc, f"reading {control}.consumer_offsets and {control}.dead_letters", "target"
         ) from None
     assert now is not None
     return TargetReading(
@@ -206,11 +204,7 @@ def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
                 (slot,),
             ).fetchone()
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"reading the slot {slot}: {(exc.diag.message_primary or str(exc)).strip()}",
-            side="source",
-            sqlstate=exc.sqlstate,
-        ) from None
+        raise pg.translate(exc, f"reading the slot {slot}", "source") from None
     slot_reading = (
         SlotReading(slot, exists=False)
         if row is None
@@ -256,13 +250,7 @@ class Monitor:
         self._previous: tuple[float, dict[TP, int]] | None = None
 
     def _connect(self, dsn: str, side: str) -> psycopg.Connection[Any]:
-        try:
-            return psycopg.connect(
-                dsn, autocommit=True, connect_timeout=5, application_name="cutover-monitor"
-            )
-        except psycopg.Error as exc:
-            message = (exc.diag.message_primary or str(exc)).strip()
-            raise DatabaseError(f"connecting: {redact_dsn(message)}", side=side) from None
+        return pg.connect(dsn, side=side, connect_timeout=5, application_name="cutover-monitor")
 
     def sample(self) -> MonitorReport:
         errors: list[str] = []

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cutover.errors import DatabaseError
+from cutover import pg
 
 Conn = psycopg.Connection[Any]
 
@@ -63,10 +63,8 @@ def ensure_control_plane(conn: Conn, schema: str) -> None:
             conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
             conn.execute(control_plane_ddl().encode())
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"creating the control tables in schema {schema}: {str(exc).strip()}",
-            side="target",
-            sqlstate=exc.sqlstate,
+        raise pg.translate(
+            exc, f"creating the control tables in schema {schema}", "target"
         ) from None
 
 
@@ -126,10 +124,6 @@ def qualified(schema: str, table: str) -> sql.Identifier:
     return sql.Identifier(schema, table)
 
 
-def db_error(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {str(exc).strip()}", side="target", sqlstate=exc.sqlstate)
-
-
 def ensure_domains(conn: Conn, schema: str, domains: Sequence[str]) -> None:
     """A ``replicating`` row, version 0, for every domain that has none yet."""
     try:
@@ -143,7 +137,7 @@ def ensure_domains(conn: Conn, schema: str, domains: Sequence[str]) -> None:
                     [domain, REPLICATING, "cutover"],
                 )
     except psycopg.Error as exc:
-        raise db_error(exc, "initialising cutover.domain_state") from None
+        raise pg.translate(exc, "initialising cutover.domain_state", "target") from None
 
 
 _STATE_QUERY = (
@@ -186,5 +180,5 @@ def load_states(
     try:
         rows = conn.execute(q, params).fetchall()
     except psycopg.Error as exc:
-        raise db_error(exc, "reading cutover.domain_state") from None
+        raise pg.translate(exc, "reading cutover.domain_state", "target") from None
     return {r[0]: _row_to_state(r) for r in rows}

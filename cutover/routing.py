@@ -45,7 +45,7 @@ from typing import Any, Literal, TypeAlias
 
 import psycopg
 
-from cutover import kafka
+from cutover import kafka, pg
 from cutover.config import KafkaSettings, Settings
 from cutover.control_store import COMMERCE_READS, COMMERCE_WRITES, REPLICATING, load_states
 from cutover.logging import get_logger
@@ -225,9 +225,9 @@ class ReadRouter:
         """Read the effective states from the control table; returns the connection to reuse."""
         try:
             if conn is None or conn.closed:
-                conn = psycopg.connect(
+                conn = pg.connect(
                     self.config.commerce_dsn,
-                    autocommit=True,
+                    side="target",
                     connect_timeout=3,
                     application_name="cutover-read-router",
                 )

@@ -44,9 +44,9 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import kafka
+from cutover import kafka, pg
 from cutover.config import Settings
-from cutover.errors import CheckFailed, DatabaseError, UsageError
+from cutover.errors import CheckFailed, UsageError
 from cutover.mapping import MappingSpec, TableMapping, check_column_types, load_mapping
 from producers import source_state
 from producers.pgoutput import lsn_to_str
@@ -111,15 +111,8 @@ class TableInfo:
     identity_index_valid: bool
 
 
-def _db(exc: psycopg.Error, side: str, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side=side, sqlstate=exc.sqlstate)
-
-
 def _connect(dsn: str, side: str) -> Conn:
-    try:
-        return psycopg.connect(dsn, autocommit=True, application_name="cutover init")
-    except psycopg.Error as exc:
-        raise _db(exc, side, "cannot connect") from None
+    return pg.connect(dsn, side=side, application_name="cutover init", doing="cannot connect")
 
 
 def published_columns(info: TableInfo, tm: TableMapping) -> tuple[str, ...]:
@@ -607,7 +600,9 @@ def check_target_resettable(settings: Settings, mapping: MappingSpec) -> list[st
                 ):
                     stored[(topic, int(partition))] = int(next_offset)
         except psycopg.Error as exc:
-            raise _db(exc, "target", "checking the commerce database for a re-snapshot") from None
+            raise pg.translate(
+                exc, "checking the commerce database for a re-snapshot", "target"
+            ) from None
     consumer = kafka_consumer(settings)
     try:
         for domain in mapping.domains:
@@ -639,7 +634,9 @@ def reset_target(settings: Settings, mapping: MappingSpec, report: InitReport) -
                     ([t.target_table for t in mapping.tables.values()],),
                 )
         except psycopg.Error as exc:
-            raise _db(exc, "target", "emptying the commerce tables for a re-snapshot") from None
+            raise pg.translate(
+                exc, "emptying the commerce tables for a re-snapshot", "target"
+            ) from None
     report.action(
         f"commerce tables of {mapping.target_schema}",
         "altered",
@@ -683,7 +680,7 @@ def _ensure_target(
                 conn.execute(CONTROL_SQL.read_text(encoding="utf-8").encode())
                 report.action("commerce control tables", "created", "cutover/control.sql")
         except psycopg.Error as exc:
-            raise _db(exc, "target", "preparing the commerce database") from None
+            raise pg.translate(exc, "preparing the commerce database", "target") from None
         except OSError as exc:
             raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
@@ -738,7 +735,7 @@ def run_init(
             if resnapshot_all and not dry_run:
                 resnapshot(conn, settings, report)
         except psycopg.Error as exc:
-            raise _db(exc, "source", "init") from None
+            raise pg.translate(exc, "init", "source") from None
     specs = kafka.topic_specs(settings.kafka, list(mapping.domains))
     if dry_run:
         report.action("kafka topics", "not_checked", ", ".join(s.name for s in specs))

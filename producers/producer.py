@@ -56,13 +56,12 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import codec, metrics
+from cutover import codec, metrics, pg
 from cutover.config import Settings
 from cutover.errors import (
     CheckFailed,
     ConfigError,
     CutoverError,
-    DatabaseError,
     KafkaError,
     RuntimeFailure,
     SlotSafetyError,
@@ -148,10 +147,6 @@ def _version() -> str:
         return "0.0.0"
 
 
-def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side="source", sqlstate=exc.sqlstate)
-
-
 def lock_keys(slot: str) -> tuple[int, int, int]:
     """(class key, signed object key for pg_try_advisory_lock, unsigned key as in pg_locks)."""
     unsigned = zlib.crc32(slot.encode())
@@ -175,7 +170,7 @@ def acquire_producer_lock(conn: Conn, slot: str) -> None:
             (key1, unsigned),
         ).fetchone()
     except psycopg.Error as exc:
-        raise _db(exc, "taking the producer lock") from None
+        raise pg.translate(exc, "taking the producer lock", "source") from None
     who = (
         f"backend pid {holder[0]} ({holder[1] or 'unknown application'})"
         if holder
@@ -215,7 +210,7 @@ def check_slot(
             ).fetchone()
             recorded = source_state.read_position(conn, slot)
         except psycopg.Error as exc:
-            raise _db(exc, f"checking slot {slot}") from None
+            raise pg.translate(exc, f"checking slot {slot}", "source") from None
         if row is None or row[3] is None or time.monotonic() >= deadline:
             break
         if log is not None:
@@ -322,12 +317,14 @@ class CdcProducer:
     # -- setup ---------------------------------------------------------------------------------
 
     def _connect(self, name: str, *, autocommit: bool) -> Conn:
+        conn: Conn = pg.connect(
+            self.settings.source.dsn,
+            side="source",
+            autocommit=autocommit,
+            application_name=f"cutover produce ({name})",
+            doing="cannot connect",
+        )
         try:
-            conn: Conn = psycopg.connect(
-                self.settings.source.dsn,
-                autocommit=autocommit,
-                application_name=f"cutover produce ({name})",
-            )
             # The type output functions run in this session: fix what pgoutput.py assumes.
             for setting, value in (
                 ("DateStyle", "ISO"),
@@ -342,7 +339,7 @@ class CdcProducer:
                 conn.commit()
             return conn
         except psycopg.Error as exc:
-            raise _db(exc, "cannot connect") from None
+            raise pg.translate(exc, "cannot connect", "source") from None
 
     def run(self) -> ProducerReport:
         settings = self.settings
@@ -492,7 +489,7 @@ class CdcProducer:
                     "data loss, re-snapshot required (`cutover init`, then `cutover init "
                     "--resnapshot`)"
                 ) from None
-            raise _db(exc, f"reading slot {src.slot}") from None
+            raise pg.translate(exc, f"reading slot {src.slot}", "source") from None
         if stream.tx is not None:
             raise RuntimeFailure(
                 f"the peek of slot {src.slot} ended inside a transaction; this should not happen "
@@ -536,7 +533,9 @@ class CdcProducer:
                 (self.settings.source.slot, lsn_to_str(lsn)),
             )
         except psycopg.Error as exc:
-            raise _db(exc, f"advancing slot {self.settings.source.slot}") from None
+            raise pg.translate(
+                exc, f"advancing slot {self.settings.source.slot}", "source"
+            ) from None
         events = stream.events - self.report.events
         txs = stream.transactions - self._checkpointed_commits
         self._position = lsn
@@ -583,7 +582,7 @@ class CdcProducer:
                 (HEARTBEAT_PREFIX, self.options.producer_name),
             )
         except psycopg.Error as exc:
-            raise _db(exc, "emitting a heartbeat message") from None
+            raise pg.translate(exc, "emitting a heartbeat message", "source") from None
         # Counts as activity: the next idle heartbeat is one interval later.
         self._last_advance = time.monotonic()
 
@@ -596,7 +595,7 @@ class CdcProducer:
                 (self.settings.source.slot,),
             ).fetchone()
         except psycopg.Error as exc:
-            raise _db(exc, "reading the slot's lag") from None
+            raise pg.translate(exc, "reading the slot's lag", "source") from None
         if row is not None and row[0] is not None:
             metrics.set_slot_lag(int(row[0]))
 

@@ -31,8 +31,8 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from cutover import pg
 from cutover.codec import ColumnSpec
-from cutover.errors import DatabaseError
 
 SCHEMA: Final = "cutover"
 TABLES: Final = ("producer_state", "table_schemas", "snapshot_requests", "snapshot_progress")
@@ -89,10 +89,6 @@ CREATE TABLE IF NOT EXISTS cutover.snapshot_progress (
 """
 
 
-def _db_error(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side="source", sqlstate=exc.sqlstate)
-
-
 def missing_tables(conn: Conn) -> list[str]:
     """The control tables that do not exist yet (all of them on a fresh database)."""
     try:
@@ -102,7 +98,7 @@ def missing_tables(conn: Conn) -> list[str]:
             (SCHEMA, list(TABLES)),
         ).fetchall()
     except psycopg.Error as exc:
-        raise _db_error(exc, "reading the control tables") from None
+        raise pg.translate(exc, "reading the control tables", "source") from None
     present = {r[0] for r in rows}
     return [t for t in TABLES if t not in present]
 
@@ -115,7 +111,9 @@ def ensure_schema(conn: Conn) -> list[str]:
             with conn.transaction():
                 conn.execute(DDL)
         except psycopg.Error as exc:
-            raise _db_error(exc, "creating the control tables in schema cutover") from None
+            raise pg.translate(
+                exc, "creating the control tables in schema cutover", "source"
+            ) from None
     return missing
 
 
@@ -131,7 +129,7 @@ def read_position(conn: Conn, slot: str) -> int | None:
             "SELECT delivered_lsn FROM cutover.producer_state WHERE slot_name = %s", (slot,)
         ).fetchone()
     except psycopg.Error as exc:
-        raise _db_error(exc, "reading cutover.producer_state") from None
+        raise pg.translate(exc, "reading cutover.producer_state", "source") from None
     return None if row is None else int(row[0])
 
 
@@ -152,7 +150,9 @@ def record_position(
                 (slot, publication, lsn, producer),
             )
     except psycopg.Error as exc:
-        raise _db_error(exc, "recording the delivered position in cutover.producer_state") from None
+        raise pg.translate(
+            exc, "recording the delivered position in cutover.producer_state", "source"
+        ) from None
 
 
 def reset_position(conn: Conn, slot: str, publication: str, lsn: int) -> None:
@@ -167,7 +167,7 @@ def reset_position(conn: Conn, slot: str, publication: str, lsn: int) -> None:
                 (slot, publication, lsn),
             )
     except psycopg.Error as exc:
-        raise _db_error(exc, "resetting cutover.producer_state") from None
+        raise pg.translate(exc, "resetting cutover.producer_state", "source") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def read_table_columns(conn: Conn, slot: str) -> dict[str, tuple[ColumnSpec, ...
             (slot,),
         ).fetchall()
     except psycopg.Error as exc:
-        raise _db_error(exc, "reading cutover.table_schemas") from None
+        raise pg.translate(exc, "reading cutover.table_schemas", "source") from None
     out: dict[str, tuple[ColumnSpec, ...]] = {}
     for table, cols in rows:
         out[table] = tuple(ColumnSpec(str(n), int(o), int(m)) for n, o, m in cols)
@@ -204,7 +204,9 @@ def record_table_columns(
                 (slot, table, payload, fingerprint),
             )
     except psycopg.Error as exc:
-        raise _db_error(exc, "recording a table schema in cutover.table_schemas") from None
+        raise pg.translate(
+            exc, "recording a table schema in cutover.table_schemas", "source"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +251,9 @@ def request_snapshot(
                 "INSERT INTO cutover.snapshot_progress (request_id) VALUES (%s)", (row[0],)
             )
     except psycopg.Error as exc:
-        raise _db_error(exc, "queueing a snapshot in cutover.snapshot_requests") from None
+        raise pg.translate(
+            exc, "queueing a snapshot in cutover.snapshot_requests", "source"
+        ) from None
     return int(row[0])
 
 
@@ -262,7 +266,7 @@ def ensure_initial_requests(conn: Conn, slot: str, tables: Sequence[str]) -> lis
             (slot,),
         ).fetchall()
     except psycopg.Error as exc:
-        raise _db_error(exc, "reading cutover.snapshot_requests") from None
+        raise pg.translate(exc, "reading cutover.snapshot_requests", "source") from None
     done = {r[0] for r in rows}
     return [
         request_snapshot(conn, slot, t, None, kind="initial", requested_by="producer")
@@ -283,7 +287,7 @@ def open_requests(conn: Conn, slot: str) -> list[SnapshotRequest]:
             (slot,),
         ).fetchall()
     except psycopg.Error as exc:
-        raise _db_error(exc, "reading cutover.snapshot_requests") from None
+        raise pg.translate(exc, "reading cutover.snapshot_requests", "source") from None
     return [
         SnapshotRequest(
             id=int(r[0]),
@@ -310,7 +314,7 @@ def mark_request(conn: Conn, request_id: int, status: str, error: str | None = N
         with conn.transaction():
             conn.execute(query, (status, error, request_id))
     except psycopg.Error as exc:
-        raise _db_error(exc, "updating cutover.snapshot_requests") from None
+        raise pg.translate(exc, "updating cutover.snapshot_requests", "source") from None
 
 
 def record_progress(
@@ -333,7 +337,7 @@ def record_progress(
                     (request_id,),
                 )
     except psycopg.Error as exc:
-        raise _db_error(exc, "recording snapshot progress") from None
+        raise pg.translate(exc, "recording snapshot progress", "source") from None
 
 
 def reset_snapshots(conn: Conn, slot: str) -> None:
@@ -352,4 +356,4 @@ def reset_snapshots(conn: Conn, slot: str) -> None:
                 (slot,),
             )
     except psycopg.Error as exc:
-        raise _db_error(exc, "resetting snapshots") from None
+        raise pg.translate(exc, "resetting snapshots", "source") from None
