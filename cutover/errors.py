@@ -61,8 +61,11 @@ __all__ = [
 ]
 
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
-# Up to the last "@" of the line: a password may itself hold "@", ":" or spaces.
-_PASSWORD_URL = re.compile(r"(://[^:/@\s'\"]*:)([^'\"\n]*)(@)")
+# Up to the last "@" of the line that a host follows: a password may itself hold "@", ":",
+# quotes or spaces. (Masking too much of a line is the safe side.)
+_PASSWORD_URL = re.compile(
+    r"(://[^:/@\s'\"]*:)([^\n]*)(@)(?=[\w.\-\[\]]+(?::\d*)?(?:[/?\s'\",:]|$))"
+)
 # libpq and psycopg echo the token they could not parse: for a DSN whose password has "%", a
 # space or "@", that token is (part of) the password. Masked even when the password is unknown.
 _PARSE_ECHO = re.compile(

@@ -141,3 +141,17 @@ def test_the_client_logger_does_not_propagate_to_the_root_logger() -> None:
     assert logger is kafka.client_logger()
     assert not logger.propagate
     assert sum(isinstance(h, kafka._RateLimitedStructlog) for h in logger.handlers) == 1
+
+
+def test_a_dead_broker_is_logged_as_client_log_events(capfd: pytest.CaptureFixture[str]) -> None:
+    # Port 1 on loopback: nothing listens, every connection attempt is refused at once.
+    client = kafka.consumer(KafkaSettings(bootstrap="127.0.0.1:1"), "probe", group_id="g")
+    with capture_logs() as logs:
+        for _ in range(6):
+            client.poll(0.5)  # librdkafka's log is served by poll()
+    client.close()
+    fails = [e for e in logs if e["event"] == "kafka.client_log" and e["fac"] == "FAIL"]
+    assert fails and "Connection refused" in fails[0]["message"]
+    # Rate-limited: reconnects every few hundred ms for 3 s, one event per message shape.
+    assert len(fails) <= 2, fails
+    assert "%3|" not in capfd.readouterr().err
