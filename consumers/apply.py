@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as RdKafkaError
 from structlog.typing import FilteringBoundLogger
 
@@ -60,12 +60,14 @@ from consumers.engine import (
     Tx,
 )
 from consumers.letters import DlqPublisher, RecordLetters
-from consumers.schemas import SchemaReader, kafka_error
-from consumers.sink import Sink, translate
+from consumers.schemas import SchemaReader
+from consumers.sink import Sink
+from cutover import kafka, pg
 from cutover.config import Settings
 from cutover.control_store import CONSUMER_TABLES
 from cutover.control_store.offsets import NEW_ROW_OFFSET
 from cutover.errors import DatabaseError, KafkaError
+from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
 
@@ -76,18 +78,6 @@ def log() -> FilteringBoundLogger:
     return get_logger(__name__)
 
 
-# Settings the exactly-once protocol depends on: the pass-through cannot change them.
-_FORCED = {
-    "partition.assignment.strategy": "cooperative-sticky",
-    "isolation.level": "read_committed",
-    "enable.auto.commit": False,
-    "enable.auto.offset.store": False,
-}
-_DEFAULTS: dict[str, Any] = {
-    "auto.offset.reset": "earliest",
-    # Bounded prefetch: part of the memory budget (librdkafka's default is 64 MB).
-    "queued.max.messages.kbytes": 32768,
-}
 # SQLSTATEs worth a rollback and a retry of the batch rather than stopping.
 _TRANSIENT = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03"})
 
@@ -198,7 +188,14 @@ class ApplyConsumer:
         self._schemas = SchemaReader(self.settings.kafka, self.group)
         self._schemas.refresh()
         self._decoder = Decoder(self._schemas.store, self._schemas.refresh)
-        self._consumer = Consumer(self._consumer_conf())
+        # The exactly-once protocol's settings (no auto commit, read_committed, cooperative
+        # rebalancing) are mandatory in cutover.kafka: the pass-through cannot change them.
+        self._consumer = kafka.consumer(
+            self.settings.kafka,
+            "apply",
+            group_id=self.group,
+            extra={"error_cb": self._on_kafka_error},
+        )
         self._consumer.subscribe(
             self.topics,
             on_assign=self._on_assign,
@@ -241,20 +238,6 @@ class ApplyConsumer:
         plan = self._plan()
         return Batch(plan, commit=not self._streaming)
 
-    def _consumer_conf(self) -> dict[str, Any]:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.settings.kafka.bootstrap,
-            **_DEFAULTS,
-            **self.settings.kafka.consumer,
-        }
-        for key, value in _FORCED.items():
-            if key in conf and conf[key] != value:
-                log().warning("apply.setting_ignored", setting=key, value=conf[key], used=value)
-            conf[key] = value
-        conf["group.id"] = self.group
-        conf["error_cb"] = self._on_kafka_error
-        return conf
-
     def _on_kafka_error(self, err: RdKafkaError) -> None:
         log().warning("apply.kafka_error", error=err.str(), code=err.name(), fatal=err.fatal())
 
@@ -276,15 +259,12 @@ class ApplyConsumer:
     # ================================================================== database connection
 
     def _connect_db(self) -> psycopg.Connection[tuple[object, ...]]:
-        try:
-            return psycopg.connect(
-                self.settings.target.dsn,
-                autocommit=True,
-                connect_timeout=10,
-                application_name=f"cutover-apply:{self.group}",
-            )
-        except psycopg.Error as exc:
-            raise translate(exc, "connecting") from exc
+        return pg.connect(
+            self.settings.target.dsn,
+            side="target",
+            connect_timeout=10,
+            application_name=f"cutover-apply:{self.group}",
+        )
 
     def _connect(self) -> None:
         self.engine.connect()

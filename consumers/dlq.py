@@ -22,7 +22,8 @@ from consumers.batch import Entry
 from consumers.engine import ApplyEngine, Batch, Decoder, SimpleSource, Tx
 from consumers.letters import DeadLetter, DlqPublisher, PoisonHalt
 from consumers.schemas import SchemaReader
-from consumers.sink import Sink, translate
+from consumers.sink import Sink
+from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import ControlStore, dead_letters
 from cutover.errors import DecodeError
@@ -82,11 +83,7 @@ class LetterRow:
 
 
 def list_dead_letters(settings: Settings, status: str | None) -> list[LetterRow]:
-    try:
-        conn = psycopg.connect(settings.target.dsn, autocommit=True)
-    except psycopg.Error as exc:
-        raise translate(exc, "listing dead letters") from exc
-    with conn:
+    with pg.connect(settings.target.dsn, side="target", application_name="cutover dlq") as conn:
         letters = dead_letters.list_rows(ControlStore(conn, settings.target.control_schema), status)
     return [LetterRow(*letter) for letter in letters]
 
@@ -137,10 +134,7 @@ def retry_dead_letters(settings: Settings, letter_id: int | None) -> RetryReport
 
 
 def _connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(dsn, autocommit=True)
-    except psycopg.Error as exc:
-        raise translate(exc, "connecting") from exc
+    return pg.connect(dsn, side="target", application_name="cutover dlq")
 
 
 Position = tuple[str, int, int]

@@ -24,14 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaException
 from structlog.typing import FilteringBoundLogger
 
-from consumers.schemas import kafka_error
 from consumers.sink import Sink
-from cutover import metrics
+from cutover import kafka, metrics
 from cutover.config import Settings
 from cutover.errors import CutoverError, KafkaError, RuntimeFailure
+from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
 
 
@@ -106,13 +106,7 @@ class DlqPublisher:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.kafka.dlq_topic
-        conf: dict[str, Any] = {
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            **settings.kafka.producer,
-        }
-        self._producer = Producer(conf)
+        self._producer = kafka.producer(settings.kafka, "dlq")
         self._failures: list[str] = []
 
     def _on_delivery(self, err: Any, _msg: Any) -> None:

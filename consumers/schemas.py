@@ -9,15 +9,16 @@ still unknown after that refresh is a poison message.
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as RdKafkaError
 from structlog.typing import FilteringBoundLogger
 
 from cutover.codec import SchemaStore, heartbeat_schema
 from cutover.config import KafkaSettings
 from cutover.errors import DecodeError, KafkaError
+from cutover.kafka import consumer
+from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
 
 
@@ -25,14 +26,6 @@ def log() -> FilteringBoundLogger:
     # Looked up at each use, not at import: a logger bound before cutover.logging.configure()
     # runs would keep structlog's defaults (console renderer on stdout).
     return get_logger(__name__)
-
-
-def kafka_error(exc: KafkaException | RdKafkaError, what: str) -> KafkaError:
-    """A confluent-kafka error as the project's KafkaError."""
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
-    if isinstance(err, RdKafkaError):
-        return KafkaError(f"{what}: {err.str()}", code=err.name())
-    return KafkaError(f"{what}: {exc}")
 
 
 class SchemaReader:
@@ -51,17 +44,8 @@ class SchemaReader:
         self.store.add(heartbeat_schema())
         self.timeout_s = timeout_s
         self._next: dict[int, int] = {}
-        conf: dict[str, Any] = {
-            "bootstrap.servers": kafka.bootstrap,
-            # A group id is required by the client; nothing is ever committed under it.
-            "group.id": f"{group_id}.schemas-reader",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-        for key, value in kafka.consumer.items():
-            if key not in ("group.id", "partition.assignment.strategy", "group.instance.id"):
-                conf[key] = value
-        self._consumer = Consumer(conf)
+        # A group id is required by the client; nothing is ever committed under it.
+        self._consumer = consumer(kafka, "schemas", group_id=f"{group_id}.schemas-reader")
 
     def refresh(self) -> int:
         """Read every schema published since the last refresh; returns how many were new."""

@@ -31,6 +31,7 @@ from psycopg import sql
 from consumers import sql as q
 from consumers.batch import RowOp, column_groups, merge, to_ops
 from consumers.events import Change
+from cutover import pg
 from cutover.control_store import ControlStore, dead_letters, offsets
 from cutover.control_store.offsets import OffsetUpdate
 from cutover.errors import CutoverError, DatabaseError, UnmappableRow
@@ -40,15 +41,6 @@ from cutover.mapping import MappingSpec, TableMapping
 _ROW_LEVEL_CLASSES = frozenset({"22", "23"})
 _SAVEPOINT = sql.Identifier("cutover_row_isolation")
 Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
-
-
-def translate(exc: psycopg.Error, what: str) -> DatabaseError:
-    """A psycopg error as the project's DatabaseError (side target), naming ``what`` failed."""
-    diag = exc.diag
-    detail = diag.message_primary or str(exc).strip() or type(exc).__name__
-    if diag.constraint_name:
-        detail = f"{detail} (constraint {diag.constraint_name})"
-    return DatabaseError(f"{what}: {detail}", side="target", sqlstate=exc.sqlstate)
 
 
 def is_row_level(exc: psycopg.Error) -> bool:
@@ -100,7 +92,7 @@ class Sink:
         try:
             return self.conn.execute(query, params)
         except psycopg.Error as exc:
-            raise translate(exc, "statement failed") from exc
+            raise pg.translate(exc, "statement failed", "target") from exc
 
     def begin(self) -> None:
         self.prepare()
@@ -272,8 +264,8 @@ class Sink:
                     cur.execute(q.tombstones_from_stage(self.control_schema, target))
         except psycopg.Error as exc:
             if is_row_level(exc):
-                raise _RowRefused(translate(exc, f"applying to {target}")) from exc
-            raise translate(exc, f"applying to {target}") from exc
+                raise _RowRefused(pg.translate(exc, f"applying to {target}", "target")) from exc
+            raise pg.translate(exc, f"applying to {target}", "target") from exc
         return stats
 
     # ------------------------------------------------------------------ offsets and letters

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cutover.errors import DatabaseError
+from cutover import pg
 
 __all__ = ["AuditEntry", "default_actor", "list_entries", "record"]
 
@@ -114,9 +114,7 @@ def record(
             ],
         ).fetchone()
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"writing the audit entry: {str(exc).strip()}", side="target", sqlstate=exc.sqlstate
-        ) from None
+        raise pg.translate(exc, "writing the audit entry", "target") from None
     assert row is not None
     return int(row[0])
 
@@ -137,7 +135,5 @@ def list_entries(
             [*params, limit],
         ).fetchall()
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"reading the audit trail: {str(exc).strip()}", side="target", sqlstate=exc.sqlstate
-        ) from None
+        raise pg.translate(exc, "reading the audit trail", "target") from None
     return [AuditEntry(*r) for r in rows]

@@ -46,7 +46,7 @@ from psycopg import sql
 from cutover.config import GateSettings, Settings
 from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
 from cutover.control_store import producer as producer_state
-from cutover.errors import DatabaseError, KafkaError
+from cutover.errors import DatabaseError, KafkaError, redact_dsn
 from cutover.kafka import fetch_watermarks, kafka_consumer
 
 __all__ = [
@@ -397,8 +397,9 @@ def decide(results: Sequence[GateResult], *, force: bool) -> Decision:
 
 
 def _err(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+    # Evidence is printed: a libpq parse error may echo a piece of a DSN password.
+    text = redact_dsn(str(getattr(exc, "message", None) or exc).strip())
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def verify_evidence(conn: Conn, control_schema: str, domain: str) -> VerifyEvidence:

@@ -41,6 +41,7 @@ from typing import Literal, TypeAlias
 import psycopg
 
 from control.publish import Publisher, state_message
+from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import (
     COMMERCE_READS,
@@ -53,7 +54,6 @@ from cutover.control_store import (
     DomainState,
     Transition,
     begin_transition,
-    db_error,
     finish_transition,
     load_states,
     mark_published,
@@ -337,7 +337,7 @@ def _write_intent(
                     conn, schema, current, decided, actor=actor, reason=reason, forced=forced
                 )
     except psycopg.Error as exc:
-        raise db_error(exc, f"writing the {action} intent of {domain}") from None
+        raise pg.translate(exc, f"writing the {action} intent of {domain}", "target") from None
     log.info(
         "cutover.transition_intent",
         domain=domain,
@@ -365,7 +365,9 @@ def _publish(conn: Conn, schema: str, domain: str, intent: _Intent, publisher: P
     try:
         mark_published(conn, schema, intent.transition_id)
     except psycopg.Error as exc:
-        raise db_error(exc, f"recording the publication of {domain}'s state") from None
+        raise pg.translate(
+            exc, f"recording the publication of {domain}'s state", "target"
+        ) from None
 
 
 def _complete(conn: Conn, schema: str, domain: str, intent: _Intent) -> None:
@@ -383,7 +385,7 @@ def _complete(conn: Conn, schema: str, domain: str, intent: _Intent) -> None:
                 actor=intent.actor,
             )
     except psycopg.Error as exc:
-        raise db_error(exc, f"completing the {action} of {domain}") from None
+        raise pg.translate(exc, f"completing the {action} of {domain}", "target") from None
     log.info(
         RULES[action].event,
         domain=domain,

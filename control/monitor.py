@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from psycopg import sql
 
 from control.monitor_report import (
@@ -65,10 +65,13 @@ from control.monitor_report import (
     latency_samples,
     percentile,
 )
+from cutover import kafka as kafka_clients
+from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
 from cutover.control_store import producer as producer_state
-from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
+from cutover.errors import CutoverError, KafkaError
+from cutover.kafka import translate as kafka_error
 
 __all__ = [
     "LATENCY_WINDOW_S",
@@ -98,34 +101,18 @@ __all__ = [
 # ====================================================================== I/O: thin readers
 
 
-def _kafka_error(exc: KafkaException, what: str) -> KafkaError:
-    err = exc.args[0] if exc.args else None
-    if err is not None and hasattr(err, "str") and hasattr(err, "name"):
-        return KafkaError(f"{what}: {err.str()}", code=err.name())
-    return KafkaError(f"{what}: {exc}")
-
-
 class KafkaProbe:
     """A consumer that never joins a group: metadata, watermarks and the apply group's
     committed offsets (OffsetFetch does not need membership). It commits nothing."""
 
     def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
-        conf: dict[str, Any] = {
-            k: v
-            for k, v in settings.kafka.consumer.items()
-            if k not in ("group.instance.id", "partition.assignment.strategy")
-        }
-        conf.update(
-            {
-                "bootstrap.servers": settings.kafka.bootstrap,
-                "group.id": settings.apply.group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "client.id": f"cutover-monitor-{uuid.uuid4().hex[:8]}",
-            }
-        )
         self.timeout_s = timeout_s
-        self._consumer = Consumer(conf)
+        self._consumer = kafka_clients.consumer(
+            settings.kafka,
+            "monitor",
+            group_id=settings.apply.group_id,
+            client_id=f"cutover-monitor-{uuid.uuid4().hex[:8]}",
+        )
 
     def read(self, topics: Sequence[str]) -> KafkaReading:
         ends: dict[TP, int] = {}
@@ -133,7 +120,7 @@ class KafkaProbe:
         try:
             meta = self._consumer.list_topics(timeout=self.timeout_s)
         except KafkaException as exc:
-            raise _kafka_error(exc, "reading the cluster metadata") from None
+            raise kafka_error(exc, "reading the cluster metadata") from None
         tps: list[TopicPartition] = []
         for topic in topics:
             tmeta = meta.topics.get(topic)
@@ -148,7 +135,7 @@ class KafkaProbe:
                 ends[(tp.topic, tp.partition)] = high
             committed = self._consumer.committed(tps, timeout=self.timeout_s) if tps else []
         except KafkaException as exc:
-            raise _kafka_error(exc, "reading offsets") from None
+            raise kafka_error(exc, "reading offsets") from None
         got: dict[TP, int | None] = {}
         for tp in committed:
             # OFFSET_INVALID (-1001): the group never committed this partition.
@@ -210,11 +197,7 @@ def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
             (slot,),
         ).fetchone()
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"reading the slot {slot}: {(exc.diag.message_primary or str(exc)).strip()}",
-            side="source",
-            sqlstate=exc.sqlstate,
-        ) from None
+        raise pg.translate(exc, f"reading the slot {slot}", "source") from None
     slot_reading = (
         SlotReading(slot, exists=False)
         if row is None
@@ -262,13 +245,7 @@ class Monitor:
         self._previous: tuple[float, dict[TP, int]] | None = None
 
     def _connect(self, dsn: str, side: str) -> psycopg.Connection[Any]:
-        try:
-            return psycopg.connect(
-                dsn, autocommit=True, connect_timeout=5, application_name="cutover-monitor"
-            )
-        except psycopg.Error as exc:
-            message = (exc.diag.message_primary or str(exc)).strip()
-            raise DatabaseError(f"connecting: {redact_dsn(message)}", side=side) from None
+        return pg.connect(dsn, side=side, connect_timeout=5, application_name="cutover-monitor")
 
     def sample(self) -> MonitorReport:
         errors: list[str] = []

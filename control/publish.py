@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from cutover import kafka
 from cutover.config import Settings
 from cutover.errors import KafkaError
 
@@ -29,55 +30,24 @@ class KafkaPublisher:
     """
 
     def __init__(self, settings: Settings, timeout_s: float = 15.0) -> None:
-        from confluent_kafka import Producer
-
         self.settings = settings
         self.topic = settings.kafka.control_topic
         self.timeout_s = timeout_s
-        conf: dict[str, object] = {
-            **settings.kafka.producer,
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "message.timeout.ms": int(timeout_s * 1000),
-        }
-        self._producer = Producer(conf)
+        self._producer = kafka.producer(
+            settings.kafka, "control", extra={"message.timeout.ms": int(timeout_s * 1000)}
+        )
         self._checked = False
 
     def _ensure_topic(self) -> None:
         if self._checked:
             return
-        from confluent_kafka.admin import AdminClient
-        from confluent_kafka.cimpl import NewTopic
-
-        admin = AdminClient(
-            {**self.settings.kafka.producer, "bootstrap.servers": self.settings.kafka.bootstrap}
+        kafka.ensure_topics(
+            self.settings.kafka, [kafka.control_topic_spec(self.settings.kafka)], self.timeout_s
         )
-        meta = admin.list_topics(timeout=self.timeout_s)
-        if self.topic not in meta.topics:
-            futures = admin.create_topics(
-                [
-                    NewTopic(
-                        self.topic,
-                        num_partitions=1,
-                        replication_factor=self.settings.kafka.replication_factor,
-                        config={"cleanup.policy": "compact"},
-                    )
-                ]
-            )
-            for fut in futures.values():
-                try:
-                    fut.result()
-                except Exception as exc:  # already created by a concurrent run is fine
-                    if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                        raise
         self._checked = True
 
     def publish(self, domain: str, value: Mapping[str, object]) -> None:
-        try:
-            self._ensure_topic()
-        except Exception as exc:
-            raise KafkaError(f"creating control topic {self.topic}: {exc}") from None
+        self._ensure_topic()
         errors: list[str] = []
         done = threading.Event()
 
@@ -86,13 +56,16 @@ class KafkaPublisher:
                 errors.append(str(err))
             done.set()
 
-        self._producer.produce(
-            self.topic,
-            key=domain.encode(),
-            value=json.dumps(dict(value), sort_keys=True).encode(),
-            partition=0,
-            on_delivery=on_delivery,
-        )
+        try:
+            self._producer.produce(
+                self.topic,
+                key=domain.encode(),
+                value=json.dumps(dict(value), sort_keys=True).encode(),
+                partition=0,
+                on_delivery=on_delivery,
+            )
+        except Exception as exc:  # KafkaException, BufferError: the same refusal to the caller
+            raise kafka.translate(exc, f"control topic {self.topic}: publishing {domain}") from None
         remaining = self._producer.flush(self.timeout_s)
         if remaining or not done.is_set():
             raise KafkaError(

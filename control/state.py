@@ -41,6 +41,7 @@ from control.machine import (
     progress,
 )
 from control.publish import KafkaPublisher, Publisher, state_message
+from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import (
     COMMERCE_READS,
@@ -50,12 +51,11 @@ from cutover.control_store import (
     Conn,
     DomainState,
     control_plane_ddl,
-    db_error,
     ensure_control_plane,
     ensure_domains,
     load_states,
 )
-from cutover.errors import DatabaseError, GateRefused, KafkaError, UsageError
+from cutover.errors import DatabaseError, GateRefused, KafkaError, UsageError, redact_dsn
 
 __all__ = [
     "ACTION_GATES",
@@ -137,13 +137,13 @@ class CommandOutcome:
 
 
 def _control_conn(settings: Settings) -> Conn:
-    try:
-        conn = psycopg.connect(
-            settings.target.dsn, autocommit=True, connect_timeout=10, application_name="cutover"
-        )
-    except psycopg.Error as exc:
-        raise db_error(exc, "connecting to the commerce database") from None
-    return conn
+    return pg.connect(
+        settings.target.dsn,
+        side="target",
+        connect_timeout=10,
+        application_name="cutover",
+        doing="connecting to the commerce database",
+    )
 
 
 def open_control(settings: Settings, domains: Sequence[str]) -> Conn:
@@ -451,7 +451,8 @@ def rollback_sanity(settings: Settings) -> list[GateResult]:
         with psycopg.connect(settings.source.dsn, connect_timeout=5) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = redact_dsn(str(exc).strip())
+        why = text.splitlines()[0] if text else type(exc).__name__
         return [GateResult("legacy_reachable", False, f"legacy database unreachable: {why}")]
     return [GateResult("legacy_reachable", True, "legacy database answers")]
 

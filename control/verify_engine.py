@@ -23,7 +23,6 @@ from control.verify_io import (
     run_query,
     table_exists,
     target_column_types,
-    verify_error,
 )
 from control.verify_report import (
     InvariantReport,
@@ -32,6 +31,7 @@ from control.verify_report import (
     VerifyProgress,
     jsonable,
 )
+from cutover import pg
 from cutover.config import Settings
 from cutover.errors import DatabaseError
 from cutover.logging import get_logger
@@ -247,7 +247,7 @@ class Verifier:
         try:
             self.control.execute(q, [run_id, table, no, *figures, payload])
         except psycopg.Error as exc:
-            raise verify_error(exc, "target", "storing verify progress") from None
+            raise pg.translate(exc, "storing verify progress", "target") from None
 
     # -- recheck --------------------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class Verifier:
                 lsn = current_lsn(self.legacy)
                 rows = self.rows_by_keys(self.legacy, "source", sides.legacy, sides, keys)
         except psycopg.Error as exc:
-            raise verify_error(exc, "source", "re-reading legacy rows") from None
+            raise pg.translate(exc, "re-reading legacy rows", "source") from None
         return lsn, rows
 
     def wait_applied(self, domain: str, lsn: int, deadline: float) -> tuple[bool, int | None]:

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from control import digest as dg
-from cutover.errors import DatabaseError
+from cutover import pg
 from cutover.mapping import MappingSpec, TableMapping
 
 __all__ = [
@@ -23,17 +23,12 @@ __all__ = [
     "run_query",
     "table_exists",
     "target_column_types",
-    "verify_error",
 ]
 
 Conn = psycopg.Connection[Any]
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def verify_error(exc: psycopg.Error, side: str, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {str(exc).strip()}", side=side, sqlstate=exc.sqlstate)
 
 
 def connect(dsn: str, side: str) -> Conn:
@@ -43,11 +38,11 @@ def connect(dsn: str, side: str) -> Conn:
     compiling each chunk query costs more than running it; no parallel workers because the
     machine is shared and both databases already work at once.
     """
+    conn = pg.connect(dsn, side=side, application_name="cutover-verify")
     try:
-        conn = psycopg.connect(dsn, autocommit=True, application_name="cutover-verify")
         conn.execute("SET TimeZone = 'UTC'; SET jit = off; SET max_parallel_workers_per_gather = 0")
     except psycopg.Error as exc:
-        raise verify_error(exc, side, "connecting") from None
+        raise pg.translate(exc, "connecting", side) from None
     return conn
 
 
@@ -57,7 +52,7 @@ def run_query(
     try:
         rows: list[tuple[Any, ...]] = conn.execute(query, params).fetchall()
     except psycopg.Error as exc:
-        raise verify_error(exc, side, "verify query") from None
+        raise pg.translate(exc, "verify query", side) from None
     return rows
 
 
@@ -67,7 +62,7 @@ def run_exec(
     try:
         conn.execute(query, params)
     except psycopg.Error as exc:
-        raise verify_error(exc, side, "verify bookkeeping") from None
+        raise pg.translate(exc, "verify bookkeeping", side) from None
 
 
 def current_lsn(conn: Conn) -> int:
@@ -151,5 +146,5 @@ def copy_mapped_rows(
                     copied[table.target_table] = dcur.rowcount
                 dst.execute(sql.SQL("ANALYZE {}").format(sides.commerce.relation))
             except psycopg.Error as exc:
-                raise verify_error(exc, "target", f"copying {table.source_table}") from None
+                raise pg.translate(exc, f"copying {table.source_table}", "target") from None
     return copied

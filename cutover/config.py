@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from cutover.errors import ConfigError, redact_dsn
+from cutover.errors import ConfigError, redact_dsn, register_dsn
 
 ENV_PREFIX = "CUTOVER_"
 
@@ -229,6 +229,10 @@ def load_settings(
     port = metrics.get("port")
     if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
         raise ConfigError(f"[metrics] port must be an integer 0-65535, not {port!r}")
+    # From here on every message and log line masks these passwords, even the fragments of one
+    # that libpq echoes when it cannot parse the DSN.
+    register_dsn(sections["source"].dsn)
+    register_dsn(sections["target"].dsn)
     return Settings(
         source=sections["source"],
         target=sections["target"],

@@ -24,13 +24,16 @@ CLI maps it to::
         ├── UnmappableRow             a row the mapping cannot map (a poison message)
         └── SlotSafetyError           the slot moved behind our back: re-snapshot required
 
-Messages name the thing and the fix. They never contain secrets: DSNs pass through
-:func:`redact_dsn` before they reach a message.
+Messages name the thing and the fix. They never contain secrets: every message passes through
+:func:`redact_dsn`, which masks passwords by the DSN's shape and, for DSNs registered with
+:func:`register_dsn` (the configured ones, every DSN :func:`cutover.pg.connect` is given), by the
+password's value and its fragments, which is what a parse error echoes.
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import ClassVar
 
 __all__ = [
@@ -51,17 +54,75 @@ __all__ = [
     "UnmappableRow",
     "UsageError",
     "VerifyMismatch",
+    "dsn_passwords",
+    "has_secret",
     "redact_dsn",
+    "register_dsn",
 ]
 
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_PASSWORD_URL = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+# Up to the last "@" of the line that a host follows: a password may itself hold "@", ":",
+# quotes or spaces. (Masking too much of a line is the safe side.)
+_PASSWORD_URL = re.compile(
+    r"(://[^:/@\s'\"]*:)([^\n]*)(@)(?=[\w.\-\[\]]+(?::\d*)?(?:[/?\s'\",:]|$))"
+)
+# libpq and psycopg echo the token they could not parse: for a DSN whose password has "%", a
+# space or "@", that token is (part of) the password. Masked even when the password is unknown.
+_PARSE_ECHO = re.compile(
+    r"((?:percent-encoded token|unexpected spaces found in|missing \"=\" after"
+    r"|URI query parameter):? \")([^\"]*)(\")"
+)
+# A host name with an "@" in it is the tail of a password that held "@" ('RIT6@127.0.0.1').
+_HOST_WITH_AT = re.compile(r"(['\"])[^'\"\s]*@(?=[^'\"\s]*\1)")
+_URL_PREFIX = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_FRAGMENT_SPLIT = re.compile(r"[\s@%:/?#&'\"\\=]+")
+# Secrets (and fragments) shorter than this are not masked by value: they would blank ordinary
+# words and numbers everywhere. The shape-based masks above still apply to them.
+_MIN_FRAGMENT = 3
+_SECRETS: set[str] = set()
+
+
+def dsn_passwords(dsn: str) -> set[str]:
+    """The password(s) a DSN holds, found by its shape even when libpq could not parse it."""
+    found: set[str] = set()
+    if _URL_PREFIX.match(dsn):
+        rest = _URL_PREFIX.sub("", dsn)
+        userinfo, at, _host = rest.rpartition("@")
+        if at and ":" in userinfo:
+            found.add(userinfo.partition(":")[2])
+    for match in _PASSWORD_KV.finditer(dsn):
+        value = match.group(2)
+        if value.startswith("'") and value.endswith("'") and len(value) >= 2:
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        found.add(value)
+    return {p for p in found if p}
+
+
+def register_dsn(dsn: str) -> None:
+    """Remember the DSN's password(s): every later message and log line masks them, and the
+    fragments a parse error may echo (a password cut at a "%", a space or an "@")."""
+    for password in dsn_passwords(dsn):
+        for secret in (password, urllib.parse.unquote(password)):
+            pieces = [secret, *_FRAGMENT_SPLIT.split(secret)]
+            _SECRETS.update(p for p in pieces if len(p) >= _MIN_FRAGMENT)
+
+
+def has_secret(text: str) -> bool:
+    """True if ``text`` contains a registered password (or a fragment of one)."""
+    return any(secret in text for secret in _SECRETS)
 
 
 def redact_dsn(text: str) -> str:
-    """Return ``text`` with every password of a libpq DSN (key=value or URL form) masked."""
+    """Return ``text`` with every DSN password masked: by shape (key=value, URL, libpq's echo of
+    an unparsable token) and by value (every password :func:`register_dsn` has seen)."""
     text = _PASSWORD_KV.sub(r"\1***", text)
-    return _PASSWORD_URL.sub(r"\1***\3", text)
+    text = _PASSWORD_URL.sub(r"\1***\3", text)
+    text = _PARSE_ECHO.sub(r"\1***\3", text)
+    text = _HOST_WITH_AT.sub(r"\1***@", text)
+    # Longest first: a fragment must not break up a longer secret before that one is masked.
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 class CutoverError(Exception):

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cutover.errors import DatabaseError
+from cutover import pg
 
 Conn = psycopg.Connection[Any]
 
@@ -44,10 +44,6 @@ class FenceState:
     reason: str | None
     changed_at: datetime
     fence_lsn: int | None
-
-
-def db_error(exc: psycopg.Error, doing: str, side: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {str(exc).strip()}", side=side, sqlstate=exc.sqlstate)
 
 
 def fence_ddl() -> str:
@@ -90,7 +86,7 @@ def install(
                         )
                     )
     except psycopg.Error as exc:
-        raise db_error(exc, "installing the write fence", side) from None
+        raise pg.translate(exc, "installing the write fence", side) from None
 
 
 def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str, side: str) -> int:
@@ -127,7 +123,7 @@ def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str
                 [domain],
             ).fetchone()
     except psycopg.Error as exc:
-        raise db_error(exc, f"fencing domain {domain}", side) from None
+        raise pg.translate(exc, f"fencing domain {domain}", side) from None
     assert lsn_row is not None  # the row exists: it was locked above
     return int(lsn_row[0])
 
@@ -144,7 +140,7 @@ def lower_fence(conn: Conn, schema: str, domain: str, *, state: str, side: str) 
                 [state, domain],
             )
     except psycopg.Error as exc:
-        raise db_error(exc, f"unfencing domain {domain}", side) from None
+        raise pg.translate(exc, f"unfencing domain {domain}", side) from None
 
 
 def fence_states(conn: Conn, schema: str, *, side: str) -> dict[str, FenceState]:
@@ -160,7 +156,7 @@ def fence_states(conn: Conn, schema: str, *, side: str) -> dict[str, FenceState]
         conn.rollback()
         return {}
     except psycopg.Error as exc:
-        raise db_error(exc, "reading the write fences", side) from None
+        raise pg.translate(exc, "reading the write fences", side) from None
     return {
         r[0]: FenceState(r[0], bool(r[1]), r[2], r[3], r[4], None if r[5] is None else int(r[5]))
         for r in rows

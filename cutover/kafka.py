@@ -1,30 +1,248 @@
-"""Kafka clients of the control plane and the tools: metadata and watermark reads.
+"""The one Kafka module: client factories, the one error translation, topics, librdkafka's log.
 
-Every librdkafka configuration the product builds should come from here, with the mandatory
-settings applied after the user's pass-through settings so that nothing can weaken them.
+Every librdkafka configuration the product builds comes from here, merged in one order::
+
+    our defaults  <  the user's pass-through ([kafka.producer] / [kafka.consumer])
+                  <  the purpose's own settings (group id, client id, timeouts)
+                  <  the mandatory settings of the purpose
+
+so nothing a user or a caller passes can weaken what the code relies on: every producer carries
+data (change events, dead letters, replayed messages, control-topic states) and is idempotent with
+``acks=all``; every consumer commits only what the code commits, reads only committed messages.
+A pass-through producer setting that would weaken delivery is refused outright (ConfigError): the
+same table feeds every producer, and silently overriding it would hide a misunderstanding.
+
+librdkafka's own log goes through structlog as ``kafka.client_log`` events, rate-limited, instead
+of raw ``%3|...|FAIL|`` lines on stderr (a dead broker repeats them several times a second).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
-from cutover.config import Settings
-from cutover.errors import KafkaError
+from cutover.config import KafkaSettings, Settings
+from cutover.errors import ConfigError, KafkaError
+from cutover.logging import get_logger
+
+ProducerPurpose = Literal["cdc", "dlq", "replay", "control"]
+ConsumerPurpose = Literal["apply", "schemas", "replay", "monitor", "probe", "router"]
+PRODUCER_PURPOSES: Final[tuple[ProducerPurpose, ...]] = ("cdc", "dlq", "replay", "control")
+CONSUMER_PURPOSES: Final[tuple[ConsumerPurpose, ...]] = (
+    "apply",
+    "schemas",
+    "replay",
+    "monitor",
+    "probe",
+    "router",
+)
+
+# Settings the no-loss guarantee depends on, for every producer (they all carry data).
+_PRODUCER_MANDATORY: Final[dict[str, Any]] = {"enable.idempotence": True, "acks": "all"}
+_ACKS_ALL: Final = frozenset({"all", "-1"})
+_PRODUCER_DEFAULTS: Final[dict[ProducerPurpose, dict[str, Any]]] = {
+    # Bounded queue, batching, compression: the CDC producer's throughput at bounded memory
+    # (librdkafka's default queue is 1 GB).
+    "cdc": {
+        "linger.ms": 20,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 200_000,
+        "queue.buffering.max.kbytes": 131_072,
+        "batch.size": 1_000_000,
+    },
+    "replay": {"linger.ms": 20, "batch.size": 1 << 20},
+    "dlq": {},
+    "control": {},
+}
+# The CDC producer checks deliveries by failures only (see producers.kafka_io).
+_PRODUCER_PURPOSE: Final[dict[ProducerPurpose, dict[str, Any]]] = {
+    "cdc": {"delivery.report.only.error": True},
+    "replay": {},
+    "dlq": {},
+    "control": {},
+}
+
+# Consumers that join no group (assign only): group membership settings make no sense there.
+_GROUPLESS_DROP: Final = ("group.instance.id", "partition.assignment.strategy")
+_NEVER_COMMIT: Final[dict[str, Any]] = {"enable.auto.commit": False}
+_CONSUMER_DEFAULTS: Final[dict[ConsumerPurpose, dict[str, Any]]] = {
+    # Bounded prefetch: part of the apply consumer's memory budget (librdkafka's default: 64 MB).
+    "apply": {"auto.offset.reset": "earliest", "queued.max.messages.kbytes": 32768},
+    "router": {"enable.partition.eof": False, "fetch.wait.max.ms": 100},
+    "schemas": {},
+    "replay": {},
+    "monitor": {},
+    "probe": {},
+}
+_CONSUMER_MANDATORY: Final[dict[ConsumerPurpose, dict[str, Any]]] = {
+    # The apply consumer commits offsets in the commerce transaction, never to Kafka on its own,
+    # and must not see aborted transactions' messages.
+    "apply": {
+        "partition.assignment.strategy": "cooperative-sticky",
+        "isolation.level": "read_committed",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+    },
+    "schemas": {**_NEVER_COMMIT, "isolation.level": "read_committed"},
+    # replay record reads a range and stops at its end: EOF events mark the end of a partition;
+    # retention may have deleted the range's start meanwhile: read what is left.
+    "replay": {
+        **_NEVER_COMMIT,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "earliest",
+    },
+    # The monitor reads the apply group's committed offsets (OffsetFetch needs no membership):
+    # it must never commit under that group.
+    "monitor": {**_NEVER_COMMIT, "enable.auto.offset.store": False},
+    "probe": {**_NEVER_COMMIT, "allow.auto.create.topics": False},
+    "router": {**_NEVER_COMMIT, "allow.auto.create.topics": False},
+}
+
+
+def translate(exc: BaseException, doing: str) -> KafkaError:
+    """The one translation of a confluent-kafka exception (or KafkaError value) into ours."""
+    from confluent_kafka import KafkaError as RdKafkaError
+    from confluent_kafka import KafkaException
+
+    err: Any = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    if isinstance(err, RdKafkaError):
+        return KafkaError(f"{doing}: {err.str()}", code=err.name())
+    return KafkaError(f"{doing}: {exc}")
+
+
+def _check_producer_passthrough(user: Mapping[str, Any]) -> None:
+    for key, required in _PRODUCER_MANDATORY.items():
+        given = user.get(key)
+        if given is None:
+            continue
+        text = str(given).lower()
+        ok = text in _ACKS_ALL if key == "acks" else text in ("true", "1")
+        if not ok:
+            raise ConfigError(
+                f"[kafka.producer] {key} = {given!r} would allow losing events; the producer "
+                f"requires {key} = {str(required).lower()!r}: remove the setting"
+            )
+
+
+def producer_config(
+    kafka: KafkaSettings,
+    purpose: ProducerPurpose,
+    *,
+    client_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """librdkafka producer settings for ``purpose``: defaults < pass-through < purpose <
+    mandatory. ConfigError if the pass-through would weaken delivery."""
+    _check_producer_passthrough(kafka.producer)
+    conf: dict[str, Any] = {
+        **_PRODUCER_DEFAULTS[purpose],
+        **dict(kafka.producer),
+        **_PRODUCER_PURPOSE[purpose],
+        **dict(extra or {}),
+        **_PRODUCER_MANDATORY,
+        "bootstrap.servers": kafka.bootstrap,
+    }
+    if client_id is not None:
+        conf["client.id"] = client_id
+    return conf
+
+
+def consumer_config(
+    kafka: KafkaSettings,
+    purpose: ConsumerPurpose,
+    *,
+    group_id: str,
+    client_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """librdkafka consumer settings for ``purpose``: defaults < pass-through < purpose <
+    mandatory. A pass-through setting the purpose overrides is logged, not silently dropped."""
+    user = dict(kafka.consumer)
+    if purpose != "apply":
+        for key in _GROUPLESS_DROP:
+            user.pop(key, None)
+    mandatory = _CONSUMER_MANDATORY[purpose]
+    for key, value in mandatory.items():
+        if key in user and user[key] != value:
+            get_logger(__name__).warning(
+                "kafka.setting_ignored", purpose=purpose, setting=key, value=user[key], used=value
+            )
+    conf: dict[str, Any] = {
+        **_CONSUMER_DEFAULTS[purpose],
+        **user,
+        **dict(extra or {}),
+        **mandatory,
+        "bootstrap.servers": kafka.bootstrap,
+        "group.id": group_id,
+    }
+    if client_id is not None:
+        conf["client.id"] = client_id
+    return conf
+
+
+def _with_logger(conf: dict[str, Any]) -> dict[str, Any]:
+    return {**conf, "logger": client_logger()}
+
+
+def producer(
+    kafka: KafkaSettings,
+    purpose: ProducerPurpose,
+    *,
+    client_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Any:
+    """A confluent-kafka Producer for ``purpose`` (see :func:`producer_config`)."""
+    from confluent_kafka import KafkaException, Producer
+
+    conf = _with_logger(producer_config(kafka, purpose, client_id=client_id, extra=extra))
+    try:
+        return Producer(conf)
+    except KafkaException as exc:
+        raise translate(exc, f"creating the Kafka producer ({purpose})") from None
+
+
+def consumer(
+    kafka: KafkaSettings,
+    purpose: ConsumerPurpose,
+    *,
+    group_id: str,
+    client_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Any:
+    """A confluent-kafka Consumer for ``purpose`` (see :func:`consumer_config`)."""
+    from confluent_kafka import Consumer, KafkaException
+
+    conf = consumer_config(kafka, purpose, group_id=group_id, client_id=client_id, extra=extra)
+    try:
+        return Consumer(_with_logger(conf))
+    except KafkaException as exc:
+        raise translate(exc, f"creating the Kafka consumer ({purpose})") from None
+
+
+def admin(kafka: KafkaSettings) -> Any:
+    """An AdminClient with the pass-through's connection settings (security, timeouts)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # The producer table carries the connection settings (SASL, TLS) the admin needs too; the
+    # delivery settings in it mean nothing to an admin client and librdkafka ignores them.
+    conf = {**dict(kafka.producer), "bootstrap.servers": kafka.bootstrap}
+    try:
+        return AdminClient(_with_logger(conf))
+    except KafkaException as exc:
+        raise translate(exc, "creating the Kafka admin client") from None
 
 
 def kafka_consumer(settings: Settings) -> Any:
     """A consumer for metadata and watermarks only: never subscribes, never commits."""
-    from confluent_kafka import Consumer
-
-    return Consumer(
-        {
-            **settings.kafka.consumer,
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "group.id": "cutover-control-probe",
-            "enable.auto.commit": False,
-            "allow.auto.create.topics": False,
-        }
-    )
+    return consumer(settings.kafka, "probe", group_id="cutover-control-probe")
 
 
 def fetch_watermarks(
@@ -51,4 +269,172 @@ def fetch_watermarks(
     except KafkaError:
         raise
     except Exception as exc:
-        raise KafkaError(f"reading watermarks of {topic}: {exc}") from None
+        raise translate(exc, f"reading watermarks of {topic}") from None
+
+
+# ============================================================================== topics
+
+DAY_MS: Final = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: Mapping[str, str]
+
+
+def _common_topic_config(kafka: KafkaSettings) -> dict[str, str]:
+    return {"min.insync.replicas": "2"} if kafka.replication_factor >= 3 else {}
+
+
+def control_topic_spec(kafka: KafkaSettings) -> TopicSpec:
+    """The control topic: one partition (one order of states), compacted (latest per domain)."""
+    return TopicSpec(
+        kafka.control_topic, 1, {**_common_topic_config(kafka), "cleanup.policy": "compact"}
+    )
+
+
+def topic_specs(kafka: KafkaSettings, domains: Sequence[str]) -> list[TopicSpec]:
+    """The topics of docs/ARCHITECTURE.md for ``domains``."""
+    common = _common_topic_config(kafka)
+    specs = [
+        TopicSpec(
+            kafka.topic(d),
+            kafka.partitions,
+            {**common, "cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
+        )
+        for d in domains
+    ]
+    specs.append(
+        TopicSpec(
+            kafka.dlq_topic,
+            1,
+            {**common, "cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+        )
+    )
+    specs.append(control_topic_spec(kafka))
+    specs.append(TopicSpec(kafka.schemas_topic, 1, {**common, "cleanup.policy": "compact"}))
+    return specs
+
+
+def ensure_topics(
+    kafka: KafkaSettings, specs: Sequence[TopicSpec], timeout_s: float = 30.0
+) -> dict[str, dict[str, Any]]:
+    """Create the missing topics; report per topic ``created`` / ``exists`` (and mismatches).
+
+    The one place topics are created: a topic left to a broker's auto-creation would get the
+    broker's defaults (no compaction for the control and schemas topics).
+    """
+    from confluent_kafka import KafkaError as RdKafkaError
+    from confluent_kafka import KafkaException
+    from confluent_kafka.cimpl import NewTopic
+
+    client = admin(kafka)
+    try:
+        existing = client.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise translate(exc, f"listing topics at {kafka.bootstrap}") from None
+    report: dict[str, dict[str, Any]] = {}
+    to_create = []
+    for spec in specs:
+        meta = existing.get(spec.name)
+        if meta is not None and meta.error is None:
+            entry: dict[str, Any] = {"status": "exists", "partitions": len(meta.partitions)}
+            if len(meta.partitions) != spec.partitions:
+                entry["warning"] = (
+                    f"has {len(meta.partitions)} partitions, settings say {spec.partitions}; "
+                    "left as it is (changing it would move keys between partitions). The "
+                    "producer partitions by the topic's actual count"
+                )
+            report[spec.name] = entry
+        else:
+            to_create.append(
+                NewTopic(
+                    spec.name,
+                    num_partitions=spec.partitions,
+                    replication_factor=kafka.replication_factor,
+                    config=dict(spec.config),
+                )
+            )
+    if not to_create:
+        return report
+    partitions = {s.name: s.partitions for s in specs}
+    for name, future in client.create_topics(to_create, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            report[name] = {"status": "created", "partitions": partitions[name]}
+        except Exception as exc:  # KafkaException, or the future's own timeout
+            err = exc.args[0] if exc.args else None
+            # Created by a concurrent run meanwhile: what we wanted.
+            if isinstance(err, RdKafkaError) and err.code() == RdKafkaError.TOPIC_ALREADY_EXISTS:
+                report[name] = {"status": "exists"}
+            else:
+                raise translate(exc, f"creating topic {name}") from None
+    return report
+
+
+# ======================================================================= librdkafka's log
+
+#: A repeat of the same (facility, message shape) is logged at most once per this many seconds.
+LOG_REPEAT_INTERVAL_S: Final = 30.0
+_DIGITS = re.compile(r"\d+")
+
+
+class _RateLimitedStructlog(logging.Handler):
+    """Forwards librdkafka log records to structlog as ``kafka.client_log`` events.
+
+    confluent-kafka calls ``logger.log(level, "%s [%s] %s", facility, client_name, message)``.
+    Messages that differ only in numbers (ports, milliseconds, counts) count as repeats; a repeat
+    within :data:`LOG_REPEAT_INTERVAL_S` is counted, and the next event that passes carries the
+    count as ``suppressed``.
+    """
+
+    def __init__(self, interval_s: float = LOG_REPEAT_INTERVAL_S) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) == 3:
+            fac, client, message = (str(a) for a in args)
+        else:
+            fac, client, message = "", "", record.getMessage()
+        key = (fac, _DIGITS.sub("#", message))
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        log = get_logger("librdkafka")
+        method = (
+            log.error
+            if record.levelno >= logging.ERROR
+            else log.warning
+            if record.levelno >= logging.WARNING
+            else log.info
+            if record.levelno >= logging.INFO
+            else log.debug
+        )
+        method("kafka.client_log", fac=fac, client=client, message=message, suppressed=suppressed)
+
+
+_LOGGER_LOCK = threading.Lock()
+
+
+def client_logger() -> logging.Logger:
+    """The logging.Logger every librdkafka client logs to (librdkafka's ``logger`` setting)."""
+    logger = logging.getLogger("cutover.librdkafka")
+    with _LOGGER_LOCK:
+        if not any(isinstance(h, _RateLimitedStructlog) for h in logger.handlers):
+            logger.addHandler(_RateLimitedStructlog())
+            logger.setLevel(logging.DEBUG)
+            # Only our handler: the root logger (stderr by default) must not print them again.
+            logger.propagate = False
+    return logger

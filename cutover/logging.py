@@ -5,8 +5,9 @@ as keys, so tests assert on them with ``structlog.testing.capture_logs`` and ope
 them. Output is JSON lines when stderr is not a terminal (services, CI) and coloured key=value
 lines for people at a terminal. Context (domain, consumer id) is bound with contextvars.
 
-A processor masks DSN passwords in every string value: secrets never reach a log line even if a
-caller passes a DSN by mistake.
+A processor masks DSN passwords in every string value (by the DSN's shape, and by the value of
+every registered password, see :func:`cutover.errors.register_dsn`): secrets never reach a log
+line even if a caller passes a DSN, or an error message quoting a piece of one, by mistake.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from cutover.errors import redact_dsn
+from cutover.errors import has_secret, redact_dsn
 
 _SECRET_KEYS = frozenset({"password", "dsn", "secret", "sasl.password", "ssl.key.password"})
 
@@ -29,7 +30,9 @@ def _mask_secrets(
     for key, value in list(event.items()):
         if key in _SECRET_KEYS:
             event[key] = "***" if key != "dsn" else redact_dsn(str(value))
-        elif isinstance(value, str) and ("password" in value or "://" in value):
+        elif isinstance(value, str) and (
+            "password" in value or "://" in value or has_secret(value)
+        ):
             event[key] = redact_dsn(value)
     return event
 

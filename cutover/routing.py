@@ -45,7 +45,8 @@ from typing import Any, Literal, TypeAlias
 
 import psycopg
 
-from cutover.config import Settings
+from cutover import kafka, pg
+from cutover.config import KafkaSettings, Settings
 from cutover.control_store import COMMERCE_READS, COMMERCE_WRITES, REPLICATING, load_states
 from cutover.logging import get_logger
 
@@ -224,9 +225,9 @@ class ReadRouter:
         """Read the effective states from the control table; returns the connection to reuse."""
         try:
             if conn is None or conn.closed:
-                conn = psycopg.connect(
+                conn = pg.connect(
                     self.config.commerce_dsn,
-                    autocommit=True,
+                    side="target",
                     connect_timeout=3,
                     application_name="cutover-read-router",
                 )
@@ -253,20 +254,18 @@ class ReadRouter:
                 conn.close()
 
     def _consumer(self) -> Any:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        consumer = Consumer(
-            {
-                **(self.config.kafka or {}),
-                "bootstrap.servers": self.config.kafka_bootstrap,
-                # librdkafka wants a group id even for a plain assign(); it is never joined
-                # nor committed to.
-                "group.id": f"cutover-read-router-{uuid.uuid4().hex[:12]}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-                "fetch.wait.max.ms": 100,
-                "allow.auto.create.topics": False,
-            }
+        # Mode "topic" requires kafka_bootstrap (checked in __init__).
+        kafka_settings = KafkaSettings(
+            bootstrap=self.config.kafka_bootstrap or "", consumer=self.config.kafka or {}
+        )
+        consumer = kafka.consumer(
+            kafka_settings,
+            "router",
+            # librdkafka wants a group id even for a plain assign(); it is never joined nor
+            # committed to.
+            group_id=f"cutover-read-router-{uuid.uuid4().hex[:12]}",
         )
         consumer.assign([TopicPartition(self.config.control_topic, 0, OFFSET_BEGINNING)])
         return consumer

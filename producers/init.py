@@ -44,6 +44,7 @@ from typing import Final
 import psycopg
 from psycopg import sql
 
+from cutover import kafka, pg
 from cutover.config import Settings
 from cutover.control_store import (
     CONSUMER_TABLES,
@@ -55,9 +56,8 @@ from cutover.control_store import (
     offsets,
 )
 from cutover.control_store import producer as producer_state
-from cutover.errors import CheckFailed, DatabaseError, UsageError
+from cutover.errors import CheckFailed, UsageError
 from cutover.mapping import MappingSpec, TableMapping, check_column_types, load_mapping
-from producers import kafka_io
 from producers.init_checks import (
     Conn,
     InitReport,
@@ -75,15 +75,8 @@ from producers.pgoutput import lsn_to_str
 PUBLISH: Final = "insert, update, delete, truncate"
 
 
-def _db(exc: psycopg.Error, side: str, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side=side, sqlstate=exc.sqlstate)
-
-
 def _connect(dsn: str, side: str) -> Conn:
-    try:
-        return psycopg.connect(dsn, autocommit=True, application_name="cutover init")
-    except psycopg.Error as exc:
-        raise _db(exc, side, "cannot connect") from None
+    return pg.connect(dsn, side=side, application_name="cutover init", doing="cannot connect")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +327,9 @@ def reset_target(settings: Settings, mapping: MappingSpec, report: InitReport) -
                     ([t.target_table for t in mapping.tables.values()],),
                 )
         except psycopg.Error as exc:
-            raise _db(exc, "target", "emptying the commerce tables for a re-snapshot") from None
+            raise pg.translate(
+                exc, "emptying the commerce tables for a re-snapshot", "target"
+            ) from None
     report.action(
         f"commerce tables of {mapping.target_schema}",
         "altered",
@@ -376,7 +371,7 @@ def _ensure_target(
                     "commerce control tables", "created", "cutover/control_store/schema.sql"
                 )
         except psycopg.Error as exc:
-            raise _db(exc, "target", "preparing the commerce database") from None
+            raise pg.translate(exc, "preparing the commerce database", "target") from None
         except OSError as exc:
             raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
@@ -436,12 +431,12 @@ def run_init(
             if resnapshot_all and not dry_run:
                 resnapshot(conn, settings, report)
         except psycopg.Error as exc:
-            raise _db(exc, "source", "init") from None
-    specs = kafka_io.topic_specs(settings.kafka, list(mapping.domains))
+            raise pg.translate(exc, "init", "source") from None
+    specs = kafka.topic_specs(settings.kafka, list(mapping.domains))
     if dry_run:
         report.action("kafka topics", "not_checked", ", ".join(s.name for s in specs))
     else:
-        for topic, entry in kafka_io.ensure_topics(settings.kafka, specs).items():
+        for topic, entry in kafka.ensure_topics(settings.kafka, specs).items():
             report.action(f"topic {topic}", entry["status"], entry.get("warning", ""))
             if "warning" in entry:
                 report.warnings.append(f"topic {topic} {entry['warning']}")

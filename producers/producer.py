@@ -54,7 +54,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import codec, metrics
+from cutover import codec, metrics, pg
 from cutover.config import Settings
 from cutover.control_store import LEGACY_SCHEMA, PRODUCER_TABLES, ControlStore
 from cutover.control_store import producer as producer_state
@@ -141,7 +141,7 @@ def _version() -> str:
 
 
 def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side="source", sqlstate=exc.sqlstate)
+    return pg.translate(exc, doing, "source")
 
 
 def _crash(point: str) -> None:
@@ -197,12 +197,14 @@ class CdcProducer:
     # -- setup ---------------------------------------------------------------------------------
 
     def _connect(self, name: str, *, autocommit: bool) -> Conn:
+        conn: Conn = pg.connect(
+            self.settings.source.dsn,
+            side="source",
+            autocommit=autocommit,
+            application_name=f"cutover produce ({name})",
+            doing="cannot connect",
+        )
         try:
-            conn: Conn = psycopg.connect(
-                self.settings.source.dsn,
-                autocommit=autocommit,
-                application_name=f"cutover produce ({name})",
-            )
             # The type output functions run in this session: fix what pgoutput.py assumes.
             for setting, value in (
                 ("DateStyle", "ISO"),
@@ -217,7 +219,7 @@ class CdcProducer:
                 conn.commit()
             return conn
         except psycopg.Error as exc:
-            raise _db(exc, "cannot connect") from None
+            raise pg.translate(exc, "cannot connect", "source") from None
 
     def run(self) -> ProducerReport:
         settings = self.settings
@@ -382,7 +384,7 @@ class CdcProducer:
                     "data loss, re-snapshot required (`cutover init`, then `cutover init "
                     "--resnapshot`)"
                 ) from None
-            raise _db(exc, f"reading slot {src.slot}") from None
+            raise pg.translate(exc, f"reading slot {src.slot}", "source") from None
         if stream.tx is not None:
             raise RuntimeFailure(
                 f"the peek of slot {src.slot} ended inside a transaction; this should not happen "
@@ -426,7 +428,9 @@ class CdcProducer:
                 (self.settings.source.slot, lsn_to_str(lsn)),
             )
         except psycopg.Error as exc:
-            raise _db(exc, f"advancing slot {self.settings.source.slot}") from None
+            raise pg.translate(
+                exc, f"advancing slot {self.settings.source.slot}", "source"
+            ) from None
         events = stream.events - self.report.events
         txs = stream.transactions - self._checkpointed_commits
         self._position = lsn
@@ -473,7 +477,7 @@ class CdcProducer:
                 (HEARTBEAT_PREFIX, self.options.producer_name),
             )
         except psycopg.Error as exc:
-            raise _db(exc, "emitting a heartbeat message") from None
+            raise pg.translate(exc, "emitting a heartbeat message", "source") from None
         # Counts as activity: the next idle heartbeat is one interval later.
         self._last_advance = time.monotonic()
 
@@ -486,7 +490,7 @@ class CdcProducer:
                 (self.settings.source.slot,),
             ).fetchone()
         except psycopg.Error as exc:
-            raise _db(exc, "reading the slot's lag") from None
+            raise pg.translate(exc, "reading the slot's lag", "source") from None
         if row is not None and row[0] is not None:
             metrics.set_slot_lag(int(row[0]))
 

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import psycopg
 
+from cutover import pg
 from cutover.control_store import ControlStore
 from cutover.control_store import producer as producer_state
 from cutover.errors import CheckFailed, ConfigError, DatabaseError, SlotSafetyError
@@ -32,7 +33,7 @@ Conn = psycopg.Connection[Any]
 
 
 def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side="source", sqlstate=exc.sqlstate)
+    return pg.translate(exc, doing, "source")
 
 
 def lock_keys(slot: str) -> tuple[int, int, int]:

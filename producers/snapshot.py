@@ -39,6 +39,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from cutover import pg
 from cutover.codec import ColumnSpec
 from cutover.control_store import LEGACY_SCHEMA, ControlStore
 from cutover.control_store.producer import SnapshotRequest, request_snapshot
@@ -50,10 +51,6 @@ from producers.events import SNAPSHOT_HIGH_PREFIX, SNAPSHOT_LOW_PREFIX
 Conn = psycopg.Connection[Any]
 
 _EMIT: Final = "SELECT pg_logical_emit_message(true, %s, %s)"
-
-
-def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
-    return DatabaseError(f"{doing}: {exc}".strip(), side="source", sqlstate=exc.sqlstate)
 
 
 def published_column_specs(
@@ -75,7 +72,9 @@ def published_column_specs(
             (publication, schema, table),
         ).fetchall()
     except psycopg.Error as exc:
-        raise _db(exc, f"reading the published columns of {schema}.{table}") from None
+        raise pg.translate(
+            exc, f"reading the published columns of {schema}.{table}", "source"
+        ) from None
     if not rows:
         raise UsageError(f"{schema}.{table} is not in publication {publication}: run cutover init")
     return tuple(ColumnSpec(str(n), int(o), int(m)) for n, o, m in rows)
@@ -182,7 +181,7 @@ def read_chunk(
         # (3) high watermark, committed after the SELECT finished.
         conn.execute(_EMIT, (SNAPSHOT_HIGH_PREFIX, chunk_id))
     except psycopg.Error as exc:
-        raise _db(exc, f"reading a snapshot chunk of {schema}.{table}") from None
+        raise pg.translate(exc, f"reading a snapshot chunk of {schema}.{table}", "source") from None
     rows: dict[tuple[object, ...], dict[str, object]] = {}
     n = len(names)
     for values in raw:
@@ -265,7 +264,7 @@ def queue_request(
         raise UsageError(f"table {table!r} is not in the mapping; mapped tables: {known}")
     schema = mapping.source_schema
     try:
-        with psycopg.connect(dsn, autocommit=True, application_name="cutover snapshot") as conn:
+        with pg.connect(dsn, side="source", application_name="cutover snapshot") as conn:
             if where:
                 columns = published_column_specs(conn, publication, schema, table)
                 flt = compile_where(where, [c.name for c in columns], schema, table)
@@ -274,7 +273,7 @@ def queue_request(
             store = ControlStore(conn, LEGACY_SCHEMA, "source")
             return request_snapshot(store, slot, table, where, requested_by=requested_by)
     except psycopg.Error as exc:
-        raise _db(exc, "queueing the snapshot request") from None
+        raise pg.translate(exc, "queueing the snapshot request", "source") from None
 
 
 _LIST: Final = (
@@ -293,10 +292,10 @@ LIST_FIELDS: Final = (
 def list_requests(dsn: str, slot: str) -> list[dict[str, Any]]:
     """``cutover snapshot --list``: every request of ``slot``, oldest first."""
     try:
-        with psycopg.connect(dsn, autocommit=True, application_name="cutover snapshot") as conn:
+        with pg.connect(dsn, side="source", application_name="cutover snapshot") as conn:
             rows = conn.execute(_LIST, (slot,)).fetchall()
     except psycopg.Error as exc:
-        raise _db(exc, "listing the snapshot requests") from None
+        raise pg.translate(exc, "listing the snapshot requests", "source") from None
     return [dict(zip(LIST_FIELDS, row, strict=True)) for row in rows]
 
 
@@ -308,7 +307,7 @@ def cancel_request(dsn: str, slot: str, request_id: int, *, by: str | None) -> s
     """
     reason = f"cancelled by {by or 'an operator'}"
     try:
-        with psycopg.connect(dsn, autocommit=True, application_name="cutover snapshot") as conn:
+        with pg.connect(dsn, side="source", application_name="cutover snapshot") as conn:
             row = conn.execute(
                 "UPDATE cutover.snapshot_requests SET status = 'failed', error = %s,"
                 " finished_at = now() WHERE id = %s AND slot_name = %s AND kind = 'request'"
@@ -323,7 +322,7 @@ def cancel_request(dsn: str, slot: str, request_id: int, *, by: str | None) -> s
                 (request_id, slot),
             ).fetchone()
     except psycopg.Error as exc:
-        raise _db(exc, "cancelling the snapshot request") from None
+        raise pg.translate(exc, "cancelling the snapshot request", "source") from None
     if found is None:
         raise UsageError(f"there is no snapshot request {request_id} on slot {slot}")
     kind, status = found
@@ -343,5 +342,5 @@ def request_is_open(conn: Conn, request_id: int) -> bool:
             (request_id,),
         ).fetchone()
     except psycopg.Error as exc:
-        raise _db(exc, "reading cutover.snapshot_requests") from None
+        raise pg.translate(exc, "reading cutover.snapshot_requests", "source") from None
     return bool(row and row[0])

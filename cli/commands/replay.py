@@ -336,12 +336,20 @@ def _audit_override(
     import psycopg
 
     from control.audit import default_actor, record
+    from cutover import pg
     from cutover.control_store import ensure_control_plane
-    from cutover.errors import DatabaseError, redact_dsn
+    from cutover.errors import redact_dsn
 
     schema = settings.target.control_schema
+    doing = "auditing the override in the configured target"
     try:
-        with psycopg.connect(settings.target.dsn, autocommit=True, connect_timeout=10) as conn:
+        with pg.connect(
+            settings.target.dsn,
+            side="target",
+            connect_timeout=10,
+            application_name="cutover replay",
+            doing=doing,
+        ) as conn:
             ensure_control_plane(conn, schema)
             record(
                 conn,
@@ -358,8 +366,4 @@ def _audit_override(
                 },
             )
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"auditing the override in the configured target: {str(exc).strip()}",
-            side="target",
-            sqlstate=exc.sqlstate,
-        ) from None
+        raise pg.translate(exc, doing, "target") from None

@@ -8,18 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import KafkaException
 from structlog.typing import FilteringBoundLogger
 
 from consumers.replay.filters import Filters, Pacer, ProgressFn, Rate, table_of_schema
 from consumers.replay.reader import Recorded, ReplayFile
-from consumers.replay.record import consumer_conf, schemas_topic_for, topic_partitions
-from consumers.schemas import kafka_error
+from consumers.replay.record import replay_consumer, schemas_topic_for, topic_partitions
+from cutover import kafka as kafka_clients
 from cutover.config import KafkaSettings
 from cutover.errors import (
     KafkaError,
     UsageError,
 )
+from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
 
 
@@ -136,7 +137,7 @@ def play_to_topic(
 def _check_topics(kafka: KafkaSettings, replay: ReplayFile, topic: str, schemas: str) -> bool:
     """UsageError unless ``topic`` has the file's partitions; whether ``schemas`` exists."""
     needed = [int(p) for p in replay.recording.get("partitions", {})]
-    probe = Consumer(consumer_conf(kafka))
+    probe = replay_consumer(kafka)
     try:
         have = topic_partitions(probe, topic, kafka.bootstrap)
         try:
@@ -160,16 +161,8 @@ class _Publisher:
 
     def __init__(self, kafka: KafkaSettings, topic: str) -> None:
         self.topic = topic
-        conf: dict[str, Any] = {
-            "linger.ms": 20,
-            "batch.size": 1 << 20,
-            **kafka.producer,
-            "bootstrap.servers": kafka.bootstrap,
-            # Order per partition survives retries only with idempotence.
-            "enable.idempotence": True,
-            "acks": "all",
-        }
-        self.producer = Producer(conf)
+        # Order per partition survives retries only with idempotence (mandatory in cutover.kafka).
+        self.producer = kafka_clients.producer(kafka, "replay")
         self.failures: list[str] = []
 
     def _on_delivery(self, err: Any, _msg: Any) -> None:

@@ -12,21 +12,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import KafkaException, TopicPartition
 from fastavro import schemaless_reader
 from structlog.typing import FilteringBoundLogger
 
 from consumers.replay.avro import REPLAY_GROUP
 from consumers.replay.filters import Filters, ProgressFn, plan_ranges
 from consumers.replay.writer import Branch, ReplayWriter
-from consumers.schemas import SchemaReader, kafka_error
+from consumers.schemas import SchemaReader
+from cutover import kafka as kafka_clients
 from cutover.codec import HEADER_SIZE, MAGIC
 from cutover.config import KafkaSettings
 from cutover.errors import (
     KafkaError,
     UsageError,
 )
+from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
 
 
@@ -76,26 +78,12 @@ def schemas_topic_for(topic: str, kafka: KafkaSettings) -> str:
     return f"{prefix}.schemas" if dot else kafka.schemas_topic
 
 
-def consumer_conf(kafka: KafkaSettings) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        k: v
-        for k, v in kafka.consumer.items()
-        if k not in ("group.id", "group.instance.id", "partition.assignment.strategy")
-    }
-    conf.update(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            # Required by the client; nothing is committed under it (assign, no auto commit).
-            "group.id": f"cutover-replay-{uuid.uuid4().hex[:12]}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "isolation.level": "read_committed",
-            # Retention deleted the start of the range meanwhile: read what is left.
-            "auto.offset.reset": "earliest",
-        }
+def replay_consumer(kafka: KafkaSettings) -> Any:
+    """An assign-only consumer (cutover.kafka purpose "replay": never commits, EOF events)."""
+    # Required by the client; nothing is committed under the group (assign, no auto commit).
+    return kafka_clients.consumer(
+        kafka, "replay", group_id=f"cutover-replay-{uuid.uuid4().hex[:12]}"
     )
-    return conf
 
 
 def topic_partitions(consumer: Any, topic: str, bootstrap: str) -> list[int]:
@@ -134,7 +122,7 @@ def record(
     message passed the content filters (no file is written then).
     """
     started = time.monotonic()
-    consumer = Consumer(consumer_conf(kafka))
+    consumer = replay_consumer(kafka)
     try:
         ranges = _ranges(consumer, kafka, topic, filters)
         total = sum(end - start for start, end in ranges.values())

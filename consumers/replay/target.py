@@ -38,7 +38,8 @@ from consumers.replay.avro import REPLAY_GROUP
 from consumers.replay.filters import Filters, Pacer, ProgressFn, Rate
 from consumers.replay.play import PlaySummary, selected
 from consumers.replay.reader import Recorded, ReplayFile
-from consumers.sink import Sink, translate
+from consumers.sink import Sink
+from cutover import pg
 from cutover.config import Settings
 from cutover.errors import DatabaseError, UsageError, redact_dsn
 from cutover.logging import get_logger
@@ -174,12 +175,9 @@ class _FileSource(SimpleSource):
 
 
 def _connect(dsn: str, what: str) -> Conn:
-    try:
-        return psycopg.connect(
-            dsn, autocommit=True, connect_timeout=10, application_name="cutover-replay"
-        )
-    except psycopg.Error as exc:
-        raise translate(exc, what) from None
+    return pg.connect(
+        dsn, side="target", connect_timeout=10, application_name="cutover-replay", doing=what
+    )
 
 
 def _check_sandbox(sink: Sink, control: str, target_schema: str) -> None:
@@ -223,7 +221,7 @@ def identity(conn: Conn) -> Identity:
             "d.datname FROM pg_database AS d WHERE d.datname = current_database()"
         ).fetchone()
     except psycopg.Error as exc:
-        raise translate(exc, "reading the database's identity") from None
+        raise pg.translate(exc, "reading the database's identity", "target") from None
     assert row is not None
     return Identity(int(row[0]), int(row[1]), str(row[2]))  # type: ignore[call-overload]
 
@@ -261,7 +259,7 @@ def _rows(conn: Conn, control: str, table: str, column: str) -> list[str]:
         )
         return [str(r[0]) for r in conn.execute(query).fetchall()]
     except psycopg.Error as exc:
-        raise translate(exc, f"reading {control}.{table}") from None
+        raise pg.translate(exc, f"reading {control}.{table}", "target") from None
 
 
 def check_live_target(settings: Settings, dsn: str) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Final, Literal, TypeAlias
 import psycopg
 from psycopg import sql
 
+from cutover import pg
 from cutover.errors import DatabaseError
 
 Conn = psycopg.Connection[Any]
@@ -68,8 +69,9 @@ def qualified(schema: str, table: str) -> sql.Identifier:
 
 
 def db_error(exc: psycopg.Error, doing: str, side: Side = "target") -> DatabaseError:
-    """A psycopg error as the project's DatabaseError, naming what was being done."""
-    return DatabaseError(f"{doing}: {str(exc).strip()}", side=side, sqlstate=exc.sqlstate)
+    """A psycopg error as the project's DatabaseError, naming what was being done (the one
+    translation, :func:`cutover.pg.translate`)."""
+    return pg.translate(exc, doing, side)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,10 @@ from typing import Any, TypeAlias
 
 import psycopg
 
-from cutover.errors import DatabaseError
 from cutover.mapping.model import ColumnMapping, MappingSpec, TableMapping
 from cutover.mapping.transforms import assignable, type_family
+from cutover.pg import connect as pg_connect
+from cutover.pg import translate as pg_translate
 
 #: table → column → PostgreSQL type name (``numeric``, ``character varying``, an enum's name...).
 ColumnTypes: TypeAlias = Mapping[str, Mapping[str, str]]
@@ -107,15 +108,12 @@ def read_column_types(
 
 
 def _read(dsn: str, side: str, schema: str, tables: list[str]) -> dict[str, dict[str, str]]:
+    doing = "reading column types for the mapping check"
     try:
-        with psycopg.connect(dsn, autocommit=True, application_name="cutover init") as conn:
+        with pg_connect(dsn, side=side, application_name="cutover init", doing=doing) as conn:
             return read_column_types(conn, schema, tables)
     except psycopg.Error as exc:
-        raise DatabaseError(
-            f"reading column types for the mapping check: {exc}".strip(),
-            side=side,
-            sqlstate=exc.sqlstate,
-        ) from None
+        raise pg_translate(exc, doing, side) from None
 
 
 def check_column_types(spec: MappingSpec, source_dsn: str, target_dsn: str | None) -> None:

@@ -120,10 +120,16 @@ def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
 
     # Load: the stream is produced while the members come and go.
     done = threading.Event()
+    # The last tenth of the stream waits for the membership changes, however slow the machine
+    # is to start processes: the changes must happen under load, never after it.
+    changes_done = threading.Event()
+    held_back = len(msgs) - len(msgs) // 10
 
     def feed() -> None:
         prod = producer(topics.bootstrap)
         for i in range(0, len(msgs), 200):  # about 2,000 events/s for ~20 s
+            if i >= held_back:
+                changes_done.wait(600)
             produce(topics.bootstrap, msgs[i : i + 200], prod)
             prod.flush(10)
             time.sleep(0.1)
@@ -180,6 +186,7 @@ def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
     else:
         start("e")
     assert not done.is_set(), "the load ended before the membership changes: slow the feed"
+    changes_done.set()
     assert done.wait(180)
     wait_for(lambda: total_offsets(commerce, group) == len(msgs), 240, "all offsets applied")
     for name in ("d", "e"):

@@ -12,6 +12,7 @@ from cli.main import build_parser, main
 from consumers.apply import ApplyConsumer, _Partition
 from consumers.batch import Entry
 from consumers.engine import Tx
+from cutover import kafka
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +39,8 @@ def test_consumer_conf_forces_what_exactly_once_needs_and_passes_the_rest() -> N
             }
         )
     )
-    conf = consumer._consumer_conf()
+    # ApplyConsumer._start builds its consumer from exactly this (cutover.kafka, purpose "apply").
+    conf = kafka.consumer_config(consumer.settings.kafka, "apply", group_id=consumer.group)
     assert conf["group.id"] == "g1"
     assert conf["partition.assignment.strategy"] == "cooperative-sticky"
     assert conf["isolation.level"] == "read_committed"

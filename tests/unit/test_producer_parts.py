@@ -16,6 +16,7 @@ from cutover import codec
 from cutover.codec import ColumnSpec
 from cutover.config import KafkaSettings
 from cutover.errors import ConfigError, UsageError
+from cutover.kafka import producer_config, topic_specs
 from cutover.mapping import MappingSpec, load_mapping
 from producers.fast_avro import encoder_for
 from producers.init import _publication_diff
@@ -27,7 +28,6 @@ from producers.init_checks import (
     published_columns,
     ri_index_name,
 )
-from producers.kafka_io import producer_config, topic_specs
 from producers.predicate import compile_filter
 from producers.producer import CRASH_POINTS, ProducerOptions, options_from_environ
 from producers.slot_safety import lock_keys
@@ -133,11 +133,11 @@ def test_fast_encoder_is_byte_identical_to_the_codec() -> None:
 
 
 def test_producer_config_forces_idempotence_and_acks_all() -> None:
-    conf = producer_config(KafkaSettings(producer={"linger.ms": 5}), "c")
+    conf = producer_config(KafkaSettings(producer={"linger.ms": 5}), "cdc", client_id="c")
     assert conf["enable.idempotence"] is True and conf["acks"] == "all"
     assert conf["linger.ms"] == 5
     assert conf["delivery.report.only.error"] is True
-    assert producer_config(KafkaSettings(producer={"acks": -1}), "c")["acks"] == "all"
+    assert producer_config(KafkaSettings(producer={"acks": -1}), "cdc")["acks"] == "all"
 
 
 @pytest.mark.parametrize(
@@ -145,7 +145,7 @@ def test_producer_config_forces_idempotence_and_acks_all() -> None:
 )
 def test_producer_config_refuses_weaker_delivery(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=key):
-        producer_config(KafkaSettings(producer={key: value}), "c")
+        producer_config(KafkaSettings(producer={key: value}), "cdc")
 
 
 def test_topic_specs_follow_the_architecture() -> None:

@@ -1,0 +1,52 @@
+"""The one PostgreSQL module: connections and the one translation of psycopg errors.
+
+:func:`connect` opens every connection the product makes, so every DSN's password is registered
+for masking (:func:`cutover.errors.register_dsn`) before libpq can echo a piece of it in a parse
+error. :func:`translate` turns a ``psycopg.Error`` into :class:`~cutover.errors.DatabaseError`
+with the side (source/target) and the SQLSTATE, worded one way everywhere::
+
+    <side> database: <doing>: <what PostgreSQL said> (SQLSTATE <code>)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from cutover.errors import DatabaseError, register_dsn
+
+Conn = psycopg.Connection[Any]
+
+
+def translate(exc: psycopg.Error, doing: str, side: str) -> DatabaseError:
+    """The one translation of a psycopg error: side, what we were doing, the SQLSTATE.
+
+    The message passes through :func:`cutover.errors.redact_dsn` (in DatabaseError), so a DSN or
+    a registered password in the server's or libpq's text is masked.
+    """
+    # The primary message only: DETAIL and the statement's LINE may quote row values.
+    diag = exc.diag
+    detail = (diag.message_primary or str(exc)).strip() or type(exc).__name__
+    if diag.constraint_name:
+        detail = f"{detail} (constraint {diag.constraint_name})"
+    return DatabaseError(f"{doing}: {detail}", side=side, sqlstate=exc.sqlstate)
+
+
+def connect(
+    dsn: str,
+    *,
+    side: str,
+    application_name: str,
+    autocommit: bool = True,
+    doing: str = "connecting",
+    **kwargs: Any,
+) -> Conn:
+    """A psycopg connection; DatabaseError (password masked) when it cannot be opened."""
+    register_dsn(dsn)
+    try:
+        return psycopg.connect(
+            dsn, autocommit=autocommit, application_name=application_name, **kwargs
+        )
+    except psycopg.Error as exc:
+        raise translate(exc, doing, side) from None
