@@ -47,7 +47,13 @@ from psycopg import sql
 from cutover import kafka, pg
 from cutover.config import Settings
 from cutover.errors import CheckFailed, UsageError
-from cutover.mapping import MappingSpec, TableMapping, check_column_types, load_mapping
+from cutover.mapping import (
+    MappingSpec,
+    TableMapping,
+    check_column_types,
+    check_round_trip,
+    load_mapping,
+)
 from producers import source_state
 from producers.pgoutput import lsn_to_str
 
@@ -696,6 +702,7 @@ def run_init(
     """Preflight, then create what is missing. Raises CheckFailed listing every problem."""
     mapping = load_mapping(settings.mapping_path)
     check_column_types(mapping, settings.source.dsn, None if skip_target else settings.target.dsn)
+    check_round_trip(mapping)
     report = InitReport(dry_run=dry_run)
     if target_ddl is not None and not target_ddl.is_file():
         raise UsageError(f"--target-ddl {target_ddl}: no such file")
