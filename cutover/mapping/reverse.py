@@ -1,7 +1,10 @@
 """The inverse mapping (write cutover): commerce row → the legacy columns the mapping maps.
 
 Once commerce is the system of record, a reverse pipeline keeps legacy in sync for the rollback
-window; it maps every commerce row back with the rules built here. A column's inverse is derived
+window; it maps every commerce row back with the rules built here. Each transform class builds
+its own inverse (:meth:`Transform.inverse <cutover.mapping.transforms.Transform.inverse>`) from
+the step builders of this module, which depends on no other mapping module (the shared type
+aliases live here for that reason). A column's inverse is derived
 where the forward rule loses nothing (a rename is its own inverse; ``minor_units`` divides back
 exactly, restoring the scale; an injective ``enum`` is inverted) and written next to the forward
 rule where it is not (``reverse = ...`` in the column entry, ``reverse_delete`` on the table;
