@@ -169,8 +169,13 @@ class Invariant:
 
     def build(self, schema: str) -> sql.Composed:
         """The query over ``schema``'s tables, ordered by key, at most INVARIANT_LIMIT rows."""
+        return self.build_over({t: sql.Identifier(schema, t) for t in self.tables})
+
+    def build_over(self, relations: Mapping[str, sql.Composable]) -> sql.Composed:
+        """The query with each table placeholder replaced by ``relations[table]`` (verify reads
+        a target invariant over legacy's rows mapped through the mapping this way)."""
         inner = sql.SQL(self.query.strip().rstrip(";")).format(
-            **{t: sql.Identifier(schema, t) for t in self.tables}
+            **{t: relations[t] for t in self.tables}
         )
         return sql.SQL("SELECT * FROM ({}) AS violation ORDER BY 1 LIMIT {}").format(
             inner, sql.Literal(INVARIANT_LIMIT)
