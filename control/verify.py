@@ -228,7 +228,7 @@ def _open_run(
 
 
 def _compare(
-    v: Verifier, run: _Run, states: Sequence[TableState], tables: Sequence[TableMapping]
+    v: Verifier, run: _Run, states: Sequence[TableState]
 ) -> tuple[float, list[InvariantReport]]:
     """Steps 2-4: the first pass, the lag-aware recheck of its candidates (one overall
     deadline), the invariants. Returns the first pass's duration and the invariant reports."""
@@ -334,7 +334,7 @@ def run_verify(
             resumed=run.resumed,
         )
         planning_s = time.monotonic() - t_plan
-        first_pass_s, invariants = _compare(v, run, states, tables)
+        first_pass_s, invariants = _compare(v, run, states)
         applied = {d: v.positions.applied(d) for d in sorted({t.domain for t in tables})}
         report = VerifyReport(
             run_id=run.run_id,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -253,7 +252,3 @@ def legacy_invariant_query(inv: Invariant, sides: Mapping[str, dg.TableSides]) -
             )
         )
     return sql.SQL("WITH {} {}").format(sql.SQL(", ").join(ctes), inv.build_over(names))
-
-
-def invariant_keys(rows: Sequence[tuple[Any, ...]]) -> set[object]:
-    return {r[0] for r in rows}
