@@ -26,7 +26,8 @@ import psycopg
 from psycopg import sql
 
 from control import digest as dg
-from control.verify_io import Conn, run_query, verify_error
+from control.verify_io import Conn, run_query
+from cutover import pg
 from cutover.errors import DatabaseError, MappingError
 from cutover.mapping import Invariant, MappingSpec, TableMapping
 from cutover.mapping.typecheck import check_types, read_column_types
@@ -75,7 +76,7 @@ def _catalog(conn: Conn, side: str, schema: str, table: str) -> dict[str, str]:
     try:
         return read_column_types(conn, schema, [table]).get(table, {})
     except psycopg.Error as exc:
-        raise verify_error(exc, side, "reading the catalog for the drift check") from None
+        raise pg.translate(exc, "reading the catalog for the drift check", side) from None
 
 
 def schema_drift(
