@@ -141,6 +141,24 @@ class Side:
     position: sql.Composable | None = None
 
 
+_DATETIME = frozenset({"timestamptz", "timestamp", "date"})
+
+
+def _finite(value: sql.Composable, cast: str | None) -> sql.Composable:
+    """A legacy date/time value, failing (SQLSTATE 22007) where it is infinite.
+
+    The pipeline cannot carry ``infinity`` (no Python datetime holds it), so the row is a dead
+    letter, not a row commerce should hold: verify reports it as a source value that cannot map
+    (:mod:`control.verify_explain`) instead of a missing row. The failing cast is of a
+    per-row text, so the planner cannot fold it into an error for every row.
+    """
+    if cast not in _DATETIME:
+        return value
+    return sql.SQL(
+        "CASE WHEN isfinite({v}) IS NOT FALSE THEN {v} ELSE ({v}::text || {m})::{t} END"
+    ).format(v=value, m=sql.Literal(" is not finite"), t=sql.SQL(cast))
+
+
 @dataclass(frozen=True, slots=True)
 class TableSides:
     """Both sides of one table plus what the I/O layer needs to know about its key."""
@@ -176,7 +194,10 @@ def build_sides(
         )
     casts = [cast_type(target_types[c]) for c in columns]
     legacy_values = tuple(
-        sql.SQL("({})::{}").format(source_sql(table.column(c), qualifier=_ALIAS), t)
+        _finite(
+            sql.SQL("({})::{}").format(source_sql(table.column(c), qualifier=_ALIAS), t),
+            _CASTS.get(target_types[c]),
+        )
         for c, t in zip(columns, casts, strict=True)
     )
     commerce_values = tuple(

@@ -39,6 +39,7 @@ from psycopg import sql
 
 from control import digest as dg
 from control.verify_engine import TableState, Verifier
+from control.verify_explain import schema_drift
 from control.verify_io import (
     Conn,
     connect,
@@ -227,7 +228,7 @@ def _open_run(
 
 
 def _compare(
-    v: Verifier, run: _Run, states: Sequence[TableState], tables: Sequence[TableMapping]
+    v: Verifier, run: _Run, states: Sequence[TableState]
 ) -> tuple[float, list[InvariantReport]]:
     """Steps 2-4: the first pass, the lag-aware recheck of its candidates (one overall
     deadline), the invariants. Returns the first pass's duration and the invariant reports."""
@@ -243,7 +244,7 @@ def _compare(
     deadline = time.monotonic() + options.recheck_timeout_s
     for st in states:
         v.settle(st, deadline)
-    return first_pass_s, v.invariants(tables, time.monotonic() + options.recheck_timeout_s)
+    return first_pass_s, v.invariants(states, time.monotonic() + options.recheck_timeout_s)
 
 
 def _finish_run(v: Verifier, report: VerifyReport) -> None:
@@ -310,10 +311,18 @@ def run_verify(
     run: _Run | None = None
     try:
         ensure_control_plane(v.control, settings.target.control_schema)
-        states = [
-            TableState(v.sides_of(t), [], TableReport(t.source_table, t.target_table, t.domain))
-            for t in tables
-        ]
+        # Step 0: a table whose schema drifted from the mapping is reported, not digested.
+        drifted: list[TableReport] = []
+        states: list[TableState] = []
+        for t in tables:
+            rep = TableReport(t.source_table, t.target_table, t.domain)
+            drift = schema_drift(v.legacy, v.commerce, mapping, t)
+            if drift:
+                rep.drift = [{**d.to_json(), "text": str(d)} for d in drift]
+                log.warning("verify.drift", table=t.source_table, drift=[str(d) for d in drift])
+                drifted.append(rep)
+            else:
+                states.append(TableState(v.sides_of(t), [], rep))
         # The rate counts planning (min/max/count per table) too: it is part of the pass.
         t_plan = time.monotonic()
         run = _open_run(v, states, domain=domain, covered=covered, actor=actor, resume=resume)
@@ -325,12 +334,12 @@ def run_verify(
             resumed=run.resumed,
         )
         planning_s = time.monotonic() - t_plan
-        first_pass_s, invariants = _compare(v, run, states, tables)
+        first_pass_s, invariants = _compare(v, run, states)
         applied = {d: v.positions.applied(d) for d in sorted({t.domain for t in tables})}
         report = VerifyReport(
             run_id=run.run_id,
             domains=covered,
-            tables=[st.report for st in states],
+            tables=[st.report for st in states] + drifted,
             invariants=invariants,
             source_lsn_start=run.lsn_start,
             source_lsn_end=current_lsn(v.legacy),

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from control import digest as dg
+from control import verify_explain as ex
 from control.positions import PositionReader
 from control.verify_io import (
     Conn,
@@ -35,7 +36,7 @@ from cutover import pg
 from cutover.config import Settings
 from cutover.errors import DatabaseError
 from cutover.logging import get_logger
-from cutover.mapping import MappingSpec, TableMapping
+from cutover.mapping import Invariant, MappingSpec, TableMapping
 
 __all__ = ["TableState", "Verifier"]
 
@@ -49,6 +50,8 @@ class TableState:
     report: TableReport
     candidates: list[dg.KeyDiff] = field(default_factory=list)
     first_pass_matching: int = 0
+    #: Keys of legacy rows the mapping cannot map (left out of every comparison).
+    unmappable: list[dg.Key] = field(default_factory=list)
 
 
 class Verifier:
@@ -211,13 +214,14 @@ class Verifier:
                 lrows, crows, absent, matching, cands = done[no]
                 diffs = [dg.KeyDiff.from_json(c) for c in cands]
             else:
-                dl, dc = self.digests(state.sides, rng)
+                sides, bad, (dl, dc) = self.chunk_digests(state, rng)
                 lrows, crows, absent = dl.rows, dc.rows, dl.absent
                 if dl.same(dc):
                     matching, diffs = dl.rows, []
                 else:
-                    matching, diffs = self.bisect(state.sides, rng, dl, dc)
-                self.store_chunk(run_id, rep.table, no, (lrows, crows, absent, matching), diffs)
+                    matching, diffs = self.bisect(sides, rng, dl, dc)
+                if not bad:  # a chunk with unmappable rows is redone on resume: fail closed
+                    self.store_chunk(run_id, rep.table, no, (lrows, crows, absent, matching), diffs)
             rep.legacy_rows += lrows
             rep.commerce_rows += crows
             rep.absent_by_mapping += absent
@@ -229,6 +233,37 @@ class Verifier:
                 self.progress.advance(rep.table, lrows + absent)
         rep.chunks = len(state.ranges)
         rep.seconds = time.monotonic() - t0
+
+    def chunk_digests(
+        self, state: TableState, rng: dg.KeyRange
+    ) -> tuple[dg.TableSides, list[ex.Unmappable], tuple[dg.Digest, dg.Digest]]:
+        """The digests of ``rng`` and the sides they were taken with: the table's, or (when
+        legacy's mapped values fail to compute) the table's without the rows that cannot map,
+        which are reported."""
+        try:
+            return state.sides, [], self.digests(state.sides, rng)
+        except DatabaseError as exc:
+            if not ex.is_data_error(exc):
+                raise
+        bad = ex.find_unmappable(self.legacy, state.sides, rng)
+        if not bad:  # the failure came and went (a row changed meanwhile): digest as usual
+            return state.sides, [], self.digests(state.sides, rng)
+        rep = state.report
+        rep.unmappable += len(bad)
+        for u in bad:
+            state.unmappable.append(u.key)
+            if len(rep.unmappable_samples) < self.options.sample_keys:
+                rep.unmappable_samples.append(
+                    {"key": [jsonable(v) for v in u.key], "columns": list(u.columns)}
+                )
+        log.warning(
+            "verify.unmappable",
+            table=rep.table,
+            keys=[[jsonable(v) for v in u.key] for u in bad[:20]],
+            columns=sorted({c for u in bad for c in u.columns}),
+        )
+        sides = ex.without_keys(state.sides, [u.key for u in bad])
+        return sides, bad, self.digests(sides, rng)
 
     def store_chunk(
         self,
@@ -388,11 +423,17 @@ class Verifier:
 
     # -- invariants -----------------------------------------------------------------------------
 
-    def invariants(self, tables: Sequence[TableMapping], deadline: float) -> list[InvariantReport]:
-        """The scenario's invariants (the mapping file's [invariants.NAME]) over the tables."""
+    def invariants(self, states: Sequence[TableState], deadline: float) -> list[InvariantReport]:
+        """The scenario's invariants (the mapping file's [invariants.NAME]) over the tables
+        compared (a drifted table is not: its invariants could only fail on the schema)."""
+        tables = [st.sides.table for st in states]
         scope = {
             "target": {t.target_table for t in tables},
             "source": {t.source_table for t in tables},
+        }
+        # Commerce invariants are also run over legacy mapped (rows that cannot map left out).
+        mapped = {
+            st.sides.table.target_table: ex.without_keys(st.sides, st.unmappable) for st in states
         }
         reports: list[InvariantReport] = []
         for inv in self.mapping.invariants:
@@ -411,6 +452,7 @@ class Verifier:
                     self.wait_applied(inv.domain, current_lsn(self.legacy), deadline)
                     seen = {r[0] for r in still}
                     still = [r for r in run_query(self.commerce, "target", query) if r[0] in seen]
+                still = self.legacy_breaks(rep, inv, mapped, still)
             rep.violations = len(still)
             rep.samples = [
                 {"key": jsonable(r[0]), "detail": str(r[1])}
@@ -418,3 +460,28 @@ class Verifier:
             ]
             reports.append(rep)
         return reports
+
+    def legacy_breaks(
+        self,
+        rep: InvariantReport,
+        inv: Invariant,
+        mapped: Mapping[str, dg.TableSides],
+        commerce_rows: list[tuple[Any, ...]],
+    ) -> list[tuple[Any, ...]]:
+        """Record in ``rep`` the violations legacy (mapped) already holds; return commerce's
+        violations that are commerce's own (the key does not break the rule on legacy)."""
+        on_legacy = run_query(self.legacy, "source", ex.legacy_invariant_query(inv, mapped))
+        rep.legacy_violations = len(on_legacy)
+        rep.legacy_samples = [
+            {"key": jsonable(r[0]), "detail": str(r[1])}
+            for r in on_legacy[: self.options.sample_keys]
+        ]
+        if on_legacy:
+            log.warning(
+                "verify.legacy_invariant",
+                invariant=inv.name,
+                violations=len(on_legacy),
+                keys=[jsonable(r[0]) for r in on_legacy[:20]],
+            )
+        legacy_keys = {r[0] for r in on_legacy}
+        return [r for r in commerce_rows if r[0] not in legacy_keys]

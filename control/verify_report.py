@@ -93,10 +93,20 @@ class TableReport:
     seconds: float = 0.0
     recheck: str = "not needed"
     samples: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    #: Schema drift found before digesting (the table was then not compared at all).
+    drift: list[dict[str, object]] = field(default_factory=list)
+    #: Legacy rows whose values the mapping cannot map (key and columns; values never kept).
+    unmappable: int = 0
+    unmappable_samples: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def differs(self) -> bool:
+        """Commerce differs from mapped legacy (a replication difference)."""
+        return self.missing + self.extra + self.different + self.unresolved > 0
 
     @property
     def passed(self) -> bool:
-        return self.missing + self.extra + self.different + self.unresolved == 0
+        return not self.differs and not self.drift and self.unmappable == 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -119,6 +129,9 @@ class TableReport:
             "seconds": round(self.seconds, 3),
             "recheck": self.recheck,
             "samples": self.samples,
+            "drift": self.drift,
+            "unmappable": self.unmappable,
+            "unmappable_samples": self.unmappable_samples,
         }
 
 
@@ -129,12 +142,17 @@ class InvariantReport:
     name: str
     domain: str
     description: str
+    #: Violations of commerce's own (legacy, mapped, does not break the rule for these keys).
     violations: int = 0
     samples: list[dict[str, object]] = field(default_factory=list)
+    #: Violations legacy already holds (the invariant run over legacy mapped): not replication
+    #: differences, but still a failure (fail-closed: the gate blocks, see docs/CUTOVER.md).
+    legacy_violations: int = 0
+    legacy_samples: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.violations == 0
+        return self.violations == 0 and self.legacy_violations == 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -144,6 +162,8 @@ class InvariantReport:
             "passed": self.passed,
             "violations": self.violations,
             "samples": self.samples,
+            "legacy_violations": self.legacy_violations,
+            "legacy_samples": self.legacy_samples,
         }
 
 
@@ -205,11 +225,52 @@ class VerifyReport:
             "invariants": [i.to_json() for i in self.invariants],
         }
 
+    @property
+    def differing_domains(self) -> list[str]:
+        """Domains where commerce differs from mapped legacy (replication differences only)."""
+        failed = {t.domain for t in self.tables if t.differs}
+        failed |= {i.domain for i in self.invariants if i.violations}
+        return sorted(failed)
+
+    def headline(self) -> str:
+        """Why the run failed, in one line: replication differences first, then what verify
+        explains (drift, unmappable source values, legacy's own invariant breakage)."""
+        explained = [p for p in self.explanations() if p]
+        differing = self.differing_domains
+        if differing:
+            head = f"persistent differences in {', '.join(differing)} (run {self.run_id})"
+            return f"{head}: {'; '.join([self.mismatch_summary(), *explained])}"
+        return f"verify run {self.run_id} failed: {'; '.join(explained)}"
+
+    def explanations(self) -> list[str]:
+        """Drift, unmappable values and legacy invariant breakage, one entry each."""
+        out: list[str] = []
+        for t in self.tables:
+            for d in t.drift:
+                out.append(f"schema drift: {d['text']}")
+            if t.unmappable:
+                keys = ", ".join(
+                    f"{json.dumps(s['key'])} ({', '.join(map(str, s['columns']))})"  # type: ignore[call-overload]
+                    for s in t.unmappable_samples[:5]
+                )
+                out.append(
+                    f"source value cannot map: {t.unmappable} rows of {t.table} "
+                    f"(key (columns): {keys}); fix the legacy values or the mapping"
+                )
+        for i in self.invariants:
+            if i.legacy_violations:
+                keys = ", ".join(json.dumps(s["key"]) for s in i.legacy_samples[:5])
+                out.append(
+                    f"legacy breaks invariant {i.name} for keys {keys} "
+                    f"({i.legacy_violations} in all): not a replication difference"
+                )
+        return out
+
     def mismatch_summary(self) -> str:
-        """One line naming each failing table (with sample keys) and invariant."""
+        """One line naming each differing table (with sample keys) and invariant."""
         parts: list[str] = []
         for t in self.tables:
-            if t.passed:
+            if not t.differs:
                 continue
             figures = ", ".join(
                 f"{n} {k}"
@@ -226,6 +287,6 @@ class VerifyReport:
             ][:5]
             parts.append(f"{t.target} ({figures}; keys {', '.join(keys)})")
         for i in self.invariants:
-            if not i.passed:
+            if i.violations:
                 parts.append(f"invariant {i.name} ({i.violations} violations)")
         return "; ".join(parts)

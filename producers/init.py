@@ -57,7 +57,13 @@ from cutover.control_store import (
 )
 from cutover.control_store import producer as producer_state
 from cutover.errors import CheckFailed, UsageError
-from cutover.mapping import MappingSpec, TableMapping, check_column_types, load_mapping
+from cutover.mapping import (
+    MappingSpec,
+    TableMapping,
+    check_column_types,
+    check_round_trip,
+    load_mapping,
+)
 from producers.init_checks import (
     Conn,
     InitReport,
@@ -399,6 +405,7 @@ def run_init(
     """Preflight, then create what is missing. Raises CheckFailed listing every problem."""
     mapping = load_mapping(settings.mapping_path)
     check_column_types(mapping, settings.source.dsn, None if skip_target else settings.target.dsn)
+    check_round_trip(mapping)
     report = InitReport(dry_run=dry_run)
     if target_ddl is not None and not target_ddl.is_file():
         raise UsageError(f"--target-ddl {target_ddl}: no such file")

@@ -166,10 +166,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
                 f"not caught up yet: a snapshot of {', '.join(behind)} is still running (run "
                 f"{report.run_id}); verify again once it is done ({report.mismatch_summary()})"
             )
-        raise VerifyMismatch(
-            f"persistent differences in {', '.join(report.failed_domains)} (run "
-            f"{report.run_id}): {report.mismatch_summary()}"
-        )
+        raise VerifyMismatch(report.headline())
     return 0
 
 
@@ -206,10 +203,14 @@ def print_report(console: Console, report: VerifyReport) -> None:
                 )
                 console.print(f"  {t.target} {kind} key {json.dumps(s['key'])}{how}{note}")
     for inv in report.invariants:
-        mark = "[green]ok[/]" if inv.passed else f"[red]{inv.violations} violations[/]"
+        mark = "[green]ok[/]" if inv.violations == 0 else f"[red]{inv.violations} violations[/]"
+        if inv.legacy_violations:
+            mark += f" [yellow](legacy's own: {inv.legacy_violations})[/]"
         console.print(f"invariant {inv.name}: {mark}  ({inv.description})")
         for s in inv.samples[:5]:
             console.print(f"  key {s['key']}: {s['detail']}")
+    for line in report.explanations():
+        console.print(f"[red]{line}[/]")
     verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
     console.print(
         f"{verdict}: {report.legacy_rows:,} legacy rows vs {report.commerce_rows:,} commerce rows "

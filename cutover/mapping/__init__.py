@@ -11,14 +11,18 @@ invariants) and ``cutover init``'s type check (:func:`check_column_types`).
 Modules: :mod:`~cutover.mapping.model` (the frozen model), :mod:`~cutover.mapping.loader` (TOML →
 model, with line-numbered errors), :mod:`~cutover.mapping.transforms` (one class per transform:
 Python form, SQL form, column types), :mod:`~cutover.mapping.engine` (map a row),
-:mod:`~cutover.mapping.typecheck` (transforms against the databases' column types). This module
-re-exports the public API.
+:mod:`~cutover.mapping.typecheck` (transforms against the databases' column types),
+:mod:`~cutover.mapping.reverse` and :mod:`~cutover.mapping.roundtrip` (the inverse mapping of the
+write cutover, and its round-trip check). This module re-exports the public API.
 """
 
 from cutover.mapping.engine import (
     aggregate_key,
+    delete_reverse,
     is_delete,
+    legacy_key,
     map_row,
+    map_row_reverse,
     predicate_sql,
     source_sql,
     target_key,
@@ -32,7 +36,9 @@ from cutover.mapping.model import (
     MappingSpec,
     TableMapping,
 )
-from cutover.mapping.transforms import Predicate, PredicateValue, TransformKind
+from cutover.mapping.reverse import PredicateValue, ReverseDelete, ReverseRule
+from cutover.mapping.roundtrip import check_round_trip
+from cutover.mapping.transforms import Predicate, TransformKind
 from cutover.mapping.typecheck import check_column_types, check_types
 
 __all__ = [
@@ -44,14 +50,20 @@ __all__ = [
     "MappingSpec",
     "Predicate",
     "PredicateValue",
+    "ReverseDelete",
+    "ReverseRule",
     "TableMapping",
     "TransformKind",
     "aggregate_key",
     "check_column_types",
+    "check_round_trip",
     "check_types",
+    "delete_reverse",
     "is_delete",
+    "legacy_key",
     "load_mapping",
     "map_row",
+    "map_row_reverse",
     "parse_mapping",
     "predicate_sql",
     "source_sql",

@@ -23,7 +23,8 @@ from psycopg import sql
 
 from cutover.errors import UnmappableRow
 from cutover.mapping.model import ColumnMapping, TableMapping
-from cutover.mapping.transforms import ColumnRef, Predicate, Row, as_text, missing
+from cutover.mapping.reverse import Row, reverse_values
+from cutover.mapping.transforms import ColumnRef, Predicate, as_text, missing
 from cutover.values import UNCHANGED
 
 
@@ -108,3 +109,43 @@ def source_sql(column: ColumnMapping, *, qualifier: str | None = None) -> sql.Co
 def predicate_sql(predicate: Predicate, *, qualifier: str | None = None) -> sql.Composable:
     """SQL that is true exactly when :meth:`Predicate.matches` is (never NULL)."""
     return predicate.sql(_ref(qualifier))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reverse direction (write cutover): commerce row → legacy columns
+# ---------------------------------------------------------------------------------------------
+
+
+def map_row_reverse(table: TableMapping, row: Row) -> dict[str, object]:
+    """Map a commerce row (target column → value) back to legacy (source column → value).
+
+    Only the legacy columns the mapping's inverses name are produced: never an excluded (social)
+    column unless a ``reverse`` rule names it on purpose (the legacy invoice url). Commerce
+    values that are ``UNCHANGED`` are left out. Raises only UnmappableRow.
+    """
+    return reverse_values(table._inverses, table.target_table, row)
+
+
+def legacy_key(table: TableMapping, row: Row) -> tuple[object, ...]:
+    """The legacy primary key values (in ``table.primary_key`` order) from a commerce row."""
+    key: list[object] = []
+    for col in table.target_key:
+        value = row.get(col)
+        if value is None or value is UNCHANGED:
+            raise UnmappableRow(
+                table.target_table, col, f"key column {col} has no value ({value!r})"
+            )
+        key.append(value)
+    return tuple(key)
+
+
+def delete_reverse(table: TableMapping) -> dict[str, object] | None:
+    """What a commerce delete does to the legacy row: the columns to set, or None to delete it.
+
+    A table with ``delete_when`` marks the legacy row (``reverse_delete = { set = {...} }``)
+    rather than deleting it; init refuses such a table without ``reverse_delete``.
+    """
+    rule = table.reverse_delete
+    if rule is None or not rule.set:
+        return None
+    return dict(rule.set)

@@ -8,6 +8,7 @@ validated by :mod:`cutover.mapping.invariants`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import string
@@ -28,8 +29,9 @@ from cutover.mapping.model import (
     TableMapping,
     dotted,
 )
+from cutover.mapping.reverse import PredicateValue, ReverseDelete, ReverseRule
 from cutover.mapping.toml_lines import LineIndex
-from cutover.mapping.transforms import Predicate, PredicateValue, Rename
+from cutover.mapping.transforms import Predicate, Rename
 
 MAX_MINOR_UNITS = 6
 
@@ -42,9 +44,10 @@ _TABLE_KEYS = (
     "primary_key",
     "exclude",
     "delete_when",
+    "reverse_delete",
     "columns",
 )
-_COLUMN_KEYS = ("from", *TRANSFORM_KEYS)
+_COLUMN_KEYS = ("from", *TRANSFORM_KEYS, "reverse")
 _PREDICATE_KEYS = ("column", "equals", "in")
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
@@ -246,6 +249,15 @@ class Loader:
                 exclude, (*key, "delete_when"), delete_when.column, "delete_when column"
             )
         columns = self.load_columns(key, body, exclude)
+        reverse_delete = None
+        if "reverse_delete" in body:
+            if delete_when is None:
+                self.fail(
+                    (*key, "reverse_delete"),
+                    "without delete_when a commerce delete deletes the legacy row; remove "
+                    "reverse_delete, or add the delete_when it reverses",
+                )
+            reverse_delete = self.load_reverse_delete((*key, "reverse_delete"), body, exclude)
         return TableMapping(
             source_table=name,
             target_table=target,
@@ -256,6 +268,7 @@ class Loader:
             columns=columns,
             exclude=exclude,
             delete_when=delete_when,
+            reverse_delete=reverse_delete,
         )
 
     def domain_of(
@@ -370,6 +383,15 @@ class Loader:
                 f"one transform per column, found {' and '.join(transforms)}; keep one",
             )
         kind = transforms[0] if transforms else None
+        column = self.load_transform(at, target, entry, kind)
+        if "reverse" not in entry:
+            return column
+        rule = self.load_reverse((*at, "reverse"), column, entry["reverse"])
+        return dataclasses.replace(column, reverse=rule)
+
+    def load_transform(
+        self, at: tuple[str, ...], target: str, entry: dict[str, object], kind: str | None
+    ) -> ColumnMapping:
         if kind == "template":
             if "from" in entry:
                 self.fail(
@@ -425,6 +447,55 @@ class Loader:
         # equals / in: a boolean predicate
         values = self.predicate_values(at, kind, value)
         return ColumnMapping(target, "predicate", source=source, values=values)
+
+    def load_reverse(self, at: tuple[str, ...], column: ColumnMapping, raw: object) -> ReverseRule:
+        """The explicit inverse of a column entry (its meaning is checked by the round trip)."""
+        if column.kind == "upper":
+            if raw != "lower":
+                self.fail(at, f'the reverse of upper is `reverse = "lower"`, not {_describe(raw)}')
+            return ReverseRule(lower=True)
+        if column.kind not in ("enum", "predicate", "template"):
+            self.fail(at, f"a {column.kind} column is inverted automatically; remove `reverse`")
+        body = self.table(at, raw, "commerce value = legacy value")
+        if column.kind == "template":
+            self.check_keys(at, body, ("column", "template"), "reverse")
+            legacy = self.string((*at, "column"), body.get("column"), "the legacy column")
+            text = self.string((*at, "template"), body.get("template"), "the legacy text")
+            self.check_template((*at, "template"), text)
+            known = column.source_columns()
+            for _, name, _, _ in string.Formatter().parse(text):
+                if name is not None and name not in known:
+                    self.fail(
+                        (*at, "template"),
+                        f"placeholder {{{name}}} is not in the forward template; the legacy "
+                        f"text is rebuilt from {', '.join(known) or 'no placeholder'} only",
+                    )
+            return ReverseRule(column=legacy, template=text)
+        pairs: list[tuple[object, PredicateValue]] = []
+        for k, v in body.items():
+            if column.kind == "predicate" and k not in ("true", "false"):
+                self.fail(at, f'has key "{k}"; a predicate\'s reverse has keys true and false')
+            if not isinstance(v, str | int) or (column.kind == "enum" and not isinstance(v, str)):
+                self.fail(at, f'maps "{k}" to {_describe(v)}; write the legacy value')
+            pairs.append((k == "true" if column.kind == "predicate" else k, v))
+        return ReverseRule(pairs=tuple(pairs))
+
+    def load_reverse_delete(
+        self, at: tuple[str, ...], body: Mapping[str, object], exclude: frozenset[str]
+    ) -> ReverseDelete:
+        raw = body["reverse_delete"]
+        if raw == "delete":
+            return ReverseDelete()
+        section = self.table(at, raw, '{ set = { COLUMN = VALUE } } or "delete"')
+        self.check_keys(at, section, ("set",), "reverse_delete")
+        values = self.table((*at, "set"), section.get("set"), "legacy column = value")
+        if not values:
+            self.fail((*at, "set"), "sets no column; name the legacy column(s) marking a delete")
+        pairs: list[tuple[str, PredicateValue]] = []
+        for col, v in values.items():
+            self.not_excluded(exclude, (*at, "set"), col, "a reverse_delete column")
+            pairs.append((col, self.predicate_values((*at, "set"), "equals", v)[0]))
+        return ReverseDelete(tuple(pairs))
 
     def check_template(self, at: tuple[str, ...], template: str) -> None:
         try:

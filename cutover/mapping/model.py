@@ -18,10 +18,9 @@ from typing import Literal, TypeAlias
 from psycopg import sql
 
 from cutover.errors import MappingError
+from cutover.mapping.reverse import Inverse, PredicateValue, ReverseDelete, ReverseRule, Step
 from cutover.mapping.transforms import (
     Predicate,
-    PredicateValue,
-    Step,
     Transform,
     TransformKind,
     build_transform,
@@ -73,6 +72,8 @@ class ColumnMapping:
     minor_units: int | None = None
     values: tuple[PredicateValue, ...] = ()
     template: str | None = None
+    #: The explicit ``reverse = ...`` (write cutover); None where the inverse is derived.
+    reverse: ReverseRule | None = None
     transform: Transform = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,14 +108,22 @@ class TableMapping:
     columns: tuple[ColumnMapping, ...]
     exclude: frozenset[str] = frozenset()
     delete_when: Predicate | None = None
+    #: What a commerce delete does to legacy (write cutover); None: not written in the file.
+    reverse_delete: ReverseDelete | None = None
     # (target column, compiled step) pairs, built once from ``columns`` in __post_init__.
     _plan: tuple[tuple[str, Step], ...] = field(init=False, repr=False, compare=False)
+    # The inverse of each column, in file order (the reverse engine's plan).
+    _inverses: tuple[Inverse, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         plan = tuple(
             (c.target, c.transform.step(self.source_table, c.target)) for c in self.columns
         )
         object.__setattr__(self, "_plan", plan)
+        inverses = tuple(
+            c.transform.inverse(self.target_table, c.target, c.reverse) for c in self.columns
+        )
+        object.__setattr__(self, "_inverses", inverses)
 
     @property
     def target_columns(self) -> tuple[str, ...]:
@@ -160,8 +169,13 @@ class Invariant:
 
     def build(self, schema: str) -> sql.Composed:
         """The query over ``schema``'s tables, ordered by key, at most INVARIANT_LIMIT rows."""
+        return self.build_over({t: sql.Identifier(schema, t) for t in self.tables})
+
+    def build_over(self, relations: Mapping[str, sql.Composable]) -> sql.Composed:
+        """The query with each table placeholder replaced by ``relations[table]`` (verify reads
+        a target invariant over legacy's rows mapped through the mapping this way)."""
         inner = sql.SQL(self.query.strip().rstrip(";")).format(
-            **{t: sql.Identifier(schema, t) for t in self.tables}
+            **{t: relations[t] for t in self.tables}
         )
         return sql.SQL("SELECT * FROM ({}) AS violation ORDER BY 1 LIMIT {}").format(
             inner, sql.Literal(INVARIANT_LIMIT)

@@ -23,29 +23,37 @@ The ``kind`` string of :class:`~cutover.mapping.model.ColumnMapping` picks the c
 from __future__ import annotations
 
 import re
-import string
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
+from decimal import Decimal
 from typing import ClassVar, Literal, TypeAlias
 
 from psycopg import sql
 
 from cutover.errors import UnmappableRow
+from cutover.mapping.reverse import (
+    DERIVED,
+    EXACT,
+    Inverse,
+    PredicateValue,
+    ReverseRule,
+    Row,
+    Step,
+    copy_step,
+    decimal_step,
+    lookup_step,
+    lower_step,
+    template_parts,
+    template_step,
+)
 from cutover.values import UNCHANGED
 
 TransformKind: TypeAlias = Literal["copy", "upper", "enum", "minor_units", "predicate", "template"]
-#: A value a predicate (``equals`` / ``in``) compares with: TOML strings, integers, booleans.
-PredicateValue: TypeAlias = str | int | bool
-Row: TypeAlias = Mapping[str, object]
-Step: TypeAlias = Callable[[Row], object]
 #: Builds the SQL reference to a source column (optionally qualified by a table alias).
 ColumnRef: TypeAlias = Callable[[str], sql.Composable]
 
 _BIGINT_MIN = -(2**63)
 _BIGINT_MAX = 2**63 - 1
-# Exact decimal arithmetic: no rounding, whatever the number of digits.
-_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 # ---------------------------------------------------------------------------------------------
 # Column type families
@@ -132,12 +140,6 @@ def as_text(table: str, target: str, source: str, value: object) -> str:
     )
 
 
-def template_parts(template: str) -> Iterable[tuple[str, str | None]]:
-    """(literal text, placeholder column or None) pairs; assumes a validated template."""
-    for literal, name, _spec, _conv in string.Formatter().parse(template):
-        yield literal, name
-
-
 def _in_sql(col: sql.Composable, values: tuple[PredicateValue, ...]) -> sql.Composable:
     if len(values) == 1:
         return sql.SQL("COALESCE({} = {}, false)").format(col, sql.Literal(values[0]))
@@ -185,6 +187,10 @@ class Transform:
         values, and yields NULL (enum) or a rounded value (minor_units) where step raises."""
         raise NotImplementedError
 
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        """The write cutover's inverse: derived, from the file's ``rule``, or the problem."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, slots=True)
 class Rename(Transform):
@@ -212,6 +218,11 @@ class Rename(Transform):
 
     def sql(self, ref: ColumnRef) -> sql.Composable:
         return ref(self.source)
+
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        if rule is not None:
+            return Inverse(target, None, None, problem=f"{self.label} {DERIVED}")
+        return Inverse(target, self.source, copy_step(table, target))
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +261,15 @@ class Upper(Transform):
 
     def sql(self, ref: ColumnRef) -> sql.Composable:
         return sql.SQL("upper({})").format(ref(self.source))
+
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        if rule is None or not rule.lower:
+            problem = (
+                "upper loses the case of the legacy value; if legacy holds lower case text "
+                'write reverse = "lower"'
+            )
+            return Inverse(target, None, None, problem=problem)
+        return Inverse(target, self.source, lower_step(table, target), lossy=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +319,23 @@ class EnumMap(Transform):
         )
         return sql.SQL("(CASE {} {} END)").format(ref(self.source), whens)
 
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        inverted: dict[object, object] = {}
+        for k, v in self.pairs:
+            inverted.setdefault(v, k)
+        lossy = len(inverted) < len(self.pairs)  # several legacy values share a commerce one
+        if rule is not None and rule.pairs:
+            pairs: dict[object, object] = dict(rule.pairs)
+            return Inverse(target, self.source, lookup_step(table, target, pairs), lossy=lossy)
+        if lossy:
+            dup = next(v for v in inverted if sum(w == v for _, w in self.pairs) > 1)
+            problem = (
+                f"enum maps several legacy values to {dup!r}, so it cannot be inverted; write "
+                f'reverse = {{ {dup} = "LEGACY_VALUE", ... }} for every commerce value'
+            )
+            return Inverse(target, None, None, problem=problem)
+        return Inverse(target, self.source, lookup_step(table, target, inverted))
+
 
 @dataclass(frozen=True, slots=True)
 class MinorUnits(Transform):
@@ -338,7 +375,7 @@ class MinorUnits(Transform):
             if isinstance(value, Decimal):
                 if not value.is_finite():
                     raise UnmappableRow(table, target, f"{src} is {value}, not a finite number")
-                scaled = value.scaleb(places, _EXACT)
+                scaled = value.scaleb(places, EXACT)
                 if scaled.adjusted() > 18:
                     raise too_big(value)
                 result = int(scaled)
@@ -367,6 +404,11 @@ class MinorUnits(Transform):
         if self.places == 0:
             return sql.SQL("({})::bigint").format(ref(self.source))
         return sql.SQL("({} * {})::bigint").format(ref(self.source), sql.Literal(10**self.places))
+
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        if rule is not None:
+            return Inverse(target, None, None, problem=f"{self.label} {DERIVED}")
+        return Inverse(target, self.source, decimal_step(table, target, self.places))
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +452,16 @@ class Flag(Transform):
 
     def sql(self, ref: ColumnRef) -> sql.Composable:
         return _in_sql(ref(self.source), self.values)
+
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        if rule is None or not rule.pairs:
+            problem = (
+                "a boolean predicate cannot be inverted; write the legacy value of each flag, "
+                f'e.g. reverse = {{ true = "{self.values[0]}", false = "..." }}'
+            )
+            return Inverse(target, None, None, problem=problem)
+        step = lookup_step(table, target, dict(rule.pairs))
+        return Inverse(target, self.source, step, lossy=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +516,12 @@ class Template(Transform):
         if len(pieces) == 1 and isinstance(pieces[0], sql.Literal):
             return pieces[0]
         return sql.SQL("({})").format(sql.SQL(" || ").join(pieces))
+
+    def inverse(self, table: str, target: str, rule: ReverseRule | None) -> Inverse:
+        if rule is None or rule.column is None or rule.template is None:
+            return Inverse(target, None, None)  # its placeholders come back by their own columns
+        step = template_step(table, target, self.template, rule.template)
+        return Inverse(target, rule.column, step)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,9 @@ import pytest
 from devtools import harness
 from devtools.harness import Scenario, open_scenario
 
-GOOD = 'visible = { from = "status", equals = "live" }'
+GOOD = (
+    'visible = { from = "status", equals = "live", reverse = { true = "live", false = "hidden" } }'
+)
 
 
 def _scenario_with(
@@ -52,6 +54,20 @@ def numeric_into_bigint(
     )
 
 
+@pytest.fixture
+def no_visible_reverse(
+    fresh_legacy: str, fresh_commerce: str, kafka_bootstrap: str, tmp_path: Path
+) -> Iterator[tuple[Scenario, Path, int]]:
+    yield from _scenario_with(
+        tmp_path,
+        fresh_legacy,
+        fresh_commerce,
+        kafka_bootstrap,
+        old=GOOD,
+        new='visible = { from = "status", equals = "live" }',
+    )
+
+
 def _nothing_created(scenario: Scenario) -> None:
     with psycopg.connect(scenario.source_dsn) as conn:
         assert conn.execute(
@@ -81,4 +97,16 @@ def test_a_value_the_target_column_cannot_hold_is_refused_by_init(
     assert f"{path}:{line}: tables.products.columns.price_minor:" in result.stderr
     assert "target column commerce.listings.price_minor is bigint" in result.stderr
     assert "minor_units = N" in result.stderr
+    _nothing_created(scenario)
+
+
+def test_a_column_without_its_reverse_is_refused_by_init(
+    no_visible_reverse: tuple[Scenario, Path, int],
+) -> None:
+    scenario, path, line = no_visible_reverse
+    result = scenario.cli("init")
+    assert result.returncode == 2, result.stderr
+    assert f"{path}:{line}: tables.products.columns.visible:" in result.stderr
+    assert "shop.products → commerce.listings.visible: no reverse" in result.stderr
+    assert 'reverse = { true = "live"' in result.stderr
     _nothing_created(scenario)

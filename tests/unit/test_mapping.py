@@ -18,6 +18,7 @@ from cutover.mapping import (
     ColumnMapping,
     MappingSpec,
     Predicate,
+    ReverseRule,
     load_mapping,
     parse_mapping,
 )
@@ -205,7 +206,11 @@ def test_reference_mapping_has_the_design_transforms(spec: MappingSpec) -> None:
     products = spec.tables["products"]
     assert products.delete_when == Predicate("status", ("deleted",))
     assert products.column("visible") == ColumnMapping(
-        "visible", "predicate", source="status", values=("live",)
+        "visible",
+        "predicate",
+        source="status",
+        values=("live",),
+        reverse=ReverseRule(pairs=((True, "live"), (False, "hidden"))),
     )
     assert products.column("price_minor") == ColumnMapping(
         "price_minor", "minor_units", source="price_idr", minor_units=2
@@ -297,7 +302,8 @@ def test_unknown_transform_key_message_is_exact(tmp_path: Path) -> None:
     assert error.line == line
     assert str(error) == (
         f'{path}:{line}: tables.products.columns.price_minor: unknown transform key "minor_unit";'
-        ' did you mean "minor_units"? (known: from, enum, minor_units, equals, in, template, upper)'
+        ' did you mean "minor_units"? (known: from, enum, minor_units, equals, in, template, upper,'
+        " reverse)"
     )
     assert error.path == str(path)
 

@@ -80,8 +80,15 @@ def test_digest_sql_orders_golden(spec: MappingSpec) -> None:
         "((CASE \"r\".\"status\" WHEN 'created' THEN 'CREATED' WHEN 'paid' THEN 'PAID' "
         "WHEN 'shipped' THEN 'SHIPPED' WHEN 'completed' THEN 'COMPLETED' "
         "WHEN 'cancelled' THEN 'CANCELLED' END))::text, "
-        '(("r"."total_idr" * 100)::bigint)::bigint, ("r"."created_at")::timestamptz, '
-        '("r"."updated_at")::timestamptz), 0) AS h FROM "shop"."orders" AS r '
+        '(("r"."total_idr" * 100)::bigint)::bigint, '
+        # an infinite timestamp cannot map: the guard makes its row fail (SQLSTATE 22007)
+        'CASE WHEN isfinite(("r"."created_at")::timestamptz) IS NOT FALSE '
+        'THEN ("r"."created_at")::timestamptz '
+        'ELSE (("r"."created_at")::timestamptz::text || \' is not finite\')::timestamptz END, '
+        'CASE WHEN isfinite(("r"."updated_at")::timestamptz) IS NOT FALSE '
+        'THEN ("r"."updated_at")::timestamptz '
+        'ELSE (("r"."updated_at")::timestamptz::text || \' is not finite\')::timestamptz END'
+        '), 0) AS h FROM "shop"."orders" AS r '
         'WHERE "r"."id" >= 1 AND "r"."id" < 100) AS x'
     )
     commerce = text(dg.digest_sql(s.commerce, dg.KeyRange()))
