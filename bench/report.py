@@ -1,4 +1,4 @@
-"""Summarise bench/results/*.json into bench/results/summary.md: one table of the §9 figures
+"""Summarise bench/results/*.json into bench/results/summary.md: one table of the benchmark figures
 against their targets, with the machine's description. `make bench` runs it last."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Three steps between the consumed messages and the SQL:
 1. :func:`closed_prefix` — each partition's buffered messages are cut after the **last** event
    that closes its unit (``Change.closes`` / heartbeats). Only that prefix may be committed; the
    open tail waits for the next poll, so a committed batch never holds part of one source
-   transaction's events of a partition (per-aggregate atomicity, DESIGN §5).
+   transaction's events of a partition (per-aggregate atomicity, docs/ARCHITECTURE.md).
 2. :func:`to_ops` — a change becomes row operations on its target table through the mapping:
    an upsert (``map_row``: columns whose source is an unchanged TOAST value are omitted), or a
    delete (op ``d`` or the table's ``delete_when``). An update that changed the primary key

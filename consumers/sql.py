@@ -1,6 +1,6 @@
 """The apply path's SQL, composed with :mod:`psycopg.sql` only (pure: builds, never runs).
 
-Where the source position lives (DESIGN §5, "no visible duplicates, no going backwards"):
+Where the source position lives (docs/ARCHITECTURE.md, "Control state"):
 
 * every commerce row has ``_src_lsn`` and ``_src_seq``: the position (commit LSN, ordinal) of the
   change that last wrote it. An upsert writes a row only if the row is absent or its position is

@@ -1,4 +1,4 @@
-"""The gates of ``cutover switch-reads D`` (DESIGN §6): evidence in, pass/fail with reasons out.
+"""The gates of ``cutover switch-reads D``: evidence in, pass/fail with reasons out.
 
 Two halves, kept apart so the decision is testable without services:
 

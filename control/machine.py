@@ -1,4 +1,4 @@
-"""The cutover state machine of each domain (DESIGN §6): the pure plan and the transition protocol.
+"""The cutover state machine of each domain: the pure plan and the transition protocol.
 
 States::
 

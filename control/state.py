@@ -1,4 +1,4 @@
-"""The cutover commands' cores (DESIGN §6): ``switch-reads``, ``rollback`` and ``status``.
+"""The cutover commands' cores (docs/CUTOVER.md): ``switch-reads``, ``rollback`` and ``status``.
 
 The state machine itself (the plan per state and action, and the intent → publish → done protocol
 of a transition) is :mod:`control.machine`; publishing to the control topic is

@@ -1,6 +1,6 @@
 -- kafka-cutover write fence: a guard inside the database that refuses writes to a domain's
--- tables on the side that no longer holds the domain's writes (DESIGN notes: "never two
--- writable sides", kept in docs/CUTOVER.md). Idempotent. Names are unqualified on purpose: the
+-- tables on the side that no longer holds the domain's writes ("never two
+-- writable sides", docs/CUTOVER.md). Idempotent. Names are unqualified on purpose: the
 -- code creates the control schema and runs this file with search_path set to it; the trigger
 -- function qualifies its own table with the schema it lives in (@extschema@-style, via
 -- TG_ARGV[1]) so that applications' search_path does not matter.

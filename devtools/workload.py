@@ -13,7 +13,7 @@ Two parts, kept apart on purpose:
 * **The execution** (thin I/O): :func:`run_workload` paces the plan against a monotonic clock
   over one connection in pipeline mode; :func:`prefill` loads the starting data set with COPY.
 
-The traffic, per domain of DESIGN.md §3:
+The traffic, per domain of the reference scenario (docs/ARCHITECTURE.md):
 
 * users (data): signups, profile edits (display name, bio), follower counts, handle and contact
   changes. The social columns (handle, bio, follower_count) are written on purpose: they must

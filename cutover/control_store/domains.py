@@ -148,7 +148,7 @@ def load_states(
     return {r[0]: _row_to_state(r) for r in rows}
 
 
-# Transitions (DESIGN §6): written by the state machine inside the transactions it opens; these
+# Transitions: written by the state machine inside the transactions it opens; these
 # run in the caller's transaction and raise psycopg errors for the caller to name the step.
 
 

@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS verify_chunks (
     PRIMARY KEY (run_id, source_table, chunk_no)
 );
 
--- The cutover state of each domain (DESIGN §6). `state` is one of the stable states
+-- The cutover state of each domain (docs/CUTOVER.md). `state` is one of the stable states
 -- (replicating, reads_switched; writes_switched reserved) or an in-flight one
 -- (switching_reads, rolling_back) naming `transition_id`. `version` grows by one per
 -- transition and is what readers of the control topic order by.

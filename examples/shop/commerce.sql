@@ -14,7 +14,7 @@
 --     reason there is no UNIQUE constraint besides the primary keys (legacy invoice_no is unique,
 --     but two invoices applied from different partitions may pass through a transient state);
 --   * every table carries two bookkeeping columns recording the source position that last wrote
---     the row (DESIGN §5 "no visible duplicates, no going backwards"):
+--     the row (docs/ARCHITECTURE.md: no visible duplicates, no going backwards):
 --       _src_lsn  commit LSN of the source transaction, as an integer (pg_lsn - '0/0'); LSNs stay
 --                 far below 2^63 in practice, so bigint holds them;
 --       _src_seq  ordinal of the change event inside that source transaction.

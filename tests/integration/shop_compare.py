@@ -1,9 +1,9 @@
 """An independent comparison of the commerce DB with the legacy DB for the reference shop.
 
 The expected commerce content is written here by hand, in SQL over the legacy tables, from the
-mapping table of the design (§3) — not through cutover.mapping, the consumers or `cutover
-verify` — so that a bug in any of them cannot hide itself. Both sides are fetched whole and
-compared in Python: meant for test-sized data sets.
+reference scenario's mapping table (docs/ARCHITECTURE.md), not through cutover.mapping, the
+consumers or `cutover verify`, so that a bug in any of them cannot hide itself. Both sides are
+fetched whole and compared in Python: meant for test-sized data sets.
 """
 
 from __future__ import annotations

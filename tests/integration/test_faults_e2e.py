@@ -1,4 +1,4 @@
-"""The fault matrix of DESIGN.md §8, end to end: legacy → `cutover produce` → Kafka → `cutover
+"""The fault matrix (README, Tests), end to end: legacy → `cutover produce` → Kafka → `cutover
 apply` × 2 → commerce, while the workload writes, with one fault injected per test.
 
 After each fault: the commerce DB equals the legacy DB mapped by hand (``shop_compare``, not

@@ -101,7 +101,7 @@ def test_changed_deleted_and_extra_rows_are_found_and_named(seeded: Settings) ->
     assert listings["samples"]["extra"] == [{"key": [deleted_product], "kind": "deleted_in_source"}]
     for t in (orders, lines, customers, listings):
         assert t["matching"] == t["rows_compared"] - 1
-    # the line removed from order 321 also breaks its total (an invariant of §3)
+    # the line removed from order 321 also breaks its total (a shop invariant of the mapping file)
     order_total = next(i for i in report.invariants if i.name == "order_total")
     assert [s["key"] for s in order_total.samples] == [321]
     summary = report.mismatch_summary()
