@@ -140,9 +140,15 @@ class Sink:
         ops: list[RowOp] = []
         for i, change in enumerate(changes):
             try:
-                ops.extend(to_ops(self.table_of(change), change, i))
+                tm = self.table_of(change)
             except UnmappableRow as exc:
                 failures.append((i, exc))
+                continue
+            try:
+                ops.extend(to_ops(tm, change, i))
+            except UnmappableRow as exc:
+                # A dead letter keeps keys and column names, never a sensitive column's value.
+                failures.append((i, exc.redacted(tm.sensitive)))
         by_table: dict[str, list[RowOp]] = {}
         for op in merge(ops):
             by_table.setdefault(op.table.target_table, []).append(op)

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from typing import ClassVar
+from collections.abc import Collection
+from typing import ClassVar, Final
 
 __all__ = [
     "CheckFailed",
@@ -236,15 +237,58 @@ class SchemaIncompatible(RuntimeFailure):
         super().__init__(f"incompatible schema change of {table}: {problem}")
 
 
-class UnmappableRow(RuntimeFailure):
-    """A row the mapping cannot map: a poison message, routed to the dead-letter topic."""
+class _Redacted:
+    """Stands in for a value of a sensitive column in a message."""
 
-    def __init__(self, table: str, column: str | None, problem: str) -> None:
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+REDACTED: Final = _Redacted()
+_NO_VALUE: Final = object()
+
+
+class UnmappableRow(RuntimeFailure):
+    """A row the mapping cannot map: a poison message, routed to the dead-letter topic.
+
+    The offending value, when the message shows it, is kept apart (``value``, written as
+    ``{value}`` or ``{value!r}`` in ``problem``) so that :meth:`redacted` can hide it when its
+    ``source_column`` is one the mapping marks sensitive: keys and column names stay.
+    """
+
+    def __init__(
+        self,
+        table: str,
+        column: str | None,
+        problem: str,
+        *,
+        value: object = _NO_VALUE,
+        source_column: str | None = None,
+    ) -> None:
         self.table = table
         self.column = column
+        self.source_column = source_column
+        self._template = problem
+        self._value = value
+        if value is not _NO_VALUE:
+            problem = problem.replace("{value!r}", repr(value)).replace("{value}", str(value))
         self.problem = problem
         where = f"{table}.{column}" if column else table
         super().__init__(f"cannot map {where}: {problem}")
+
+    def redacted(self, sensitive: Collection[str]) -> UnmappableRow:
+        """This error with its value hidden if it comes from a column in ``sensitive``."""
+        if self._value is _NO_VALUE or self.source_column not in sensitive:
+            return self
+        return UnmappableRow(
+            self.table,
+            self.column,
+            self._template,
+            value=REDACTED,
+            source_column=self.source_column,
+        )
 
 
 class SlotSafetyError(RuntimeFailure):

@@ -43,6 +43,7 @@ _TABLE_KEYS = (
     "aggregate_key",
     "primary_key",
     "exclude",
+    "sensitive",
     "delete_when",
     "reverse_delete",
     "columns",
@@ -249,6 +250,7 @@ class Loader:
                 exclude, (*key, "delete_when"), delete_when.column, "delete_when column"
             )
         columns = self.load_columns(key, body, exclude)
+        sensitive = self.sensitive_of(key, body, exclude, columns)
         reverse_delete = None
         if "reverse_delete" in body:
             if delete_when is None:
@@ -267,9 +269,28 @@ class Loader:
             target_key=self.target_key_of(key, primary_key, columns),
             columns=columns,
             exclude=exclude,
+            sensitive=sensitive,
             delete_when=delete_when,
             reverse_delete=reverse_delete,
         )
+
+    def sensitive_of(
+        self,
+        key: tuple[str, ...],
+        body: Mapping[str, object],
+        exclude: frozenset[str],
+        columns: tuple[ColumnMapping, ...],
+    ) -> frozenset[str]:
+        """``sensitive = [...]``: source columns whose values never appear in dead-letter reasons
+        or errors (keys and column names do). Excluded columns never travel at all."""
+        at = (*key, "sensitive")
+        names = self.names(at, body.get("sensitive", []), "source columns whose values are secret")
+        read = {src for c in columns for src in c.transform.sources()}
+        for col in names:
+            self.not_excluded(exclude, at, col, "a sensitive column (excluded is stronger)")
+            if col not in read:
+                self.fail(at, f'"{col}" is not read by any mapped column; list mapped columns only')
+        return frozenset(names)
 
     def domain_of(
         self, key: tuple[str, ...], body: Mapping[str, object], domains: Mapping[str, int]

@@ -107,6 +107,8 @@ class TableMapping:
     target_key: tuple[str, ...]
     columns: tuple[ColumnMapping, ...]
     exclude: frozenset[str] = frozenset()
+    #: Source columns whose values never appear in dead-letter reasons or errors.
+    sensitive: frozenset[str] = frozenset()
     delete_when: Predicate | None = None
     #: What a commerce delete does to legacy (write cutover); None: not written in the file.
     reverse_delete: ReverseDelete | None = None

@@ -135,8 +135,10 @@ def as_text(table: str, target: str, source: str, value: object) -> str:
     raise UnmappableRow(
         table,
         target,
-        f"{source} is {type(value).__name__} {value!r}; a template or key takes text, "
+        f"{source} is {type(value).__name__} {{value!r}}; a template or key takes text, "
         "integer, numeric or boolean values",
+        value=value,
+        source_column=source,
     )
 
 
@@ -254,7 +256,11 @@ class Upper(Transform):
             if value is None or value is UNCHANGED:
                 return value
             raise UnmappableRow(
-                table, target, f"upper needs text; {src} is {type(value).__name__} {value!r}"
+                table,
+                target,
+                f"upper needs text; {src} is {type(value).__name__} {{value!r}}",
+                value=value,
+                source_column=src,
             )
 
         return upper
@@ -307,8 +313,10 @@ class EnumMap(Transform):
                 raise UnmappableRow(
                     table,
                     target,
-                    f"value {value!r} of {src} is not in the enum table (allowed: {allowed}); "
+                    f"value {{value!r}} of {src} is not in the enum table (allowed: {allowed}); "
                     "add it to the mapping's enum",
+                    value=value,
+                    source_column=src,
                 ) from None
 
         return enum
@@ -364,7 +372,11 @@ class MinorUnits(Transform):
 
         def too_big(value: object) -> UnmappableRow:
             return UnmappableRow(
-                table, target, f"{src} = {value} times 10^{places} does not fit in bigint"
+                table,
+                target,
+                f"{src} = {{value}} times 10^{places} does not fit in bigint",
+                value=value,
+                source_column=src,
             )
 
         def minor_units(row: Row) -> object:
@@ -374,14 +386,24 @@ class MinorUnits(Transform):
                 raise missing(table, target, src, "from") from None
             if isinstance(value, Decimal):
                 if not value.is_finite():
-                    raise UnmappableRow(table, target, f"{src} is {value}, not a finite number")
+                    raise UnmappableRow(
+                        table,
+                        target,
+                        f"{src} is {{value}}, not a finite number",
+                        value=value,
+                        source_column=src,
+                    )
                 scaled = value.scaleb(places, EXACT)
                 if scaled.adjusted() > 18:
                     raise too_big(value)
                 result = int(scaled)
                 if scaled != result:
                     raise UnmappableRow(
-                        table, target, f"{src} = {value} has more than {places} decimal places"
+                        table,
+                        target,
+                        f"{src} = {{value}} has more than {places} decimal places",
+                        value=value,
+                        source_column=src,
                     )
             elif type(value) is int:
                 result = value * scale
@@ -392,7 +414,9 @@ class MinorUnits(Transform):
                     table,
                     target,
                     f"minor_units needs an exact number (numeric or integer); {src} is "
-                    f"{type(value).__name__} {value!r}",
+                    f"{type(value).__name__} {{value!r}}",
+                    value=value,
+                    source_column=src,
                 )
             if not _BIGINT_MIN <= result <= _BIGINT_MAX:
                 raise too_big(value)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cutover.errors import UnmappableRow
+from cutover.errors import MappingError, UnmappableRow
 from cutover.mapping import (
     ColumnMapping,
     MappingSpec,
@@ -20,6 +20,7 @@ from cutover.mapping import (
     is_delete,
     load_mapping,
     map_row,
+    parse_mapping,
     predicate_sql,
     source_sql,
     target_key,
@@ -27,6 +28,7 @@ from cutover.mapping import (
 from cutover.values import UNCHANGED
 
 REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "shop"
 T0 = datetime(2024, 3, 1, 8, 30, tzinfo=UTC)
 T1 = datetime(2024, 3, 2, 9, 45, tzinfo=UTC)
 
@@ -563,3 +565,30 @@ def test_predicate_sql(spec: MappingSpec) -> None:
     assert predicate_sql(delete_when, qualifier="p").as_string(None) == (
         'COALESCE("p"."status" = \'deleted\', false)'
     )
+
+
+def test_a_sensitive_columns_value_is_redacted_from_the_reason_keys_stay() -> None:
+    text = (EXAMPLES / "mapping.toml").read_text()
+    text = text.replace('sensitive = ["provider_ref"]', 'sensitive = ["provider_ref", "method"]')
+    spec = parse_mapping(text, "mapping.toml")
+    assert spec.tables["payments"].sensitive == frozenset({"provider_ref", "method"})
+    row = {"id": 7, "order_id": 3, "method": "crypto-secret", "amount_idr": Decimal("1.00"),
+           "status": "pending", "provider_ref": "ref", "paid_at": None}  # fmt: skip
+    with pytest.raises(UnmappableRow) as caught:
+        map_row(spec.tables["payments"], row)
+    assert "crypto-secret" in caught.value.message  # raw error: for the code, not for letters
+    letter = caught.value.redacted(spec.tables["payments"].sensitive)
+    assert "crypto-secret" not in letter.message
+    assert "<redacted>" in letter.message and "payments.method" in letter.message
+    # A column that is not sensitive keeps its value in the reason.
+    assert caught.value.redacted(frozenset({"provider_ref"})).message == caught.value.message
+
+
+def test_sensitive_must_name_mapped_columns() -> None:
+    text = (EXAMPLES / "mapping.toml").read_text()
+    bad = text.replace('sensitive = ["provider_ref"]', 'sensitive = ["nope"]')
+    with pytest.raises(MappingError, match='"nope" is not read by any mapped column'):
+        parse_mapping(bad, "mapping.toml")
+    social = text.replace('sensitive = ["display_name", "email", "phone"]', 'sensitive = ["bio"]')
+    with pytest.raises(MappingError, match="excluded"):
+        parse_mapping(social, "mapping.toml")
