@@ -65,6 +65,10 @@ class KafkaSettings:
     def topic(self, domain: str) -> str:
         return f"{self.topic_prefix}.{domain}"
 
+    def reverse_topic(self, domain: str) -> str:
+        """The topic of the reverse direction (commerce → legacy) for ``domain``."""
+        return f"{self.topic_prefix}.reverse.{domain}"
+
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.dlq"
@@ -89,12 +93,31 @@ class ApplySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReverseSettings:
+    """The reverse direction of the write cutover (commerce → legacy, docs/CUTOVER.md).
+
+    Its logical-decoding objects live in commerce ([target] dsn), its topics are
+    ``<topic_prefix>.reverse.<domain>``, its appliers form their own group and keep their
+    positions in legacy, in ``control_schema``.
+    """
+
+    slot: str = "cutover_reverse_slot"
+    publication: str = "cutover_reverse_pub"
+    group_id: str = "cutover-apply-reverse"
+    control_schema: str = "cutover"
+
+
+@dataclass(frozen=True, slots=True)
 class GateSettings:
     """Thresholds of the cutover gates."""
 
     verify_max_age_minutes: int = 15
     max_apply_lag_events: int = 1_000
     max_heartbeat_age_s: float = 60.0
+    # Soak times (0 allowed: a sandbox or a test may skip them): how long a domain must have
+    # served reads from commerce before its writes move, and writes before `complete`.
+    min_reads_soak_minutes: float = 60.0
+    min_writes_soak_minutes: float = 1_440.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +130,7 @@ class Settings:
     mapping_path: Path
     apply: ApplySettings = ApplySettings()
     gates: GateSettings = GateSettings()
+    reverse: ReverseSettings = ReverseSettings()
     metrics_port: int | None = None
     config_path: Path | None = None
 
@@ -117,7 +141,10 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "kafka": KafkaSettings,
     "apply": ApplySettings,
     "gates": GateSettings,
+    "reverse": ReverseSettings,
 }
+# Settings that may be 0 (every other number must be positive).
+_ZERO_ALLOWED = frozenset({"min_reads_soak_minutes", "min_writes_soak_minutes"})
 _TOP_KEYS = {*_SECTION_TYPES, "mapping", "metrics"}
 
 
@@ -143,8 +170,9 @@ def _check_type(section: str, key: str, value: Any, expected: str) -> Any:
         raise ConfigError(f"[{section}] {key} must be of type {expected}, not {value!r}")
     if expected in ("int", "float"):
         number = cast(float, value)
-        if number <= 0:
-            raise ConfigError(f"[{section}] {key} must be positive, not {value!r}")
+        if number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
+            floor = "0 or more" if key in _ZERO_ALLOWED else "positive"
+            raise ConfigError(f"[{section}] {key} must be {floor}, not {value!r}")
         return float(number) if expected == "float" else value
     return value
 
@@ -239,6 +267,7 @@ def load_settings(
         kafka=sections["kafka"],
         apply=sections["apply"],
         gates=sections["gates"],
+        reverse=sections["reverse"],
         mapping_path=(base / mapping_file).resolve(),
         metrics_port=port,
         config_path=config_path.resolve() if config_path.exists() else None,

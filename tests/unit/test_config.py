@@ -75,6 +75,11 @@ def test_environment_alone_is_enough_when_file_optional(
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\npartitions='6'\n", "partitions must"),
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\npartitions=0\n", "must be positive"),
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[apply]\ndlq_policy='skip'\n", "one of"),
+        (
+            "[source]\ndsn='x'\n[target]\ndsn='y'\n[gates]\nmin_reads_soak_minutes=-1\n",
+            "min_reads_soak_minutes must be 0 or more",
+        ),
+        ("[source]\ndsn='x'\n[target]\ndsn='y'\n[reverse]\nslott='s'\n", "[reverse] slott"),
         ("[target]\ndsn='y'\n", "missing setting [source] dsn"),
         ("[source\n", "not valid TOML"),
     ],
@@ -84,6 +89,19 @@ def test_bad_config_names_the_setting(tmp_path: Path, text: str, needle: str) ->
         load_settings(_write(tmp_path, text), {})
     assert needle in str(info.value)
     assert info.value.exit_code == 2
+
+
+def test_reverse_and_soak_settings(tmp_path: Path) -> None:
+    text = (
+        "[source]\ndsn='x'\n[target]\ndsn='y'\n[gates]\nmin_reads_soak_minutes=0\n"
+        "[reverse]\nslot='rs'\ngroup_id='rg'\n"
+    )
+    settings = load_settings(_write(tmp_path, text), {})
+    assert settings.gates.min_reads_soak_minutes == 0
+    assert settings.gates.min_writes_soak_minutes == 1440
+    assert (settings.reverse.slot, settings.reverse.group_id) == ("rs", "rg")
+    assert settings.reverse.publication == "cutover_reverse_pub"
+    assert settings.kafka.reverse_topic("payment") == "shop.reverse.payment"
 
 
 def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
