@@ -49,6 +49,7 @@ from cutover.control_store.offsets import OffsetUpdate
 from cutover.errors import CutoverError, DatabaseError, DecodeError, UnknownSchema
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec
+from cutover.origin import setup_session
 
 CrashPoint = Literal["apply_before_commit", "apply_after_commit"]
 
@@ -215,9 +216,19 @@ class ApplyEngine:
     # ------------------------------------------------------------------ connection
 
     def connect(self) -> Sink:
-        """(Re)connect; the previous connection, if any, is closed."""
+        """(Re)connect; the previous connection, if any, is closed.
+
+        The session takes a replication origin first: the other direction's producer drops what
+        it writes (no echo), and a write fence on the target lets it through.
+        """
         self.close()
-        self.sink = Sink(self._connect(), self.mapping, self.control)
+        conn = self._connect()
+        try:
+            setup_session(conn, side="target")
+        except BaseException:
+            conn.close()
+            raise
+        self.sink = Sink(conn, self.mapping, self.control)
         return self.sink
 
     @property

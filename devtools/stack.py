@@ -277,7 +277,9 @@ _PG_SETTINGS = {
     "max_wal_size": "2GB",
     "log_min_messages": "warning",
 }
-_LEGACY_SETTINGS = {
+# Both clusters decode their WAL: legacy for the forward direction, commerce for the reverse one
+# of the write cutover (its own slot; the appliers' replication origins use the same budget).
+_LOGICAL_SETTINGS = {
     "wal_level": "logical",
     "max_replication_slots": "20",
     "max_wal_senders": "20",
@@ -463,8 +465,8 @@ def up(root: Path, cache: Path) -> StackState:
         _save_state(root, state)
         _say(f"kafka starting on {bootstrap} (pid {state.kafka_pid})")
     for name, port, extra in (
-        ("legacy", state.legacy_port, _LEGACY_SETTINGS),
-        ("commerce", state.commerce_port, {}),
+        ("legacy", state.legacy_port, _LOGICAL_SETTINGS),
+        ("commerce", state.commerce_port, _LOGICAL_SETTINGS),
     ):
         _init_cluster(root, name, port, state.password, extra)
         _start_pg(root, name)
