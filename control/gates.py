@@ -24,10 +24,13 @@ producer_heartbeat  legacy cutover.producer_state.heartbeat_at is younger  —
                     than ``max_heartbeat_age_s``
 slot                the replication slot exists and its wal_status is not  slot missing or
                     'lost' (nor 'unreserved': about to be lost)            lost
+capture             the publication publishes every table and column the   a table or column
+                    mapping reads for the domain (cutover.capture)         is not published
 =================== ====================================================== =================
 
 ``--force --reason TEXT`` overrides failing gates except critical failures: a missing or lost
-slot means commerce can no longer follow legacy (re-snapshot required), a verify that found
+slot means commerce can no longer follow legacy (re-snapshot required), so does a mapped table
+or column that is no longer published (its changes are withheld), a verify that found
 persistent differences means commerce is known to be wrong, and no verify at all means no one
 ever compared it; no reason makes any of them safe. Every gate fails closed: evidence that
 cannot be read fails its gate, it never counts as "nothing wrong".
@@ -43,14 +46,17 @@ from typing import Any, TypeAlias
 import psycopg
 from psycopg import sql
 
+from cutover import capture
 from cutover.config import GateSettings, Settings
 from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
 from cutover.control_store import producer as producer_state
-from cutover.errors import DatabaseError, KafkaError, redact_dsn
+from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
 from cutover.kafka import fetch_watermarks, kafka_consumer
+from cutover.mapping import load_mapping
 
 __all__ = [
     "GATES",
+    "CaptureEvidence",
     "Decision",
     "Evidence",
     "GateResult",
@@ -114,6 +120,13 @@ class SlotEvidence:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureEvidence:
+    #: (table, cause) of each mapped table of the domain not (fully) published; None: not checked.
+    blocks: tuple[tuple[str, str], ...] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Evidence:
     """Everything the gates of one domain look at."""
 
@@ -123,6 +136,7 @@ class Evidence:
     dead_letters: DeadLetterEvidence
     heartbeat: HeartbeatEvidence
     slot: SlotEvidence
+    capture: CaptureEvidence = field(default_factory=CaptureEvidence)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -341,6 +355,27 @@ def slot_gate(ev: Evidence, _limits: GateSettings) -> GateResult:
     )
 
 
+def capture_gate(ev: Evidence, _limits: GateSettings) -> GateResult:
+    """Every table and column the mapping reads for the domain is still published."""
+    cap = ev.capture
+    ce = asdict(cap)
+    if cap.error is not None or cap.blocks is None:
+        why = f"could not compare the publication with the mapping: {cap.error or 'not checked'}"
+        return GateResult("capture", False, why, evidence=ce)
+    if cap.blocks:
+        table, cause = cap.blocks[0]
+        more = f" (and {len(cap.blocks) - 1} more table(s))" if len(cap.blocks) > 1 else ""
+        return GateResult(
+            "capture",
+            False,
+            f"capture of {table} is blocked: {cause}{more}; its changes no longer reach "
+            f"commerce. Fix: {capture.RESUME.format(table=table)}",
+            critical=True,
+            evidence=ce,
+        )
+    return GateResult("capture", True, "the publication covers the mapping", evidence=ce)
+
+
 Gate: TypeAlias = Callable[[Evidence, GateSettings], GateResult]
 
 #: The gates in :data:`GATES` order: adding a gate is adding a function and a row here.
@@ -350,6 +385,7 @@ GATE_TABLE: tuple[tuple[str, Gate], ...] = (
     ("dead_letters", dead_letters_gate),
     ("producer_heartbeat", heartbeat_gate),
     ("slot", slot_gate),
+    ("capture", capture_gate),
 )
 GATES: tuple[str, ...] = tuple(name for name, _gate in GATE_TABLE)
 
@@ -482,6 +518,15 @@ def slot_evidence(settings: Settings, legacy: Conn) -> SlotEvidence:
     return SlotEvidence(slot=slot, exists=True, wal_status=row[0], active=bool(row[1]))
 
 
+def capture_evidence(settings: Settings, legacy: Conn, domain: str) -> CaptureEvidence:
+    try:
+        mapping = load_mapping(settings.mapping_path)
+        found = capture.blocks(legacy, settings.source.publication, mapping, domain)
+    except (CutoverError, psycopg.Error) as exc:  # a failed probe fails its gate only
+        return CaptureEvidence(error=_err(exc))
+    return CaptureEvidence(blocks=tuple(found))
+
+
 def _connect(dsn: str) -> Conn:
     conn = psycopg.connect(
         dsn, autocommit=True, connect_timeout=5, application_name="cutover-gates"
@@ -519,10 +564,12 @@ def collect(settings: Settings, domain: str, *, consumer: Any | None = None) -> 
         if legacy is not None:
             hb = heartbeat_evidence(settings, legacy)
             slot = slot_evidence(settings, legacy)
+            cap = capture_evidence(settings, legacy, domain)
         else:
             hb = HeartbeatEvidence(error=failed_legacy)
             slot = SlotEvidence(slot=settings.source.slot, error=failed_legacy)
-        return Evidence(domain, ver, lag, dls, hb, slot)
+            cap = CaptureEvidence(error=failed_legacy)
+        return Evidence(domain, ver, lag, dls, hb, slot, cap)
     finally:
         for conn in (legacy, commerce):
             if conn is not None:

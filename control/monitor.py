@@ -65,13 +65,14 @@ from control.monitor_report import (
     latency_samples,
     percentile,
 )
+from cutover import capture, metrics, pg
 from cutover import kafka as kafka_clients
-from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
 from cutover.control_store import producer as producer_state
 from cutover.errors import CutoverError, KafkaError
 from cutover.kafka import translate as kafka_error
+from cutover.mapping import load_mapping
 
 __all__ = [
     "LATENCY_WINDOW_S",
@@ -224,8 +225,6 @@ def read_source(conn: psycopg.Connection[Any], slot: str) -> SourceReading:
 def monitored_domains(settings: Settings) -> list[str]:
     """The mapping's domains (what `cutover apply` consumes); a broken mapping is a MappingError,
     as for every command."""
-    from cutover.mapping import load_mapping
-
     return list(load_mapping(settings.mapping_path).domains)
 
 
@@ -270,10 +269,12 @@ class Monitor:
             errors.append(exc.message)
             self._drop("_target")
         source: SourceReading | None = None
+        blocks: list[tuple[str, str]] = []
         try:
             if self._source is None or self._source.closed or self._source.broken:
                 self._source = self._connect(self.settings.source.dsn, "source")
             source = read_source(self._source, self.settings.source.slot)
+            blocks = self._capture_blocks(self._source)
         except CutoverError as exc:
             errors.append(exc.message)
             self._drop("_source")
@@ -292,10 +293,21 @@ class Monitor:
             seconds_since_previous=elapsed,
             dlq_end_offset=dlq_end,
             errors=errors,
+            capture_blocks=blocks,
         )
         if target is not None:
             self._previous = (now, {(r.topic, r.partition): r.next_offset for r in target.offsets})
         return report
+
+    def _capture_blocks(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+        """Mapped tables/columns no longer published; mirrored in ``cutover_capture_blocked``."""
+        mapping = load_mapping(self.settings.mapping_path)
+        blocks = capture.blocks(conn, self.settings.source.publication, mapping)
+        blocked = {t for t, _cause in blocks}
+        for name in mapping.tables:
+            table = f"{mapping.source_schema}.{name}"
+            metrics.capture_blocked(table, table in blocked)
+        return blocks
 
     def _drop(self, attr: str) -> None:
         conn = getattr(self, attr)

@@ -130,6 +130,8 @@ class MonitorReport:
     producer_delivered_lsn: int | None
     dead_letters: DeadLetterFigures
     errors: Sequence[str]
+    #: (table, cause) of each mapped table no longer (fully) published (cutover.capture).
+    capture_blocks: Sequence[tuple[str, str]] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +162,7 @@ class MonitorReport:
                 "dlq_end_offset": self.dead_letters.dlq_end_offset,
             },
             "errors": list(self.errors),
+            "capture_blocked": [{"table": t, "cause": c} for t, c in self.capture_blocks],
         }
 
 
@@ -321,6 +324,7 @@ def build_report(
     seconds_since_previous: float = 0.0,
     dlq_end_offset: int | None = None,
     errors: Sequence[str] = (),
+    capture_blocks: Sequence[tuple[str, str]] = (),
     taken_at: datetime | None = None,
 ) -> MonitorReport:
     """Combine the readings into the report (pure)."""
@@ -354,4 +358,5 @@ def build_report(
             dlq_end_offset=dlq_end_offset,
         ),
         errors=list(errors),
+        capture_blocks=list(capture_blocks),
     )

@@ -133,6 +133,14 @@ HEARTBEAT_AGE: Final = Gauge(
     registry=REGISTRY,
 )
 
+CAPTURE_BLOCKED: Final = Gauge(
+    "cutover_capture_blocked",
+    "1 while the producer refuses to go on because a mapped table or column is no longer "
+    "published (dropped, renamed, left the publication): the table's changes are withheld.",
+    ["table"],
+    registry=REGISTRY,
+)
+
 _heartbeat_lock = threading.Lock()
 _last_heartbeat_ms: dict[str, int] = {}
 
@@ -158,6 +166,11 @@ def set_slot_lag(lag_bytes: int) -> None:
 def slot_advanced(lsn: int) -> None:
     """The producer: the slot was advanced to ``lsn``."""
     SLOT_ADVANCED_LSN.set(lsn)
+
+
+def capture_blocked(table: str, blocked: bool = True) -> None:
+    """The producer (as it stops) or the monitor: whether ``table``'s capture is blocked."""
+    CAPTURE_BLOCKED.labels(table).set(1 if blocked else 0)
 
 
 def heartbeat_sent() -> None:

@@ -67,7 +67,7 @@ from cutover.errors import (
 )
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
-from producers import kafka_io
+from producers import coverage, kafka_io
 from producers.events import (
     HEARTBEAT_KEY,
     HEARTBEAT_PREFIX,
@@ -190,6 +190,7 @@ class CdcProducer:
         self._hb_schema = codec.writer_schema(codec.heartbeat_schema())
         self._last_kafka_hb = 0.0
         self._last_advance = time.monotonic()
+        self._last_watch = time.monotonic()
         self._position = 0
         self._checkpointed_commits = 0
         self._domain_partitions: dict[str, int] = {}
@@ -268,6 +269,8 @@ class CdcProducer:
         status = check_slot(self.store, src.slot, log=self.log)
         self._position = status.confirmed
         self._persisted = producer_state.read_table_columns(self.store, src.slot)
+        # The captured set is watched (producers.coverage): at start, per Relation, periodically.
+        coverage.check_publication(self.ctl, src.publication, self.mapping)
         db = str(self.ctl.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
         self.kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
         self._domain_partitions = self._partitions()
@@ -445,6 +448,7 @@ class CdcProducer:
         self.log.info("slot.advanced", lsn=lsn_to_str(lsn))
         metrics.slot_advanced(lsn)
         self._report_slot_lag()
+        self._watch_publication()
         self.log.info(
             "producer.batch_delivered",
             events=events,
@@ -524,7 +528,17 @@ class CdcProducer:
         self._published.add(ws.fingerprint)
         self.log.info("schema.published", schema=ws.name, fingerprint=ws.fingerprint_hex)
 
+    def _watch_publication(self) -> None:
+        """Periodic coverage check: a table that left the publication sends no Relation at all."""
+        now = time.monotonic()
+        if now - self._last_watch < self.settings.source.heartbeat_interval_s:
+            return
+        self._last_watch = now
+        coverage.check_publication(self.ctl, self.settings.source.publication, self.mapping)
+
     def _on_schema(self, route: TableRoute, changes: list[str]) -> None:
+        # Before any change of this shape becomes an event: a lost mapped column stops here.
+        coverage.check_relation(self.mapping, route.qualified, (c.name for c in route.columns))
         self._publish_schema_ws(route.writer)
         if changes:
             self.log.info(

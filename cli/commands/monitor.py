@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
                 sys.stdout.write("\n")
             else:
                 Console().print(render(report, partitions=args.partitions))
-            return 3 if report.errors else 0
+            return 3 if report.errors or report.capture_blocks else 0
         try:
             with Live(console=Console(), auto_refresh=False, screen=False) as live:
                 while True:
@@ -177,6 +177,11 @@ def render(report: MonitorReport, *, partitions: bool = True) -> Group:
         "dead letters",
         f"{dl.open_total} open; {dl.dlq_topic} end offset {_num(dl.dlq_end_offset)}",
     )
+    for blocked, cause in report.capture_blocks:
+        source.add_row(
+            Text("CAPTURE BLOCKED", style="bold red"),
+            f"{blocked}: {cause}; its changes are withheld (see `cutover status`)",
+        )
     for error in [*(t.error for t in report.topics if t.error), *report.errors]:
         source.add_row(Text("error", style="red"), error)
     source.add_row("taken at", report.taken_at.strftime("%Y-%m-%d %H:%M:%S UTC"))

@@ -9,6 +9,7 @@ import pytest
 
 from control.gates import (
     GATES,
+    CaptureEvidence,
     DeadLetterEvidence,
     Evidence,
     HeartbeatEvidence,
@@ -30,6 +31,7 @@ GOOD = Evidence(
     dead_letters=DeadLetterEvidence(open=0),
     heartbeat=HeartbeatEvidence(age_s=2.0, producer="host:1"),
     slot=SlotEvidence(slot="cutover_slot", exists=True, wal_status="reserved", active=True),
+    capture=CaptureEvidence(blocks=()),
 )
 
 
@@ -96,6 +98,19 @@ BAD: dict[str, tuple[Evidence, bool, str]] = {  # case: (evidence, critical, why
         replace(GOOD, slot=SlotEvidence(slot="s", exists=True, wal_status="lost")),
         True,
         "wal_status lost",
+    ),
+    "capture_blocked": (
+        replace(
+            GOOD,
+            capture=CaptureEvidence(blocks=(("shop.merchants", "the table left the publication"),)),
+        ),
+        True,
+        "capture of shop.merchants is blocked: the table left the publication",
+    ),
+    "capture_unchecked": (
+        replace(GOOD, capture=CaptureEvidence()),
+        False,
+        "could not compare the publication with the mapping",
     ),
     "slot_unreserved": (
         replace(GOOD, slot=SlotEvidence(slot="s", exists=True, wal_status="unreserved")),
