@@ -369,7 +369,7 @@ def capture_gate(ev: Evidence, _limits: GateSettings) -> GateResult:
             "capture",
             False,
             f"capture of {table} is blocked: {cause}{more}; its changes no longer reach "
-            f"commerce. Fix: {capture.RESUME.format(table=table)}",
+            f"commerce. Fix: {capture.resume(table)}",
             critical=True,
             evidence=ce,
         )

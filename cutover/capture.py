@@ -25,6 +25,17 @@ RESUME = (
 )
 
 
+_LEFT = (
+    "the table left the publication (ALTER PUBLICATION ... DROP TABLE, or a DROP COLUMN ... "
+    "CASCADE of a published column, which takes the table out of the publication)"
+)
+
+
+def resume(table: str) -> str:
+    """The resume sequence for ``schema.table`` (the snapshot takes the mapping's table name)."""
+    return RESUME.format(table=table.rsplit(".", 1)[-1])
+
+
 def missing_columns(needed: Iterable[str], published: Iterable[str]) -> list[str]:
     """The needed source columns that are not published, sorted."""
     have = set(published)
@@ -49,9 +60,7 @@ def compare(
         qualified = f"{mapping.source_schema}.{name}"
         cols = published.get(qualified)
         if cols is None:
-            problems.append(
-                (qualified, "the table left the publication (ALTER PUBLICATION ... DROP TABLE)")
-            )
+            problems.append((qualified, _LEFT))
             continue
         missing = missing_columns(tm.source_columns_used(), cols)
         if missing:

@@ -23,6 +23,7 @@ import psycopg
 
 from cutover import capture, metrics
 from cutover.errors import SchemaIncompatible
+from cutover.logging import get_logger
 from cutover.mapping import MappingSpec
 
 _ONE_SLOT = (
@@ -34,7 +35,8 @@ _ONE_SLOT = (
 def refuse(table: str, cause: str) -> SchemaIncompatible:
     """The error that stops the producer for ``table`` (and raises its metric)."""
     metrics.capture_blocked(table)
-    fix = capture.RESUME.format(table=table)
+    fix = capture.resume(table)
+    get_logger("cutover.producer").error("capture.blocked", table=table, cause=cause, fix=fix)
     return SchemaIncompatible(table, f"{cause}; its changes are withheld. Fix: {fix}.{_ONE_SLOT}")
 
 
