@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
                 sys.stdout.write("\n")
             else:
                 Console().print(render(report, partitions=args.partitions))
-            return 3 if report.errors or report.capture_blocks else 0
+            return 3 if report.errors else 0
         try:
             with Live(console=Console(), auto_refresh=False, screen=False) as live:
                 while True:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from confluent_kafka import Producer
+from psycopg import sql
 
 from control.audit import list_entries
 from control.state import CrashForTest, open_control, rollback, switch_reads
@@ -22,6 +23,7 @@ from tests.integration.test_verify_support import (
     drop_slot,
     legacy,
     mapping,
+    published_table,
     scratch_pair,
     seed,
     stage_pipeline,
@@ -105,12 +107,21 @@ def _slot(s: Settings) -> Callable[[], object]:
     )
 
 
+def _capture(s: Settings) -> Callable[[], object]:
+    pub = sql.Identifier(s.source.publication)
+    legacy(s, sql.SQL("ALTER PUBLICATION {} DROP TABLE shop.users").format(pub))
+    return lambda: legacy(
+        s, sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, published_table("users"))
+    )
+
+
 BREAKERS: dict[str, tuple[Callable[[Settings], Callable[[], object]], bool, str]] = {
     "verify": (_stale_verify, False, "old; the limit is 15 min"),
     "apply_lag": (_lag, False, "8 events of"),
     "dead_letters": (_dead_letter, False, "1 open dead letters of data"),
     "producer_heartbeat": (_heartbeat, False, "no producer heartbeat"),
     "slot": (_slot, True, "does not exist"),
+    "capture": (_capture, True, "capture of shop.users is blocked: the table left the publication"),
 }
 
 

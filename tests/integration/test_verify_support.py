@@ -111,6 +111,12 @@ def stage_pipeline(settings: Settings) -> None:
             "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [settings.source.slot]
         )
         ControlStore(conn, LEGACY_SCHEMA, "source").ensure("producer")
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(settings.source.publication),
+                sql.SQL(", ").join(published_table(name) for name in mapping().tables),
+            )
+        )
         beat(settings)
     with psycopg.connect(settings.target.dsn, autocommit=True) as conn:
         for d in DOMAINS:
@@ -121,6 +127,14 @@ def stage_pipeline(settings: Settings) -> None:
                     "ON CONFLICT DO NOTHING",
                     [settings.apply.group_id, settings.kafka.topic(d), p],
                 )
+
+
+def published_table(name: str) -> sql.Composed:
+    """``shop.name (columns the mapping reads)``: one entry of a publication's table list."""
+    cols = sorted(mapping().tables[name].source_columns_used())
+    return sql.SQL("{} ({})").format(
+        sql.Identifier("shop", name), sql.SQL(", ").join(map(sql.Identifier, cols))
+    )
 
 
 def beat(settings: Settings, age_s: float = 0.0) -> None:
@@ -150,9 +164,11 @@ def commerce(settings: Settings, query: str, params: list[Any] | None = None) ->
         return cur.fetchall() if cur.description else []
 
 
-def legacy(settings: Settings, query: str, params: list[Any] | None = None) -> list[Any]:
+def legacy(
+    settings: Settings, query: str | sql.Composed, params: list[Any] | None = None
+) -> list[Any]:
     with psycopg.connect(settings.source.dsn, autocommit=True) as conn:
-        cur = conn.execute(query.encode(), params)
+        cur = conn.execute(query.encode() if isinstance(query, str) else query, params)
         return cur.fetchall() if cur.description else []
 
 
