@@ -45,7 +45,12 @@ def staged(
     it, for the CLI."""
     probe = Scenario("", "", kafka_bootstrap, tmp_path_factory.mktemp("cli"), partitions=PARTITIONS)
     with scratch_pair(
-        source_dsn, target_dsn, kafka_bootstrap, prefix=probe.prefix, slot=probe.slot
+        source_dsn,
+        target_dsn,
+        kafka_bootstrap,
+        prefix=probe.prefix,
+        slot=probe.slot,
+        publication=probe.publication,
     ) as settings:
         seed(settings, orders=150)
         create_topics(settings)
@@ -98,6 +103,7 @@ def test_status_text_and_json(staged: Scenario) -> None:
         "dead_letters",
         "producer_heartbeat",
         "slot",
+        "capture",
     ]
     assert payment["gates_pass"], payment["gates"]
     assert payment["last_verify"]["passed"] is True

@@ -54,11 +54,12 @@ def make_settings(
     *,
     prefix: str | None = None,
     slot: str | None = None,
+    publication: str = "cutover_pub",
     gates: GateSettings | None = None,
 ) -> Settings:
     tag = uuid.uuid4().hex[:8]
     return Settings(
-        source=SourceSettings(dsn=legacy, slot=slot or f"vt_slot_{tag}"),
+        source=SourceSettings(dsn=legacy, slot=slot or f"vt_slot_{tag}", publication=publication),
         target=TargetSettings(dsn=commerce),
         kafka=KafkaSettings(
             bootstrap=bootstrap, topic_prefix=prefix or f"vt{tag}", partitions=PARTITIONS
