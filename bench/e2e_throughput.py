@@ -56,7 +56,7 @@ def _count(dsn: str, schema: str, tables: tuple[str, ...]) -> int:
 def _start(scenario: Scenario, name: str, *args: str) -> subprocess.Popen[bytes]:
     log = (scenario.workdir / f"{name}.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "--config", str(scenario.config), "--log-json",
+        [sys.executable, "-m", "cli.entry", "--config", str(scenario.config), "--log-json",
          *args],
         env=scenario.env(), stdout=log, stderr=log,
     )  # fmt: skip

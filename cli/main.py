@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cutover import logging as cutover_logging
+from cutover import shutdown
 from cutover.config import Settings, environ_snapshot, load_settings
 from cutover.errors import CutoverError
 
@@ -112,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cutover_logging.configure(level=args.log_level, json=args.log_json)
     context = Context(config_path=args.config, environ=environ_snapshot())
     handler: Handler = args.handler
+    if not getattr(args, "graceful_stop", False):
+        shutdown.release()  # only produce and apply turn a SIGTERM into a clean stop
     try:
         return handler(args, context)
     except CutoverError as exc:

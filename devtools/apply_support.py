@@ -987,7 +987,7 @@ def start_apply(
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "cli.entry",
             "--log-json",
             "--config",
             str(config),

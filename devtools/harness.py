@@ -108,7 +108,7 @@ class Scenario:
     ) -> subprocess.CompletedProcess[str]:
         self.write_config()
         return subprocess.run(
-            [sys.executable, "-m", "cli.main", "--config", str(self.config), *args],
+            [sys.executable, "-m", "cli.entry", "--config", str(self.config), *args],
             env=self.env(extra_env),
             capture_output=True,
             text=True,
@@ -129,7 +129,7 @@ class Scenario:
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
                 [
-                    sys.executable, "-m", "cli.main", "--config", str(self.config),
+                    sys.executable, "-m", "cli.entry", "--config", str(self.config),
                     "--log-json", "produce", *args,
                 ],
                 env=self.env(extra_env),

@@ -54,7 +54,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import codec, metrics, pg
+from cutover import codec, metrics, pg, shutdown
 from cutover.config import Settings
 from cutover.control_store import LEGACY_SCHEMA, PRODUCER_TABLES, ControlStore
 from cutover.control_store import producer as producer_state
@@ -573,8 +573,7 @@ def run_producer(
         def _handler(signum: int, _frame: Any) -> None:
             stop.set()
 
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
+        shutdown.adopt(_handler)
     return CdcProducer(settings, options, stop=stop, progress=progress).run()
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from structlog.typing import FilteringBoundLogger
 
 from consumers.apply import ApplyConsumer, ApplyOptions
-from cutover import metrics
+from cutover import metrics, shutdown
 from cutover.errors import UsageError
 from cutover.logging import get_logger
 
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
         help="keep reconnecting to an unavailable commerce database this long (default 60)",
     )
     metrics.add_port_argument(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, graceful_stop=True)
 
 
 def _crash_point(
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
         log().info("apply.signal", signal=signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = shutdown.adopt(on_signal)
     try:
         consumer = ApplyConsumer(
             settings,

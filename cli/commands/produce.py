@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report when stopped")
     metrics.add_port_argument(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, graceful_stop=True)
 
 
 class _SnapshotBars:

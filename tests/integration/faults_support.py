@@ -215,7 +215,7 @@ class Pipeline:
         with self.apply_log(name).open("ab") as log:
             self.appliers[name] = subprocess.Popen(
                 [
-                    sys.executable, "-m", "cli.main", "--config", str(self.scenario.config),
+                    sys.executable, "-m", "cli.entry", "--config", str(self.scenario.config),
                     "--log-json", "apply", "--group-id", self.group, *self.apply_args,
                 ],
                 env=self.scenario.env(extra_env), stdout=log, stderr=log,

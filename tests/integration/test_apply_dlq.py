@@ -230,7 +230,7 @@ def test_halt_policy_exits_3_naming_the_message_and_keeps_offsets_before_it(
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "cli.entry",
             "--config",
             str(config),
             "apply",
@@ -265,7 +265,7 @@ def test_halt_policy_exits_3_naming_the_message_and_keeps_offsets_before_it(
 
 def _cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", "--config", str(config), *args],
+        [sys.executable, "-m", "cli.entry", "--config", str(config), *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -33,7 +33,7 @@ def _free_port() -> int:
 def _start_apply(scenario: Scenario, name: str, port: int) -> subprocess.Popen[bytes]:
     log = (scenario.workdir / f"apply-{name}.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "--config", str(scenario.config), "--log-json",
+        [sys.executable, "-m", "cli.entry", "--config", str(scenario.config), "--log-json",
          "apply", "--metrics-port", str(port)],
         env=scenario.env(), stdout=log, stderr=log,
     )  # fmt: skip

@@ -165,6 +165,17 @@ def test_sigterm_finishes_deliveries_advances_and_exits_0(
     assert want and want <= set(positions(under_test))
 
 
+def test_sigterm_while_starting_is_a_clean_stop(pair: tuple[Scenario, Scenario]) -> None:
+    """A supervisor's stop during the imports (a second or more on a busy host) used to kill the
+    producer by SIGTERM's default action (exit -15); now it is remembered and ends it cleanly."""
+    under_test, _ = pair
+    proc = under_test.start_produce("--no-initial-snapshot")
+    time.sleep(0.3)  # the interpreter is up, the CLI's imports are not done
+    assert harness.stop(proc, signal.SIGTERM) == 0, under_test.log_path.read_text()[-3000:]
+    stopped = [e for e in under_test.log_events() if e["event"] == "producer.stopped"]
+    assert stopped and stopped[-1]["reason"] == "signal"
+
+
 def test_second_producer_on_the_same_slot_is_refused(pair: tuple[Scenario, Scenario]) -> None:
     under_test, _ = pair
     first = under_test.start_produce("--no-initial-snapshot")
@@ -283,7 +294,7 @@ def scenario_cli(scenario: Scenario) -> list[str]:
     import sys
 
     scenario.write_config()
-    return [sys.executable, "-m", "cli.main", "--config", str(scenario.config)]
+    return [sys.executable, "-m", "cli.entry", "--config", str(scenario.config)]
 
 
 def test_snapshot_resumes_after_kill_9(

@@ -67,7 +67,7 @@ def _commands(replay_file: Path, target: str) -> list[list[str]]:
 
 def _run(config: Path, env: dict[str, str], args: Sequence[str]) -> tuple[str, int, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--config", str(config), "--log-json", *args],
+        [sys.executable, "-m", "cli.entry", "--config", str(config), "--log-json", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

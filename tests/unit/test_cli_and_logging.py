@@ -40,7 +40,7 @@ def test_config_error_exits_2_without_secrets(tmp_path: Path) -> None:
     config = tmp_path / "cutover.toml"
     config.write_text(f"[source]\ndsn = 'host=x password={SECRET}'\nbogus = 1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--config", str(config),
+        [sys.executable, "-m", "cli.entry", "--config", str(config),
          "workload", "--max-transactions", "1"],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
