@@ -29,9 +29,9 @@ import psycopg
 from psycopg import sql
 
 from devtools import stack
-from devtools.harness import Scenario
+from devtools.harness import Scenario, init, open_scenario
 from devtools.scratch import scratch_database
-from devtools.workload import WorkloadReport, run_workload
+from devtools.workload import WorkloadReport, prefill, run_workload
 from tests.integration.conftest import EXAMPLES
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
@@ -65,19 +65,21 @@ def db_up(dsn: str) -> bool:
         return False
 
 
-def wait_equal(legacy: str, commerce: str, timeout: float) -> float:
+def wait_equal(
+    legacy: str, commerce: str, timeout: float, legacy_renames: Mapping[str, str] | None = None
+) -> float:
     """Wait until the independent comparison finds no difference; seconds it took. On timeout
     fails with the differences."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     while time.monotonic() < deadline:
         try:
-            if all(d.ok for d in compare(legacy, commerce)):
+            if all(d.ok for d in compare(legacy, commerce, legacy_renames)):
                 return time.monotonic() - t0
         except psycopg.OperationalError:
             pass  # a server restarting
         time.sleep(1.0)
-    assert_commerce_matches_legacy(legacy, commerce)
+    assert_commerce_matches_legacy(legacy, commerce, legacy_renames)
     return time.monotonic() - t0
 
 
@@ -300,6 +302,38 @@ class Pipeline:
     def producer_log(self) -> str:
         path = self.scenario.log_path
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+# --------------------------------------------------------------------------- pipeline
+
+ORDERS = 800  # prefill: ~800 orders with lines, payments, invoices; users, merchants, products
+
+
+@contextlib.contextmanager
+def running_pipeline(
+    legacy: str,
+    commerce: str,
+    bootstrap: str,
+    workdir: Path,
+    *,
+    apply_args: tuple[str, ...] = (),
+    orders: int = ORDERS,
+    **scenario_kwargs: object,
+) -> Iterator[Pipeline]:
+    """Prefill (with canaries, so the snapshot path is exercised), init, start the producer and
+    two consumers; stop whatever still runs at the end."""
+    prefill(legacy, orders=orders, seed=11)
+    assert write_canaries(legacy) > 0
+    with open_scenario(
+        legacy, commerce, bootstrap, workdir, partitions=3, **scenario_kwargs
+    ) as scenario:
+        init(scenario)
+        pipe = Pipeline(scenario, group=f"faults-{scenario.tag}", apply_args=apply_args)
+        pipe.start(consumers=2)
+        try:
+            yield pipe
+        finally:
+            pipe.stop_all()
 
 
 # --------------------------------------------------------------------------- traffic

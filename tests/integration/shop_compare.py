@@ -8,6 +8,8 @@ fetched whole and compared in Python: meant for test-sized data sets.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,11 +96,22 @@ def _rows(dsn: str, query: str, nkey: int) -> dict[Any, tuple[Any, ...]]:
     return {row[:nkey] if nkey > 1 else row[0]: tuple(row) for row in rows}
 
 
-def compare(legacy_dsn: str, commerce_dsn: str) -> list[TableDiff]:
-    """Per commerce table: what the legacy DB says it must hold vs what it holds."""
+def _renamed(query: str, renames: Mapping[str, str]) -> str:
+    for old, new in renames.items():
+        query = re.sub(rf"\b{re.escape(old)}\b", new, query)
+    return query
+
+
+def compare(
+    legacy_dsn: str, commerce_dsn: str, legacy_renames: Mapping[str, str] | None = None
+) -> list[TableDiff]:
+    """Per commerce table: what the legacy DB says it must hold vs what it holds.
+
+    ``legacy_renames`` (old -> new column name) follows a legacy column a test renamed.
+    """
     diffs = []
     for table, nkey, legacy_sql, commerce_sql in _TABLES:
-        expected = _rows(legacy_dsn, legacy_sql, nkey)
+        expected = _rows(legacy_dsn, _renamed(legacy_sql, legacy_renames or {}), nkey)
         actual = _rows(commerce_dsn, commerce_sql, nkey)
         diff = TableDiff(table, len(expected), len(actual))
         diff.missing = sorted(k for k in expected if k not in actual)[:20]
@@ -112,8 +125,10 @@ def compare(legacy_dsn: str, commerce_dsn: str) -> list[TableDiff]:
     return diffs
 
 
-def assert_commerce_matches_legacy(legacy_dsn: str, commerce_dsn: str) -> None:
-    bad = [d for d in compare(legacy_dsn, commerce_dsn) if not d.ok]
+def assert_commerce_matches_legacy(
+    legacy_dsn: str, commerce_dsn: str, legacy_renames: Mapping[str, str] | None = None
+) -> None:
+    bad = [d for d in compare(legacy_dsn, commerce_dsn, legacy_renames) if not d.ok]
     assert not bad, "\n".join(
         f"{d.table}: expected {d.expected} rows, found {d.actual}; missing {d.missing}; "
         f"extra {d.extra}; different {d.different[:3]}"

@@ -13,7 +13,6 @@ is stopped at the end. The others use fresh databases on the shared stack.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from devtools.harness import changes, init, open_scenario
-from devtools.workload import ROLLBACK_MARKER, prefill, run_workload
+from devtools.harness import changes
+from devtools.workload import ROLLBACK_MARKER, run_workload
 from producers.producer import CRASH_POINTS
 from tests.integration.faults_support import (
     Pipeline,
@@ -33,6 +32,7 @@ from tests.integration.faults_support import (
     assert_no_rollback_marker,
     fresh_databases,
     private_stack,
+    running_pipeline,
     wait_equal,
     wait_for,
     write_canaries,
@@ -40,8 +40,6 @@ from tests.integration.faults_support import (
 from tests.integration.shop_compare import compare
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
-ORDERS = 800  # prefill: ~800 orders with lines, payments, invoices; users, merchants, products
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -59,33 +57,6 @@ def private_dbs(pstack: PrivateStack) -> Iterator[tuple[str, str]]:
     pstack.restore()  # whatever the previous test did, every server runs
     with fresh_databases(pstack) as dbs:
         yield dbs
-
-
-@contextlib.contextmanager
-def running_pipeline(
-    legacy: str,
-    commerce: str,
-    bootstrap: str,
-    workdir: Path,
-    *,
-    apply_args: tuple[str, ...] = (),
-    orders: int = ORDERS,
-    **scenario_kwargs: object,
-) -> Iterator[Pipeline]:
-    """Prefill (with canaries, so the snapshot path is exercised), init, start the producer and
-    two consumers; stop whatever still runs at the end."""
-    prefill(legacy, orders=orders, seed=11)
-    assert write_canaries(legacy) > 0
-    with open_scenario(
-        legacy, commerce, bootstrap, workdir, partitions=3, **scenario_kwargs
-    ) as scenario:
-        init(scenario)
-        pipe = Pipeline(scenario, group=f"faults-{scenario.tag}", apply_args=apply_args)
-        pipe.start(consumers=2)
-        try:
-            yield pipe
-        finally:
-            pipe.stop_all()
 
 
 def settle(pipe: Pipeline, legacy: str, commerce: str, timeout: float, revive: bool) -> float:
