@@ -58,6 +58,7 @@ bench: up
 	$(WITH_ENV) $(PY) -m bench.producer_throughput
 	$(WITH_ENV) $(PY) -m bench.apply_throughput
 	$(WITH_ENV) $(PY) -m bench.e2e_throughput
+	$(WITH_ENV) $(PY) -m bench.cdc_latency
 	$(WITH_ENV) $(PY) -m bench.verify_throughput
 	$(WITH_ENV) $(PY) -m bench.replay_throughput
 	$(PY) -m bench.report
