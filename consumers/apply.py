@@ -293,6 +293,11 @@ class ApplyConsumer:
         deadline = time.monotonic() + self.options.db_retry_s
         delay = 0.2
         while True:
+            if self.stop.is_set():
+                # Nothing is half-applied (the batch was abandoned, offsets live with the rows):
+                # a stop asked during an outage ends the wait instead of outlasting it.
+                log().info("apply.db_retry_stopped")
+                return
             try:
                 if self.engine.broken():
                     self._connect()

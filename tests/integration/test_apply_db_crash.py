@@ -116,3 +116,42 @@ def test_commerce_db_crash_mid_batch(commerce: str, topics: Topics, tmp_path: Pa
     assert code == 0, text
     assert '"apply.db_retry"' in text
     assert diff(model.expected(), fetch_commerce(commerce)) == []
+
+
+def test_sigterm_during_an_outage_stops_at_once(
+    commerce: str, topics: Topics, tmp_path: Path
+) -> None:
+    """A stop asked while the consumer waits for the database (up to --db-retry) ends the wait:
+    exit 0, nothing half-applied, and the next run finishes the work exactly."""
+    model = ShopModel(EventFactory(topics.prefix, topics.partitions), seed=6)
+    publish_schemas(topics, model.factory)
+    msgs = [m for _ in range(6000) for m in model.step()]
+    produce(topics.bootstrap, msgs)
+    group = "dbcrash-stop"
+    config = write_config(tmp_path, topics, group=group, batch_max_events=200)
+    env = cli_env(commerce, topics.bootstrap)
+    log = tmp_path / "apply.log"
+    proc = start_apply(config, env, "--db-retry", "600", log=log)
+    try:
+        wait_for(lambda: total_offsets(commerce, group) > 1000, 90, "progress")
+        stopped = _pg_ctl("-m", "immediate", "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        wait_for(lambda: '"apply.db_retry"' in log.read_text(), 60, "the consumer to wait")
+        t0 = time.monotonic()
+        code = stop_apply(proc, timeout=30)
+        assert code == 0, log.read_text()[-3000:]
+        assert time.monotonic() - t0 < 20
+        assert '"apply.db_retry_stopped"' in log.read_text()
+    finally:
+        started = _pg_ctl("-l", str(LOG), "-w", "-t", "60", "start")
+        if started.returncode != 0 and not _up(commerce):
+            raise AssertionError(f"could not restart the commerce cluster: {started.stderr}")
+        if proc.poll() is None:
+            proc.kill()
+    wait_for(lambda: _up(commerce), 60, "the commerce cluster")
+    proc = start_apply(config, env, log=log)
+    try:
+        wait_for(lambda: total_offsets(commerce, group) == len(msgs), 180, "the end")
+    finally:
+        assert stop_apply(proc) == 0
+    assert diff(model.expected(), fetch_commerce(commerce)) == []
