@@ -32,6 +32,8 @@ FENCE_SQLSTATE = "25006"
 #: The DETAIL every refusal carries, followed by the domain name.
 FENCE_DETAIL_PREFIX = "cutover fence of domain "
 TRIGGER_NAME = "cutover_write_fence"
+#: The guard's UPDATE trigger on a table whose fence covers some columns only.
+UPDATE_TRIGGER_NAME = "cutover_write_fence_update"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +59,18 @@ def install(
     domain_tables: Mapping[str, Sequence[tuple[str, str]]],
     *,
     side: str,
+    update_columns: Mapping[tuple[str, str], Sequence[str]] | None = None,
 ) -> None:
     """Create the fence table and guard in ``schema`` and put the guard on every table of every
-    domain (``domain -> [(schema, table), ...]``). Idempotent; never lowers or raises a fence."""
+    domain (``domain -> [(schema, table), ...]``). Idempotent; never lowers or raises a fence.
+
+    ``update_columns`` narrows the guard's UPDATE part of a table to the columns the domain
+    moved (``UPDATE OF ...``): on legacy, the mapped columns of a table that also holds columns
+    commerce never takes (the social profile of ``shop.users``), so the legacy social app keeps
+    updating those while the domain's writes live in commerce. INSERT, DELETE and TRUNCATE are
+    refused whole: a row is one thing to create or remove.
+    """
+    narrowed = update_columns or {}
     try:
         with conn.transaction():
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
@@ -72,21 +83,43 @@ def install(
                     ).format(sql.Identifier(schema, "write_fence")),
                     [domain],
                 )
-                for table_schema, table in tables:
-                    conn.execute(
-                        sql.SQL(
-                            "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE OR DELETE "
-                            "OR TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}({}, {})"
-                        ).format(
-                            sql.Identifier(TRIGGER_NAME),
-                            sql.Identifier(table_schema, table),
-                            sql.Identifier(schema, "write_fence_guard"),
-                            sql.Literal(domain),
-                            sql.Literal(schema),
-                        )
-                    )
+                for table in tables:
+                    _guard(conn, schema, domain, table, narrowed.get(table))
     except psycopg.Error as exc:
         raise pg.translate(exc, "installing the write fence", side) from None
+
+
+def _guard(
+    conn: Conn, schema: str, domain: str, table: tuple[str, str], columns: Sequence[str] | None
+) -> None:
+    """The guard triggers of one table: one for whole-row writes, one for UPDATE when narrowed."""
+    target = sql.Identifier(*table)
+    call = sql.SQL("EXECUTE FUNCTION {}({}, {})").format(
+        sql.Identifier(schema, "write_fence_guard"), sql.Literal(domain), sql.Literal(schema)
+    )
+    whole = "INSERT OR DELETE OR TRUNCATE" if columns else "INSERT OR UPDATE OR DELETE OR TRUNCATE"
+    conn.execute(
+        sql.SQL("CREATE OR REPLACE TRIGGER {} BEFORE {} ON {} FOR EACH STATEMENT {}").format(
+            sql.Identifier(TRIGGER_NAME), sql.SQL(whole), target, call
+        )
+    )
+    if not columns:
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(UPDATE_TRIGGER_NAME), target
+            )
+        )
+        return
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE TRIGGER {} BEFORE UPDATE OF {} ON {} FOR EACH STATEMENT {}"
+        ).format(
+            sql.Identifier(UPDATE_TRIGGER_NAME),
+            sql.SQL(", ").join(sql.Identifier(c) for c in sorted(columns)),
+            target,
+            call,
+        )
+    )
 
 
 def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str, side: str) -> int:

@@ -99,6 +99,39 @@ def test_an_applier_session_with_a_replication_origin_passes_the_fence(legacy: s
             admin.execute("SELECT pg_replication_origin_drop('cutover_fence_test')")
 
 
+def test_a_narrowed_fence_lets_the_social_app_update_its_own_columns(fresh_legacy: str) -> None:
+    """shop.users holds buyer data (moved with the data domain) and the social profile (stays on
+    legacy): with the fence narrowed to the moved columns, the social app keeps updating handle,
+    bio and follower_count, while a write to a moved column, an INSERT or a DELETE is refused."""
+    moved = ["display_name", "email", "phone", "created_at", "updated_at"]
+    with psycopg.connect(fresh_legacy, autocommit=True) as admin:
+        fence.install(admin, SCHEMA, {"data": DATA}, side="source", update_columns={DATA[0]: moved})
+        admin.execute(
+            "INSERT INTO shop.users (id, handle, display_name, email, phone, follower_count, "
+            "bio, created_at, updated_at) VALUES (1, 'h', 'n', 'e', 'p', 0, 'b', now(), now())"
+        )
+        fence.raise_fence(admin, SCHEMA, "data", state="writes_switched", reason="t", side="s")
+    with psycopg.connect(fresh_legacy, autocommit=True) as app:
+        app.execute("UPDATE shop.users SET bio = 'new bio', follower_count = 5 WHERE id = 1")
+        for statement in (
+            "UPDATE shop.users SET email = 'x@y' WHERE id = 1",
+            "UPDATE shop.users SET bio = 'b2', display_name = 'n2' WHERE id = 1",
+            "INSERT INTO shop.users (id, handle, display_name, email, phone, follower_count, bio,"
+            " created_at, updated_at) VALUES (2, 'h2', 'n', 'e', 'p', 0, 'b', now(), now())",
+            "DELETE FROM shop.users WHERE id = 1",
+        ):
+            with pytest.raises(psycopg.Error) as refused:
+                app.execute(statement)
+            assert fence.is_fence_refusal(refused.value), statement
+        row = app.execute("SELECT bio, follower_count, email FROM shop.users").fetchall()
+    assert row == [("new bio", 5, "e")]
+    # Installing again without the narrowing fences the whole table (the UPDATE trigger goes).
+    with psycopg.connect(fresh_legacy, autocommit=True) as admin:
+        fence.install(admin, SCHEMA, {"data": DATA}, side="source")
+    with psycopg.connect(fresh_legacy, autocommit=True) as app, pytest.raises(psycopg.Error):
+        app.execute("UPDATE shop.users SET bio = 'again' WHERE id = 1")
+
+
 def test_lowering_the_fence_lets_writes_through_again(legacy: str) -> None:
     with psycopg.connect(legacy, autocommit=True) as admin:
         fence.raise_fence(admin, SCHEMA, "payment", state="writes_switched", reason="t", side="s")
