@@ -339,9 +339,11 @@ class WorkloadReport:
     max_behind_s: float
     counts: Mapping[str, int] = field(default_factory=dict)
     start: Mapping[str, Any] = field(default_factory=dict)
+    #: Router mode only (devtools.workload_router): retries, writes per domain and side.
+    router: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "seed": self.seed,
             "rate_asked": self.rate_asked,
             "duration_asked_s": self.duration_asked_s,
@@ -356,6 +358,9 @@ class WorkloadReport:
             "counts": dict(self.counts),
             "start": dict(self.start),
         }
+        if self.router:
+            out["router"] = dict(self.router)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

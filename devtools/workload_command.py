@@ -67,13 +67,21 @@ with --duration, a prefix whose length depends on the machine.
 
 --prefill loads a large consistent starting data set with COPY instead (one transaction):
 users, merchants (listings per merchant follow a 1/rank law), products, and --orders orders
-with their lines, payments and invoices."""
+with their lines, payments and invoices.
+
+--router writes through the cutover router instead of straight into legacy: each transaction
+goes to the database holding its domain's writes now (commerce once the domain's writes are
+switched: the same change, mapped as the pipeline maps it; the social columns stay in legacy).
+A transaction the write fence refuses had no effect; it is retried after a short backoff,
+asking the router again. The report counts the retries and the writes per domain and side.
+Every transaction of the plan writes one domain only, so it is one transaction on one side."""
 
 EPILOG = """\
 examples:
   cutover workload --rate 500 --duration 60 --seed 7
   cutover workload --prefill --orders 100000 && cutover workload --rate 1000 --duration 30
   cutover workload --max-transactions 5000 --rate 2000 --json --no-progress
+  cutover workload --router --rate 500 --duration 600        # across switch-writes/rollback
 
 exit codes: 0 done, 2 bad flags or configuration, 3 database unreachable or schema missing."""
 
@@ -133,6 +141,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fill.add_argument(
         "--products", type=int, default=None, metavar="N", help="products (default orders/4)"
     )
+    routed = parser.add_argument_group("router mode")
+    routed.add_argument(
+        "--router",
+        action="store_true",
+        help="write each transaction where the router says its domain's writes go, retrying "
+        "write-fence refusals (needs the config's [target] and [kafka])",
+    )
+    routed.add_argument(
+        "--router-mode",
+        choices=("topic", "table"),
+        default="topic",
+        help="how the router follows the state: the control topic (default) or the table",
+    )
     parser.add_argument(
         "--dsn",
         default=None,
@@ -155,6 +176,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--duration must be a positive number of seconds, not {args.duration:g}")
     if args.max_transactions is not None and args.max_transactions < 1:
         raise UsageError(f"--max-transactions must be at least 1, not {args.max_transactions}")
+    if args.router and args.prefill:
+        raise UsageError("--router writes traffic; it does not go with --prefill")
     for flag in ("orders", "users", "merchants", "products"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -186,20 +209,50 @@ def run(args: argparse.Namespace, context: Context) -> int:
     if duration is None and args.max_transactions is None:
         duration = DEFAULT_DURATION
     with _workload_progress(show) as on_tick:
-        report = workload.run_workload(
-            dsn,
-            rate=args.rate,
-            duration=duration,
-            seed=args.seed,
-            max_transactions=args.max_transactions,
-            progress=on_tick,
-        )
+        if args.router:
+            report = _run_routed(args, context, dsn, duration, on_tick)
+        else:
+            report = workload.run_workload(
+                dsn,
+                rate=args.rate,
+                duration=duration,
+                seed=args.seed,
+                max_transactions=args.max_transactions,
+                progress=on_tick,
+            )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         out.print(_workload_table(report))
         out.print(_counts_table(report))
     return 0
+
+
+def _run_routed(
+    args: argparse.Namespace,
+    context: Context,
+    dsn: str,
+    duration: float | None,
+    on_tick: Callable[[workload.WorkloadProgress], None] | None,
+) -> workload.WorkloadReport:
+    from cutover.mapping import load_mapping
+    from cutover.routing import ReadRouter
+    from devtools.workload_router import run_routed_workload
+
+    settings = context.settings
+    mapping = load_mapping(settings.mapping_path)
+    with ReadRouter(settings, list(mapping.domains), mode=args.router_mode) as router:
+        return run_routed_workload(
+            router,
+            dsn,
+            settings.target.dsn,
+            mapping,
+            rate=args.rate,
+            duration=duration,
+            seed=args.seed,
+            max_transactions=args.max_transactions,
+            progress=on_tick,
+        )
 
 
 # -- progress bars (stderr) ----------------------------------------------------------------
@@ -266,6 +319,18 @@ def _workload_table(report: workload.WorkloadReport) -> Table:
     table.add_row("rolled back (must never appear downstream)", f"{report.rolled_back:,}")
     table.add_row("statements", f"{report.statements:,}")
     table.add_row("worst lateness behind schedule", f"{report.max_behind_s:.3f} s")
+    if report.router:
+        table.add_row(
+            "refused by a write fence (retried)", f"{report.router['refused_transactions']:,}"
+        )
+        table.add_row("retries", f"{report.router['retries']:,}")
+        table.add_row(
+            "longest wait for a refused one", f"{report.router['max_retry_wait_s']:.3f} s"
+        )
+        for domain, sides in sorted(report.router["written"].items()):
+            table.add_row(
+                f"{domain}: legacy / commerce", f"{sides['legacy']:,} / {sides['commerce']:,}"
+            )
     return table
 
 
