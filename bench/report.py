@@ -82,6 +82,11 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, float | None, bool]] = [
      True),
     ("replay play to sandbox DB", "replay", ("play_to_target", "events_per_s"), "events/s",
      None, True),
+    # bench/write_window.py: not in `make bench` (needs a deployment with the write switch).
+    ("write window p99, switch-writes (worst domain)", "write_window",
+     ("summary", "switch_p99_ms"), "ms", 2000, False),
+    ("write window p99, rollback-writes (worst domain)", "write_window",
+     ("summary", "rollback_p99_ms"), "ms", 2000, False),
     ("peak RSS producer, 1M-row transaction", "producer", ("big_transaction", "peak_rss_mb"),
      "MB", 300, False),
     ("peak RSS consumer, 1M-row transaction", "apply",

@@ -53,6 +53,7 @@ __all__ = [
     "WriteRouter",
     "operation_domain",
     "run_routed_workload",
+    "unheld_writes",
 ]
 
 Conn = psycopg.Connection[Any]
@@ -175,6 +176,24 @@ def operation_domain(op: w.Operation, mapping: MappingSpec) -> str:
             "router mode a transaction must stay within one domain (split it per domain)"
         )
     return domains.pop()
+
+
+def unheld_writes(op: w.Operation, mapping: MappingSpec) -> int:
+    """How many statements of ``op`` write a column commerce does not hold (social data).
+
+    On commerce that part of the write has nowhere to go: commerce has no such column, and the
+    domain's legacy tables are fenced (docs/CUTOVER.md, "Apps during the write switch").
+    """
+    count = 0
+    for text, params in op.statements:
+        effect = EFFECTS[text]
+        used = mapping.tables[effect.table].source_columns_used()
+        if effect.kind == "insert":
+            written = [c for c, v in zip(effect.columns, params, strict=True) if v is not None]
+        else:
+            written = [c for c, _how in effect.sets]
+        count += any(c not in used for c in written)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +321,7 @@ class _Tally:
     refused_seqs: list[int] | None = None
     written: dict[str, dict[str, int]] | None = None
     first_commerce_seq: dict[str, int] | None = None
+    unheld_writes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -311,6 +331,7 @@ class _Tally:
             "refused_seqs": self.refused_seqs or [],
             "written": self.written or {},
             "first_commerce_seq": self.first_commerce_seq or {},
+            "unheld_column_writes": self.unheld_writes,
         }
 
 
@@ -417,6 +438,8 @@ def run_routed_workload(
             per[side] += 1
             if side == "commerce":
                 tally.first_commerce_seq.setdefault(domain, op.seq)
+                if not op.rollback:
+                    tally.unheld_writes += unheld_writes(op, mapping)
             counts[op.kind] += 1
             statements += len(op.statements)
             rolled_back += op.rollback
