@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final, Protocol
 
@@ -376,9 +377,48 @@ class _Sides:
                 conn.execute("ROLLBACK")
             raise
 
+    def run_batch(self, ops: Sequence[w.Operation]) -> int:
+        """Run ``ops`` on legacy, each its own transaction, in one pipeline (one round trip).
+
+        Returns how many ran: all of them, or the index of the one the write fence refused
+        (those before it committed; it and the ones after it had no effect). Any other error
+        goes up.
+        """
+        conn = self.connect("legacy")
+        cursors: list[psycopg.Cursor[Any]] = []
+        try:
+            with conn.pipeline():
+                for op in ops:
+                    cur = conn.cursor()
+                    cursors.append(cur)
+                    cur.execute("BEGIN")
+                    for text, params in op.statements:
+                        cur.execute(text, params, prepare=True)
+                    cur.execute("ROLLBACK" if op.rollback else "COMMIT")
+        except psycopg.Error as exc:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+            if not fence.is_fence_refusal(exc):
+                raise
+            # A transaction that ended has its last status (COMMIT or ROLLBACK) on its cursor;
+            # the refused one stopped before, the ones after it were skipped (or not even sent:
+            # psycopg may raise while the batch is still being sent).
+            for i, op in enumerate(ops):
+                ended = i < len(cursors) and cursors[i].statusmessage == (
+                    "ROLLBACK" if op.rollback else "COMMIT"
+                )
+                if not ended:
+                    return i
+            raise
+        return len(ops)
+
     def close(self) -> None:
         for conn in self.conn.values():
             conn.close()
+
+
+#: At most this many due transactions bound for legacy go in one pipeline (one round trip).
+_BATCH_MAX: Final = 50
 
 
 def run_routed_workload(
@@ -399,20 +439,17 @@ def run_routed_workload(
 ) -> w.WorkloadReport:
     """Run the plan for ``seed`` through ``router``; the report's ``router`` part counts retries.
 
-    Transaction ``i`` is due at ``t0 + i / rate`` (as in :func:`devtools.workload.run_workload`),
-    one at a time: a refused transaction blocks the ones behind it, as a real writer's would, so
-    plan order (and the oracle) holds. ``stop`` ends the run early between transactions. A
-    transaction refused for longer than ``give_up_s`` is an error (the switch is stuck).
+    Transaction ``i`` is due at ``t0 + i / rate`` (as in :func:`devtools.workload.run_workload`).
+    Transactions run in plan order: a refused one blocks the ones behind it, as a real writer's
+    would, so the oracle holds. ``stop`` ends the run early between batches. A transaction
+    refused for longer than ``give_up_s`` is an error (the switch is stuck).
     """
     if not (rate > 0 and math.isfinite(rate)):
         raise UsageError(f"--rate must be a positive number, not {rate:g}")
     if duration is None and max_transactions is None:
         raise UsageError("give a duration or a number of transactions to run")
-    log = get_logger("devtools.workload")
     sides = _Sides(legacy_dsn, commerce_dsn, mapping)
-    tally = _Tally(refused_seqs=[], written={}, first_commerce_seq={})
-    counts: dict[str, int] = dict.fromkeys(w.KINDS, 0)
-    committed = rolled_back = statements = done = 0
+    run = _Runner(router, sides, mapping, backoff_s=backoff_s, give_up_s=give_up_s)
     behind = 0.0
     try:
         start = w.read_start_state(sides.connect("legacy"))
@@ -421,37 +458,23 @@ def run_routed_workload(
         deadline = t0 + duration if duration is not None else math.inf
         limit = max_transactions if max_transactions is not None else math.inf
         last_progress = t0
-        for op in plan:
+        while True:
             now = time.monotonic()
-            if done >= limit or now >= deadline or (stop is not None and stop()):
+            if run.done >= limit or now >= deadline or (stop is not None and stop()):
                 break
-            due = t0 + done / rate
-            if due > now:
-                time.sleep(due - now)
-            behind = max(behind, now - due)
-            domain = operation_domain(op, mapping)
-            side = _run_one(
-                sides, router, op, domain, tally, backoff_s=backoff_s, give_up_s=give_up_s
-            )
-            assert tally.written is not None and tally.first_commerce_seq is not None
-            per = tally.written.setdefault(domain, {"legacy": 0, "commerce": 0})
-            per[side] += 1
-            if side == "commerce":
-                tally.first_commerce_seq.setdefault(domain, op.seq)
-                if not op.rollback:
-                    tally.unheld_writes += unheld_writes(op, mapping)
-            counts[op.kind] += 1
-            statements += len(op.statements)
-            rolled_back += op.rollback
-            committed += not op.rollback
-            done += 1
+            due = min(limit, math.floor((now - t0) * rate) + 1) - run.done
+            if due <= 0:
+                time.sleep(min(t0 + run.done / rate, deadline) - now)
+                continue
+            behind = max(behind, now - (t0 + run.done / rate))
+            run.step(plan, int(min(due, _BATCH_MAX)))
             if progress is not None and now - last_progress >= 0.2:
                 last_progress = now
-                progress(w.WorkloadProgress(done, max_transactions, now - t0))
+                progress(w.WorkloadProgress(run.done, max_transactions, now - t0))
         elapsed = time.monotonic() - t0
     except psycopg.Error as exc:
         raise DatabaseError(
-            f"workload transaction #{done + 1} (router mode) failed: "
+            f"workload transaction #{run.done + 1} (router mode) failed: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
             side="source",
             sqlstate=exc.sqlstate,
@@ -463,52 +486,115 @@ def run_routed_workload(
         rate_asked=rate,
         duration_asked_s=duration,
         max_transactions=max_transactions,
-        transactions=done,
-        committed=committed,
-        rolled_back=rolled_back,
-        statements=statements,
+        transactions=run.done,
+        committed=run.committed,
+        rolled_back=run.rolled_back,
+        statements=run.statements,
         elapsed_s=elapsed,
-        achieved_rate=done / elapsed if elapsed > 0 else 0.0,
+        achieved_rate=run.done / elapsed if elapsed > 0 else 0.0,
         max_behind_s=behind,
-        counts={k: v for k, v in counts.items() if v},
+        counts={k: v for k, v in run.counts.items() if v},
         start=start.summary(),
+        router=run.tally.to_dict(),
     )
-    report = replace(report, router=tally.to_dict())
-    log.info("workload.finished", transactions=done, mode="router", retries=tally.retries)
+    get_logger("devtools.workload").info(
+        "workload.finished", transactions=run.done, mode="router", retries=run.tally.retries
+    )
     return report
 
 
-def _run_one(
-    sides: _Sides,
-    router: WriteRouter,
-    op: w.Operation,
-    domain: str,
-    tally: _Tally,
-    *,
-    backoff_s: float,
-    give_up_s: float,
-) -> str:
-    """Run ``op`` where the router says, retrying fence refusals; returns the side it ran on."""
-    first_refusal: float | None = None
-    while True:
-        side = router.write_database_for(domain)
-        try:
-            sides.run(side, op)
-        except psycopg.Error as exc:
-            if not fence.is_fence_refusal(exc):
-                raise
-            # Refused by the fence: the transaction had no effect; ask the router again.
-            now = time.monotonic()
-            if first_refusal is None:
-                first_refusal = now
-                tally.refused_transactions += 1
-                assert tally.refused_seqs is not None
-                tally.refused_seqs.append(op.seq)
-            elif now - first_refusal > give_up_s:
-                raise
-            tally.retries += 1
-            time.sleep(backoff_s)
-            continue
-        if first_refusal is not None:
-            tally.max_wait_s = max(tally.max_wait_s, time.monotonic() - first_refusal)
-        return side
+class _Runner:
+    """Runs the plan's transactions in order where the router says, and counts what happened."""
+
+    def __init__(
+        self,
+        router: WriteRouter,
+        sides: _Sides,
+        mapping: MappingSpec,
+        *,
+        backoff_s: float,
+        give_up_s: float,
+    ) -> None:
+        self.router = router
+        self.sides = sides
+        self.mapping = mapping
+        self.backoff_s = backoff_s
+        self.give_up_s = give_up_s
+        self.tally = _Tally(refused_seqs=[], written={}, first_commerce_seq={})
+        self.counts: dict[str, int] = dict.fromkeys(w.KINDS, 0)
+        self.committed = self.rolled_back = self.statements = self.done = 0
+        #: Planned transactions taken from the plan but not run yet (a batch cut short).
+        self.pending: deque[tuple[w.Operation, str]] = deque()
+
+    def step(self, plan: Iterator[w.Operation], n: int) -> None:
+        """Run up to ``n`` transactions: a pipelined batch of those whose writes go to legacy,
+        or one whose writes go to commerce (reads of the rows it changes come first)."""
+        batch: list[tuple[w.Operation, str]] = []
+        while len(batch) < n:
+            if self.pending:
+                op, domain = self.pending.popleft()
+            else:
+                op = next(plan)
+                domain = operation_domain(op, self.mapping)
+            if self.router.write_database_for(domain) != "legacy":
+                if batch:
+                    self.pending.appendleft((op, domain))
+                    break
+                self._record(op, domain, self._run_one(op, domain))
+                return
+            batch.append((op, domain))
+        ran = self.sides.run_batch([op for op, _domain in batch])
+        for op, domain in batch[:ran]:
+            self._record(op, domain, "legacy")
+        if ran < len(batch):
+            # Transaction `ran` was refused by the fence; the ones after it never ran (the
+            # pipeline skips everything after an error): they wait behind its retry.
+            self.pending.extendleft(reversed(batch[ran + 1 :]))
+            op, domain = batch[ran]
+            self._record(op, domain, self._run_one(op, domain, refused_at=time.monotonic()))
+
+    def _record(self, op: w.Operation, domain: str, side: str) -> None:
+        tally = self.tally
+        assert tally.written is not None and tally.first_commerce_seq is not None
+        tally.written.setdefault(domain, {"legacy": 0, "commerce": 0})[side] += 1
+        if side == "commerce":
+            tally.first_commerce_seq.setdefault(domain, op.seq)
+            if not op.rollback:
+                tally.unheld_writes += unheld_writes(op, self.mapping)
+        self.counts[op.kind] += 1
+        self.statements += len(op.statements)
+        self.rolled_back += op.rollback
+        self.committed += not op.rollback
+        self.done += 1
+
+    def _refused(self, op: w.Operation, first: float | None, now: float) -> float:
+        """Count one refusal of ``op``; returns when it was first refused."""
+        tally = self.tally
+        if first is None:
+            tally.refused_transactions += 1
+            assert tally.refused_seqs is not None
+            tally.refused_seqs.append(op.seq)
+            first = now
+        tally.retries += 1
+        time.sleep(self.backoff_s)
+        return first
+
+    def _run_one(self, op: w.Operation, domain: str, *, refused_at: float | None = None) -> str:
+        """Run ``op`` where the router says, retrying fence refusals; returns the side."""
+        first = None if refused_at is None else self._refused(op, None, refused_at)
+        while True:
+            side = self.router.write_database_for(domain)
+            try:
+                self.sides.run(side, op)
+            except psycopg.Error as exc:
+                if not fence.is_fence_refusal(exc):
+                    raise
+                # Refused by the fence: the transaction had no effect; ask the router again.
+                now = time.monotonic()
+                if first is not None and now - first > self.give_up_s:
+                    raise
+                first = self._refused(op, first, now)
+                continue
+            if first is not None:
+                self.tally.max_wait_s = max(self.tally.max_wait_s, time.monotonic() - first)
+            return side
