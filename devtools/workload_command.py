@@ -327,6 +327,10 @@ def _workload_table(report: workload.WorkloadReport) -> Table:
         table.add_row(
             "longest wait for a refused one", f"{report.router['max_retry_wait_s']:.3f} s"
         )
+        table.add_row(
+            "social columns not written (commerce lacks them)",
+            f"{report.router['unheld_column_writes']:,}",
+        )
         for domain, sides in sorted(report.router["written"].items()):
             table.add_row(
                 f"{domain}: legacy / commerce", f"{sides['legacy']:,} / {sides['commerce']:,}"

@@ -347,9 +347,17 @@ class _Sides:
     def connect(self, side: str) -> Conn:
         conn = self.conn.get(side)
         if conn is None or conn.closed:
-            conn = psycopg.connect(
-                self.dsn[side], autocommit=True, application_name="cutover-workload-router"
-            )
+            if side == "legacy":  # checks the shop schema, says how to fix a missing one
+                conn = w._connect(self.dsn[side])
+            else:
+                try:
+                    conn = psycopg.connect(self.dsn[side], autocommit=True, connect_timeout=10)
+                except psycopg.OperationalError as exc:
+                    raise DatabaseError(
+                        f"cannot connect to the commerce database {w._where(self.dsn[side])}",
+                        side="target",
+                        sqlstate=exc.sqlstate,
+                    ) from None
             self.conn[side] = conn
         return conn
 
