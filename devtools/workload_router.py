@@ -17,7 +17,10 @@ A transaction the write fence refuses (SQLSTATE 25006, :func:`cutover.fence.is_f
 had no effect, by the fence's contract: it is retried after a short backoff, asking the router
 again, until it commits somewhere. So every planned transaction is applied exactly once, in plan
 order, and a plain run of the same prefix of the plan (same seed, same starting rows) is the
-oracle of what the two databases hold together.
+oracle of what the two databases hold together. Due transactions bound for legacy go in one
+pipeline, as in the plain mode; a refusal inside it is located from the cursors' statuses (the
+ones before it committed, the ones after it never ran and wait behind its retry). A transaction
+bound for commerce runs alone (it reads the rows it changes first).
 
 One domain per transaction: every operation of the plan writes the tables of one domain only
 (orders with their lines, payments and invoices; a merchant with its listings; a user), so it is
