@@ -59,6 +59,9 @@ class KafkaSettings:
     partitions: int = 6
     replication_factor: int = 1
     schema_registry_url: str | None = None
+    # The largest message: the domain and DLQ topics' max.message.bytes and the producers'
+    # message.max.bytes, both set from this one number (an event over it is a dead letter).
+    max_message_bytes: int = 4 * 1024 * 1024
     producer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     consumer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 

@@ -19,7 +19,8 @@ CLI maps it to::
         ├── DatabaseError             PostgreSQL said no (carries sqlstate, which side)
         ├── KafkaError                Kafka said no (carries the librdkafka error code)
         ├── DecodeError               bytes that are not what the protocol promises
-        │   └── UnknownSchema         an Avro fingerprint no schema is known for
+        │   ├── UnknownSchema         an Avro fingerprint no schema is known for
+        │   └── UncarriableValue      one row's value the envelope cannot carry (dead letter)
         ├── SchemaIncompatible        a source table changed in a way readers cannot follow
         ├── UnmappableRow             a row the mapping cannot map (a poison message)
         └── SlotSafetyError           the slot moved behind our back: re-snapshot required
@@ -51,6 +52,7 @@ __all__ = [
     "SchemaIncompatible",
     "SlotSafetyError",
     "StackError",
+    "UncarriableValue",
     "UnknownSchema",
     "UnmappableRow",
     "UsageError",
@@ -227,6 +229,33 @@ class UnknownSchema(DecodeError):
         super().__init__(
             f"unknown Avro schema fingerprint {fingerprint:016x}: not in the schemas topic"
         )
+
+
+class UncarriableValue(DecodeError):
+    """One row cannot be carried by the envelope: a value (NaN, +-infinity, text the type cannot
+    hold) or the whole event (over the message size limit).
+
+    The producer turns it into a dead letter of that row instead of stopping the stream
+    (:mod:`producers.row_letters`). ``reason`` is a word of a fixed vocabulary and ``column`` a
+    column name: neither ever holds a value, so the dead letter can be built from them alone.
+    The message may show the value (as :class:`DecodeError` always did): it is not used there.
+    ``row`` is what could be decoded of the row (for its key), when the decoder knows it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str,
+        column: str | None,
+        reason: str,
+        row: dict[str, object] | None = None,
+    ) -> None:
+        self.table = table
+        self.column = column
+        self.reason = reason
+        self.row = row
+        super().__init__(message)
 
 
 class SchemaIncompatible(RuntimeFailure):

@@ -143,6 +143,8 @@ def producer_config(
     _check_producer_passthrough(kafka.producer)
     conf: dict[str, Any] = {
         **_PRODUCER_DEFAULTS[purpose],
+        # The one size limit ([kafka] max_message_bytes), as the topics have it (topic_specs).
+        "message.max.bytes": message_max_bytes(kafka),
         **dict(kafka.producer),
         **_PRODUCER_PURPOSE[purpose],
         **dict(extra or {}),
@@ -284,6 +286,27 @@ class TopicSpec:
     config: Mapping[str, str]
 
 
+def message_max_bytes(kafka: KafkaSettings) -> int:
+    """librdkafka's ``message.max.bytes``: [kafka] max_message_bytes unless passed through.
+
+    A pass-through ``[kafka.producer] message.max.bytes`` wins (librdkafka requires it to be
+    at least ``batch.size``); :func:`size_problems` says when it disagrees with the topics.
+    """
+    return int(kafka.producer.get("message.max.bytes", kafka.max_message_bytes))
+
+
+def size_problems(kafka: KafkaSettings) -> list[str]:
+    """Disagreements between the producer's and the topics' message size limits."""
+    producer = message_max_bytes(kafka)
+    if producer > kafka.max_message_bytes:
+        return [
+            f"[kafka.producer] message.max.bytes = {producer} is above [kafka] "
+            f"max_message_bytes = {kafka.max_message_bytes} (the topics' max.message.bytes): "
+            "the broker would refuse what the producer accepts; remove the pass-through"
+        ]
+    return []
+
+
 def _common_topic_config(kafka: KafkaSettings) -> dict[str, str]:
     return {"min.insync.replicas": "2"} if kafka.replication_factor >= 3 else {}
 
@@ -298,11 +321,12 @@ def control_topic_spec(kafka: KafkaSettings) -> TopicSpec:
 def topic_specs(kafka: KafkaSettings, domains: Sequence[str]) -> list[TopicSpec]:
     """The topics of docs/ARCHITECTURE.md for ``domains``."""
     common = _common_topic_config(kafka)
+    size = {"max.message.bytes": str(kafka.max_message_bytes)}
     specs = [
         TopicSpec(
             kafka.topic(d),
             kafka.partitions,
-            {**common, "cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
+            {**common, **size, "cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
         )
         for d in domains
     ]
@@ -310,7 +334,7 @@ def topic_specs(kafka: KafkaSettings, domains: Sequence[str]) -> list[TopicSpec]
         TopicSpec(
             kafka.dlq_topic,
             1,
-            {**common, "cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+            {**common, **size, "cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
         )
     )
     specs.append(control_topic_spec(kafka))
@@ -337,6 +361,7 @@ def ensure_topics(
         raise translate(exc, f"listing topics at {kafka.bootstrap}") from None
     report: dict[str, dict[str, Any]] = {}
     to_create = []
+    to_resize: list[TopicSpec] = []
     for spec in specs:
         meta = existing.get(spec.name)
         if meta is not None and meta.error is None:
@@ -348,6 +373,8 @@ def ensure_topics(
                     "producer partitions by the topic's actual count"
                 )
             report[spec.name] = entry
+            if "max.message.bytes" in spec.config:
+                to_resize.append(spec)
         else:
             to_create.append(
                 NewTopic(
@@ -357,6 +384,7 @@ def ensure_topics(
                     config=dict(spec.config),
                 )
             )
+    _set_message_size(client, to_resize, timeout_s)
     if not to_create:
         return report
     partitions = {s.name: s.partitions for s in specs}
@@ -372,6 +400,35 @@ def ensure_topics(
             else:
                 raise translate(exc, f"creating topic {name}") from None
     return report
+
+
+def _set_message_size(client: Any, specs: Sequence[TopicSpec], timeout_s: float) -> None:
+    """Set ``max.message.bytes`` of existing topics to the configured one (idempotent)."""
+    if not specs:
+        return
+    from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    resources = [
+        ConfigResource(
+            ConfigResource.Type.TOPIC,
+            spec.name,
+            incremental_configs=[
+                ConfigEntry(
+                    "max.message.bytes",
+                    spec.config["max.message.bytes"],
+                    incremental_operation=AlterConfigOpType.SET,
+                )
+            ],
+        )
+        for spec in specs
+    ]
+    for resource, future in client.incremental_alter_configs(
+        resources, request_timeout=timeout_s
+    ).items():
+        try:
+            future.result(timeout=timeout_s)
+        except Exception as exc:  # KafkaException, or the future's own timeout
+            raise translate(exc, f"setting max.message.bytes of topic {resource.name}") from None
 
 
 # ======================================================================= librdkafka's log

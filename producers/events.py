@@ -18,6 +18,9 @@ Rules implemented here and in the modules it uses (docs/ARCHITECTURE.md is the c
   and high watermark every key changed in the stream is dropped from the chunk; at the high
   watermark the rest is emitted as op ``r`` at the high watermark's commit LSN, so a streamed
   change always wins.
+* **Dead letters** (:mod:`producers.row_letters`): a row the envelope cannot carry (a value, or
+  an event over ``max_event_bytes``) is withheld and handed to ``on_letter``; the rest of its
+  transaction flows. Without ``on_letter`` the error propagates (the producer stops).
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from cutover import codec
 from cutover import envelope as env
 from cutover.codec import ColumnSpec, WriterSchema
 from cutover.envelope import HEARTBEAT_KEY, heartbeat_record
-from cutover.errors import DecodeError, UnmappableRow
+from cutover.errors import DecodeError, UncarriableValue, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping
 from cutover.values import UNCHANGED
-from producers import pgoutput
+from producers import pgoutput, row_letters
 from producers.pgoutput import (
     Begin,
     Commit,
@@ -107,7 +110,12 @@ class ChangeStream:
     * ``on_schema(route, changes)``: a writer schema not seen before is about to be used; the
       callee publishes it to the schemas topic (and waits for the ack) before returning.
       ``changes`` describes a compatible evolution (empty for a table's first schema);
-    * ``on_message(message, tx)``: a logical message other than our watermarks.
+    * ``on_message(message, tx)``: a logical message other than our watermarks;
+    * ``on_letter(letter)``: a row was withheld (:mod:`producers.row_letters`).
+
+    ``refused`` holds (table, row key) of the withheld rows still open; a later full image of
+    one is delivered normally and listed in ``cleared`` (table, row key, LSN) for the producer
+    to resolve once it is acknowledged.
     """
 
     def __init__(
@@ -123,6 +131,8 @@ class ChangeStream:
         clock_ms: Callable[[], int],
         encoder_factory: Callable[[WriterSchema], Encoder] | None = None,
         on_message: Callable[[LogicalMessage, TxContext | None], None] | None = None,
+        on_letter: Callable[[row_letters.RowLetter], None] | None = None,
+        max_event_bytes: int | None = None,
     ) -> None:
         self._mapping = mapping
         self._source = source
@@ -133,6 +143,10 @@ class ChangeStream:
         self._on_message = on_message
         self._clock_ms = clock_ms
         self._encoder_factory = encoder_factory
+        self._on_letter = on_letter
+        self._max_event_bytes = max_event_bytes
+        self.refused: set[tuple[str, str]] = set()
+        self.cleared: list[tuple[str, str, int]] = []
         # Last column list per schema.table: persisted ones first, then what the stream showed.
         self._columns: dict[str, tuple[ColumnSpec, ...]] = dict(known_columns or {})
         self._routes: dict[int, TableRoute] = {}  # relation oid -> route
@@ -225,19 +239,22 @@ class ChangeStream:
         if kind is Insert:
             assert isinstance(msg, Insert)
             route, rel = self._route_rel(msg.relation_oid)
-            row = pgoutput.decode_tuple(rel, msg.new)
-            self._change(route, "c", None, row)
+            row = self._decode(route, rel, msg.new)
+            if row is not None:
+                self._change(route, "c", None, row)
         elif kind is Update:
             assert isinstance(msg, Update)
             route, rel = self._route_rel(msg.relation_oid)
-            row = pgoutput.decode_tuple(rel, msg.new)
-            old = pgoutput.decode_tuple(rel, msg.old) if msg.old is not None else None
-            self._change(route, "u", old, row)
+            row = self._decode(route, rel, msg.new)
+            old = self._decode(route, rel, msg.old) if msg.old is not None else None
+            if row is not None and (old is not None or msg.old is None):
+                self._change(route, "u", old, row)
         elif kind is Delete:
             assert isinstance(msg, Delete)
             route, rel = self._route_rel(msg.relation_oid)
-            old = pgoutput.decode_tuple(rel, msg.old)
-            self._change(route, "d", old, None)
+            old = self._decode(route, rel, msg.old)
+            if old is not None:
+                self._change(route, "d", old, None)
         elif kind is Begin:
             assert isinstance(msg, Begin)
             self.tx = TxContext(msg.xid, msg.final_lsn, pg_time_to_ms(msg.commit_time_us))
@@ -273,6 +290,31 @@ class ChangeStream:
         cols = tuple(ColumnSpec(c.name, c.type_oid, c.type_modifier) for c in rel.columns)
         self._routes[rel.oid] = self.route_for(rel.namespace, rel.name, cols)
 
+    def _decode(
+        self, route: TableRoute, rel: Relation, raw: pgoutput.RawTuple
+    ) -> dict[str, object] | None:
+        """The decoded tuple, or None when a value did not decode (the row is withheld)."""
+        try:
+            return pgoutput.decode_tuple(rel, raw)
+        except UncarriableValue as exc:
+            self._refuse(exc, route, exc.row or {})
+            return None
+
+    def _refuse(self, exc: UncarriableValue, route: TableRoute, row: Mapping[str, object]) -> None:
+        """Withhold one row: its letter goes to ``on_letter`` (no callback: the error stops)."""
+        if self._on_letter is None:
+            raise exc
+        letter = row_letters.letter_for(exc, route, row, self.tx.commit_lsn if self.tx else 0)
+        self.refused.add((letter.table, letter.key))
+        self._on_letter(letter)
+
+    def _clear(self, route: TableRoute, row: Mapping[str, object], lsn: int) -> None:
+        """A full image of a withheld row is being delivered: its letter can be resolved."""
+        refused = (route.qualified, row_letters.row_key(route.mapping.primary_key, row))
+        if refused in self.refused:
+            self.refused.discard(refused)
+            self.cleared.append((*refused, lsn))
+
     def _route_rel(self, oid: int) -> tuple[TableRoute, Relation]:
         try:
             return self._routes[oid], self._relations[oid]
@@ -299,27 +341,35 @@ class ChangeStream:
         before: dict[str, object] | None = None
         after: dict[str, object] | None = None
         unchanged: list[str] = []
-        if old is not None:
-            before = avro_row(route, old)[0]
-        if new is not None:
-            after, unchanged = avro_row(route, new)
         seq = self._seq
-        self._seq = seq + 1
         table = route.table
         order = self._per_table.get(table, 0) + 1
+        try:
+            if old is not None:
+                before = avro_row(route, old)[0]
+            if new is not None:
+                after, unchanged = avro_row(route, new)
+            record = env.change_record(
+                route.source_block,
+                op=op,
+                before=before,
+                after=after,
+                unchanged=unchanged,
+                position=(tx.commit_lsn, seq),
+                tx_id=tx.xid,
+                commit_ms=tx.ts_ms,
+                now_ms=self._clock_ms(),
+                transaction=env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
+            )
+            row_letters.check_size(route, record, self._max_event_bytes)
+        except UncarriableValue as exc:
+            # Before seq and order are taken: the transaction's other events keep theirs.
+            self._refuse(exc, route, keyed)
+            return
+        self._seq = seq + 1
         self._per_table[table] = order
-        record = env.change_record(
-            route.source_block,
-            op=op,
-            before=before,
-            after=after,
-            unchanged=unchanged,
-            position=(tx.commit_lsn, seq),
-            tx_id=tx.xid,
-            commit_ms=tx.ts_ms,
-            now_ms=self._clock_ms(),
-            transaction=env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
-        )
+        if self.refused and not unchanged:
+            self._clear(route, keyed, tx.commit_lsn)
         pending = _Pending(route, key.encode(), partition, record)
         previous = self._hold.push(route.topic, partition, pending)
         if previous is not None:
@@ -391,24 +441,36 @@ class ChangeStream:
         window.high_lsn = tx.commit_lsn
         rows = window.close()
         now = self._clock_ms()
+        emitted = 0
         for index, row in enumerate(rows):
+            if isinstance(row, row_letters.RefusedRow):  # a value that did not decode
+                self._refuse(row.error, route, row)
+                continue
             key, partition = route.key_of(row)
-            after, unchanged = avro_row(route, row)
-            record = env.change_record(
-                route.source_block,
-                op=env.SNAPSHOT_OP,
-                before=None,
-                after=after,
-                unchanged=unchanged,
-                position=(tx.commit_lsn, index),
-                tx_id=tx.xid,
-                commit_ms=tx.ts_ms,
-                now_ms=now,
-                transaction=None,
-            )
+            try:
+                after, unchanged = avro_row(route, row)
+                record = env.change_record(
+                    route.source_block,
+                    op=env.SNAPSHOT_OP,
+                    before=None,
+                    after=after,
+                    unchanged=unchanged,
+                    position=(tx.commit_lsn, index),
+                    tx_id=tx.xid,
+                    commit_ms=tx.ts_ms,
+                    now_ms=now,
+                    transaction=None,
+                )
+                row_letters.check_size(route, record, self._max_event_bytes)
+            except UncarriableValue as exc:
+                self._refuse(exc, route, row)
+                continue
+            if self.refused:
+                self._clear(route, row, tx.commit_lsn)
             self._emit(route.topic, partition, key.encode(), route.encoder(record))
-        window.emitted = len(rows)
-        self.snapshot_rows += len(rows)
+            emitted += 1
+        window.emitted = emitted
+        self.snapshot_rows += emitted
         self._remove_window(window)
         self.completed_chunks.append(window)
 

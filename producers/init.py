@@ -56,7 +56,7 @@ from cutover.control_store import (
     offsets,
 )
 from cutover.control_store import producer as producer_state
-from cutover.errors import CheckFailed, UsageError
+from cutover.errors import CheckFailed, ConfigError, UsageError
 from cutover.mapping import (
     MappingSpec,
     TableMapping,
@@ -64,6 +64,7 @@ from cutover.mapping import (
     check_round_trip,
     load_mapping,
 )
+from producers import row_letters
 from producers.init_checks import (
     Conn,
     InitReport,
@@ -394,6 +395,21 @@ def _ensure_legacy_control(conn: Conn, report: InitReport) -> None:
     report.action("legacy control tables (schema cutover)", "created" if missing else "exists")
 
 
+def _report_message_size(settings: Settings, report: InitReport) -> None:
+    """One size limit for topics and producer; the largest row event it lets through."""
+    problems = kafka.size_problems(settings.kafka)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    limit = settings.kafka.max_message_bytes
+    report.action(
+        "message size limit",
+        "set",
+        f"topics max.message.bytes = producer message.max.bytes = {limit}; the largest row "
+        f"event is {limit - row_letters.SIZE_MARGIN} bytes encoded, a larger row becomes a "
+        "producer dead letter ([kafka] max_message_bytes)",
+    )
+
+
 def run_init(
     settings: Settings,
     *,
@@ -440,6 +456,7 @@ def run_init(
         except psycopg.Error as exc:
             raise pg.translate(exc, "init", "source") from None
     specs = kafka.topic_specs(settings.kafka, list(mapping.domains))
+    _report_message_size(settings, report)
     if dry_run:
         report.action("kafka topics", "not_checked", ", ".join(s.name for s in specs))
     else:

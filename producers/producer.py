@@ -67,7 +67,7 @@ from cutover.errors import (
 )
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
-from producers import coverage, kafka_io
+from producers import coverage, kafka_io, row_letters
 from producers.events import (
     HEARTBEAT_KEY,
     HEARTBEAT_PREFIX,
@@ -275,6 +275,8 @@ class CdcProducer:
         self.kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
         self._domain_partitions = self._partitions()
         self._publish_schema_ws(self._hb_schema)
+        # Rows the envelope cannot carry are withheld as dead letters (producers.row_letters).
+        self.letters = row_letters.LetterBox(settings, self.store, self.kafka)
         self.stream = ChangeStream(
             self.mapping,
             SourceInfo(version=_version(), name=settings.kafka.topic_prefix, db=db),
@@ -285,7 +287,10 @@ class CdcProducer:
             known_columns=self._persisted,
             clock_ms=lambda: time.time_ns() // 1_000_000,
             encoder_factory=encoder_for,
+            on_letter=self.letters.reject,
+            max_event_bytes=settings.kafka.max_message_bytes - row_letters.SIZE_MARGIN,
         )
+        self.stream.refused = self.letters.open_keys()
         self.snapshots = SnapshotRunner(
             settings, self.store, self.mapping, self.stream, log=self.log, progress=self.progress
         )
@@ -411,6 +416,8 @@ class CdcProducer:
         except KafkaError:
             metrics.delivery_failed()
             raise
+        self.letters.resolve(stream.cleared)  # their full images are acknowledged
+        stream.cleared.clear()
         for topic, count in stream.events_by_topic.items():
             metrics.events_produced(topic.rsplit(".", 1)[-1], count)
         stream.events_by_topic.clear()

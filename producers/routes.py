@@ -9,7 +9,9 @@ columns need. Routing rules (docs/ARCHITECTURE.md is the contract):
   its partition is ``crc32(key) % partitions`` (:func:`partition_for`), chosen by the producer so
   that it knows which event is the last of its source transaction in each partition;
 * decoded typed values go into the ``Value`` record as they are, except uuid → text and
-  unconstrained numeric → exact decimal text (their Avro types are strings). An unchanged TOAST
+  unconstrained numeric → exact decimal text (their Avro types are strings); a NaN or
+  +-Infinity in a constrained numeric (an Avro decimal) raises
+  :class:`~cutover.errors.UncarriableValue`. An unchanged TOAST
   value becomes null *and* its column is listed in ``unchanged_toast`` (:func:`avro_row`).
 """
 
@@ -25,6 +27,7 @@ from uuid import UUID
 from cutover import codec
 from cutover import envelope as env
 from cutover.codec import ColumnSpec, WriterSchema
+from cutover.errors import UncarriableValue
 from cutover.mapping import TableMapping, aggregate_key
 from cutover.values import UNCHANGED
 
@@ -55,6 +58,18 @@ def _to_text_decimal(value: object) -> object:
     return value
 
 
+def _finite_decimal(value: object) -> object:
+    # An Avro decimal has no NaN or +-Infinity (PostgreSQL 14+ numerics do): one row's problem.
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise UncarriableValue(
+            "numeric value is not finite: no Avro decimal representation",
+            table="",
+            column=None,
+            reason="non_finite_decimal",
+        )
+    return value
+
+
 def _to_text_uuid(value: object) -> object:
     return str(value) if isinstance(value, UUID) else value
 
@@ -66,7 +81,7 @@ def _converter(col: ColumnSpec) -> Callable[[object], object] | None:
     if codec.avro_type(col.type_oid, col.type_modifier) == "string":
         # Unconstrained numeric is carried as exact text; other string types decode to str.
         return _to_text_decimal if col.type_oid == codec.NUMERIC_OID else None
-    return None
+    return _finite_decimal if col.type_oid == codec.NUMERIC_OID else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +96,7 @@ class TableRoute:
     topic: str
     partitions: int
     encoder: Encoder
-    # Columns whose decoded value needs a conversion (uuid, unconstrained numeric).
+    # Columns whose decoded value needs a conversion or a check (uuid, numeric).
     conversions: tuple[tuple[str, Callable[[object], object]], ...] = ()
     source_block: Mapping[str, Any] = field(default_factory=dict)
 
@@ -156,5 +171,13 @@ def avro_row(route: TableRoute, row: dict[str, object]) -> tuple[dict[str, objec
     for name, convert in route.conversions:
         value = row.get(name)
         if value is not None:
-            row[name] = convert(value)
+            try:
+                row[name] = convert(value)
+            except UncarriableValue as exc:
+                raise UncarriableValue(
+                    f"{route.qualified} column {name}: {exc.message}",
+                    table=route.qualified,
+                    column=name,
+                    reason=exc.reason,
+                ) from None
     return row, unchanged

@@ -43,9 +43,15 @@ from cutover import pg
 from cutover.codec import ColumnSpec
 from cutover.control_store import LEGACY_SCHEMA, ControlStore
 from cutover.control_store.producer import SnapshotRequest, request_snapshot
-from cutover.errors import CheckFailed, CutoverError, DatabaseError, UsageError
+from cutover.errors import (
+    CheckFailed,
+    CutoverError,
+    DatabaseError,
+    UncarriableValue,
+    UsageError,
+)
 from cutover.mapping import MappingSpec
-from producers import pgoutput, predicate
+from producers import pgoutput, predicate, row_letters
 from producers.events import SNAPSHOT_HIGH_PREFIX, SNAPSHOT_LOW_PREFIX
 
 Conn = psycopg.Connection[Any]
@@ -137,6 +143,30 @@ def decode_row(columns: Sequence[ColumnSpec], values: Sequence[str | None]) -> d
     }
 
 
+def _decode_or_refuse(
+    qualified: str, columns: Sequence[ColumnSpec], values: Sequence[str | None]
+) -> dict[str, object]:
+    """The decoded row, or a :class:`~producers.row_letters.RefusedRow` (a dead letter)."""
+    try:
+        return decode_row(columns, values)
+    except UncarriableValue as exc:
+        partial: dict[str, object] = {}
+        column: str | None = None
+        for col, text in zip(columns, values, strict=False):
+            try:
+                partial[col.name] = decode_row([col], [text])[col.name]
+            except UncarriableValue:
+                partial[col.name] = None
+                column = column or col.name
+        refused = UncarriableValue(
+            f"{qualified} column {column}: {exc.message}",
+            table=qualified,
+            column=column,
+            reason=exc.reason,
+        )
+        return row_letters.RefusedRow(partial, refused)
+
+
 def read_chunk(
     conn: Conn,
     *,
@@ -185,7 +215,7 @@ def read_chunk(
     rows: dict[tuple[object, ...], dict[str, object]] = {}
     n = len(names)
     for values in raw:
-        row = decode_row(columns, values[:n])
+        row = _decode_or_refuse(f"{schema}.{table}", columns, values[:n])
         pk_values = decode_row(pk_specs, values[n:])
         rows[tuple(pk_values[c] for c in primary_key)] = row
     if keys:

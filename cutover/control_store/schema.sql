@@ -193,6 +193,26 @@ CREATE TABLE IF NOT EXISTS snapshot_requests (
 CREATE INDEX IF NOT EXISTS snapshot_requests_open_idx
     ON snapshot_requests (slot_name, id) WHERE status IN ('pending', 'running');
 
+-- Rows the producer could not carry (a NaN, an infinite date, an event over the size limit):
+-- the row is withheld, the stream goes on. No column value is stored, only where and why.
+-- Resolved by the producer when a later full image of the same row flows (the fix).
+CREATE TABLE IF NOT EXISTS producer_dead_letters (
+    id           bigserial   PRIMARY KEY,
+    slot_name    text        NOT NULL,
+    domain       text        NOT NULL,
+    topic        text        NOT NULL,    -- the domain topic the row's event was meant for
+    source_table text        NOT NULL,    -- schema.table
+    row_key      text        NOT NULL,    -- the row's primary key, JSON object text
+    source_lsn   bigint      NOT NULL,    -- commit LSN of the change (high watermark: snapshot)
+    reason       text        NOT NULL,    -- a fixed vocabulary, never a value
+    column_name  text,
+    status       text        NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'resolved')),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    resolved_at  timestamptz,
+    resolved_lsn bigint,                  -- the change that carried the fixed row
+    UNIQUE (slot_name, source_table, row_key, source_lsn)
+);
+
 CREATE TABLE IF NOT EXISTS snapshot_progress (
     request_id   bigint      PRIMARY KEY REFERENCES snapshot_requests (id),
     last_pk      jsonb,                   -- text of the primary key values of the last row read

@@ -34,6 +34,7 @@ PRODUCER_TABLES: Final = (
     "producer_state",
     "table_schemas",
     "snapshot_requests",
+    "producer_dead_letters",
     "snapshot_progress",
 )
 

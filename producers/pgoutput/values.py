@@ -7,6 +7,7 @@ text, no clamping of infinite dates) are explained in the package docstring.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final, TypeAlias
 
-from cutover.errors import DecodeError
+from cutover.errors import DecodeError, UncarriableValue
 from cutover.values import UNCHANGED
 
 if TYPE_CHECKING:  # messages imports this module at run time (Relation resolves converters)
@@ -175,6 +176,18 @@ def _describe(type_oid: int, text: bytes, exc: Exception) -> str:
     return f"cannot decode {type_name} (oid {type_oid}) from {shown}: {problem}"
 
 
+_DATETIME_OIDS: Final = frozenset({1082, 1114, 1184})
+
+
+def reason_of(type_oid: int, text: bytes) -> str:
+    """The value-free reason a value of ``type_oid`` did not decode (a fixed vocabulary)."""
+    if type_oid in _DATETIME_OIDS:
+        if text in (b"infinity", b"-infinity"):
+            return "infinite_timestamp"
+        return "timestamp_out_of_range"
+    return "undecodable_" + _TYPE_NAMES.get(type_oid, "value").strip('"')
+
+
 def decode_value(type_oid: int, text: bytes) -> object:
     """Convert one value from PostgreSQL's text output format to a Python value.
 
@@ -183,12 +196,18 @@ def decode_value(type_oid: int, text: bytes) -> object:
     ``timestamptz`` → aware ``datetime``; ``timestamp`` → naive ``datetime``; ``date`` → ``date``;
     ``bool`` → ``bool``; ``json/jsonb`` → ``str`` (the exact text); ``uuid`` → :class:`uuid.UUID`;
     ``bytea`` → ``bytes``; ``float4/float8`` → ``float``; any other OID → ``str``.
-    Raises :class:`DecodeError` for text the type cannot hold, including ``infinity`` dates.
+    Raises :class:`UncarriableValue` (a :class:`DecodeError`) for text the type cannot hold,
+    including ``infinity`` dates: one row's problem, not the stream's.
     """
     try:
         return converter(type_oid)(text)
     except _CONVERSION_ERRORS as exc:
-        raise DecodeError(_describe(type_oid, text, exc)) from exc
+        raise UncarriableValue(
+            _describe(type_oid, text, exc),
+            table="",
+            column=None,
+            reason=reason_of(type_oid, text),
+        ) from exc
 
 
 def decode_tuple(relation: Relation, raw: RawTuple) -> dict[str, object]:
@@ -222,7 +241,22 @@ def decode_tuple(relation: Relation, raw: RawTuple) -> dict[str, object]:
     except _CONVERSION_ERRORS as exc:
         type_oid = next(c.type_oid for c in relation.columns if c.name == name)
         text = value if isinstance(value, bytes) else b""
-        raise DecodeError(
-            f"relation {relation.qualified_name} column {name}: {_describe(type_oid, text, exc)}"
+        raise UncarriableValue(
+            f"relation {relation.qualified_name} column {name}: {_describe(type_oid, text, exc)}",
+            table=relation.qualified_name,
+            column=name,
+            reason=reason_of(type_oid, text),
+            row=_decodable_part(plan, raw),
         ) from exc
+    return out
+
+
+def _decodable_part(plan: tuple[tuple[str, Converter], ...], raw: RawTuple) -> dict[str, object]:
+    """What decodes of a tuple that did not (None for the rest): enough to name its key."""
+    out: dict[str, object] = {}
+    for (name, convert), value in zip(plan, raw, strict=True):
+        out[name] = None
+        if type(value) is bytes:
+            with contextlib.suppress(*_CONVERSION_ERRORS):
+                out[name] = convert(value)
     return out
