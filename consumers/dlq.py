@@ -25,8 +25,9 @@ from consumers.schemas import SchemaReader
 from consumers.sink import Sink
 from cutover import pg
 from cutover.config import Settings
-from cutover.control_store import ControlStore, dead_letters
-from cutover.errors import DecodeError
+from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters
+from cutover.envelope import lsn_to_str
+from cutover.errors import DecodeError, UncarriableValue
 from cutover.logging import get_logger
 from cutover.mapping import load_mapping
 
@@ -64,6 +65,13 @@ class LetterRow:
     status: str
     created_at: datetime
     resolved_at: datetime | None
+    #: "consumer" (an applier's poison message) or "producer" (a row the producer withheld,
+    #: in legacy's cutover.producer_dead_letters: shown as p<id>, no partition or offset).
+    origin: str = "consumer"
+
+    @property
+    def label(self) -> str:
+        return f"p{self.id}" if self.origin == "producer" else str(self.id)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -79,13 +87,41 @@ class LetterRow:
             "status": self.status,
             "created_at": self.created_at.isoformat(),
             "resolved_at": self.resolved_at.isoformat() if self.resolved_at else None,
+            "origin": self.origin,
         }
 
 
 def list_dead_letters(settings: Settings, status: str | None) -> list[LetterRow]:
+    """The appliers' dead letters (commerce), then the rows the producer withheld (legacy)."""
     with pg.connect(settings.target.dsn, side="target", application_name="cutover dlq") as conn:
         letters = dead_letters.list_rows(ControlStore(conn, settings.target.control_schema), status)
-    return [LetterRow(*letter) for letter in letters]
+    rows = [LetterRow(*letter) for letter in letters]
+    with pg.connect(settings.source.dsn, side="source", application_name="cutover dlq") as conn:
+        store = ControlStore(conn, LEGACY_SCHEMA, "source")
+        if store.exists(dead_letters.PRODUCER_TABLE):
+            produced = dead_letters.list_producer_rows(store, status)
+            rows.extend(_producer_row(p) for p in produced)
+    return rows
+
+
+def _producer_row(row: dead_letters.ProducerLetterRow) -> LetterRow:
+    letter = row.letter
+    column = f" in column {letter.column}" if letter.column else ""
+    return LetterRow(
+        row.id,
+        "producer",
+        letter.domain,
+        letter.topic,
+        -1,
+        -1,
+        letter.source_table,
+        UncarriableValue.__name__,
+        f"{letter.reason}{column}; key {letter.row_key}; LSN {lsn_to_str(letter.source_lsn)}",
+        row.status,
+        row.created_at,
+        row.resolved_at,
+        origin="producer",
+    )
 
 
 # ------------------------------------------------------------------------- cutover dlq retry

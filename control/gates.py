@@ -40,7 +40,7 @@ A probe that could not run (a server down) fails its gate without being critical
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeAlias
 
 import psycopg
@@ -101,6 +101,9 @@ class DeadLetterEvidence:
     open: int | None = None
     sample_ids: tuple[int, ...] = ()
     error: str | None = None
+    #: Rows the producer withheld (legacy cutover.producer_dead_letters), open.
+    producer_open: int = 0
+    producer_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,7 @@ class Evidence:
         out = asdict(self)
         out["lag"]["partitions"] = {str(k): v for k, v in self.lag.partitions.items()}
         out["dead_letters"]["sample_ids"] = list(self.dead_letters.sample_ids)
+        out["dead_letters"]["producer_ids"] = list(self.dead_letters.producer_ids)
         return out
 
 
@@ -275,6 +279,16 @@ def dead_letters_gate(ev: Evidence, _limits: GateSettings) -> GateResult:
     if dl.error is not None or dl.open is None:
         return GateResult(
             "dead_letters", False, f"could not read dead letters: {dl.error}", evidence=de
+        )
+    if dl.producer_open:
+        ids = ", ".join(f"p{i}" for i in dl.producer_ids)
+        return GateResult(
+            "dead_letters",
+            False,
+            f"{dl.producer_open} rows of {d} withheld by the producer (ids {ids}): inspect with "
+            "`cutover dlq list`; correct them in legacy (their next change resolves them) or "
+            "re-send them with `cutover snapshot --table T --where ...`",
+            evidence=de,
         )
     if dl.open:
         ids = ", ".join(str(i) for i in dl.sample_ids)
@@ -488,6 +502,18 @@ def dead_letter_evidence(settings: Settings, conn: Conn, domain: str) -> DeadLet
     return DeadLetterEvidence(open=count, sample_ids=ids)
 
 
+def with_producer_letters(dl: DeadLetterEvidence, legacy: Conn, domain: str) -> DeadLetterEvidence:
+    """Add the domain's open producer dead letters (rows withheld by the producer)."""
+    store = ControlStore(legacy, LEGACY_CONTROL_SCHEMA, "source")
+    try:
+        if not store.exists(dead_letters.PRODUCER_TABLE):
+            return dl  # no producer ran since `cutover init` created it: none withheld
+        count, ids = dead_letters.producer_open_of_domain(store, domain)
+    except (psycopg.Error, DatabaseError) as exc:
+        return replace(dl, error=_err(exc))
+    return replace(dl, producer_open=count, producer_ids=ids)
+
+
 def heartbeat_evidence(settings: Settings, legacy: Conn) -> HeartbeatEvidence:
     store = ControlStore(legacy, LEGACY_CONTROL_SCHEMA, "source")
     try:
@@ -565,6 +591,7 @@ def collect(settings: Settings, domain: str, *, consumer: Any | None = None) -> 
             hb = heartbeat_evidence(settings, legacy)
             slot = slot_evidence(settings, legacy)
             cap = capture_evidence(settings, legacy, domain)
+            dls = with_producer_letters(dls, legacy, domain)
         else:
             hb = HeartbeatEvidence(error=failed_legacy)
             slot = SlotEvidence(slot=settings.source.slot, error=failed_legacy)

@@ -63,10 +63,11 @@ def run_list(args: argparse.Namespace, context: Any) -> int:
     for col in ("id", "status", "topic [partition] @offset", "table", "error"):
         table.add_column(col, overflow="fold")
     for letter in letters:
+        where = f"{letter.topic} [{letter.partition}] @{letter.offset}"
         table.add_row(
-            str(letter.id),
+            letter.label,
             letter.status,
-            f"{letter.topic} [{letter.partition}] @{letter.offset}",
+            f"{letter.topic} (withheld by the producer)" if letter.origin == "producer" else where,
             letter.source_table or "-",
             f"{letter.error_class}: {letter.error_message}",
         )

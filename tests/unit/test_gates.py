@@ -74,6 +74,11 @@ BAD: dict[str, tuple[Evidence, bool, str]] = {  # case: (evidence, critical, why
         False,
         "2 open dead letters of payment (ids 4, 9)",
     ),
+    "dead_letters_of_the_producer": (
+        replace(GOOD, dead_letters=DeadLetterEvidence(open=0, producer_open=1, producer_ids=(3,))),
+        False,
+        "1 rows of payment withheld by the producer (ids p3)",
+    ),
     "dead_letters_unreadable": (
         replace(GOOD, dead_letters=DeadLetterEvidence(error="no cutover.dead_letters table")),
         False,
