@@ -46,6 +46,7 @@ class Scenario:
     heartbeat_s: float = 1.0
     mapping: Path = MAPPING
     producer_settings: Mapping[str, Any] = field(default_factory=dict)
+    apply_settings: Mapping[str, Any] = field(default_factory=dict)  # the [apply] section
 
     @property
     def prefix(self) -> str:
@@ -80,6 +81,8 @@ class Scenario:
             f"partitions = {self.partitions}",
             "[kafka.producer]",
             *(f'"{k}" = {_toml(v)}' for k, v in self.producer_settings.items()),
+            "[apply]",
+            *(f"{k} = {_toml(v)}" for k, v in self.apply_settings.items()),
             "[mapping]",
             f'file = "{self.mapping}"',
         ]
