@@ -361,15 +361,12 @@ class ChangeStream:
                 now_ms=self._clock_ms(),
                 transaction=env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
             )
-            row_letters.check_size(route, record, self._max_event_bytes)
         except UncarriableValue as exc:
             # Before seq and order are taken: the transaction's other events keep theirs.
             self._refuse(exc, route, keyed)
             return
         self._seq = seq + 1
         self._per_table[table] = order
-        if self.refused and not unchanged:
-            self._clear(route, keyed, tx.commit_lsn)
         pending = _Pending(route, key.encode(), partition, record)
         previous = self._hold.push(route.topic, partition, pending)
         if previous is not None:
@@ -390,15 +387,34 @@ class ChangeStream:
                 window.drop(route.pk_of(new), partial=partial)
 
     def _send(self, pending: _Pending) -> None:
-        self._emit(
-            pending.route.topic,
-            pending.partition,
-            pending.key,
-            pending.route.encoder(pending.record),
-        )
+        route, record = pending.route, pending.record
+        value = route.encoder(record)
+        if self._oversize(route, record, value):
+            return
+        self._emit(route.topic, pending.partition, pending.key, value)
         self.events += 1
-        topic = pending.route.topic
+        topic = route.topic
         self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
+
+    def _oversize(self, route: TableRoute, record: dict[str, Any], value: bytes) -> bool:
+        """Withhold an event over the size limit (True); else note a withheld row it carries.
+
+        Checked on the encoded value, which is produced anyway: free for every other event.
+        The event's seq is then missing from its transaction (consumers need no gap-free seq)
+        and, if it was the last one of its partition, the unit closes at the next heartbeat.
+        """
+        row = record[env.AFTER] if record[env.AFTER] is not None else record[env.BEFORE]
+        limit = self._max_event_bytes
+        if limit is not None and len(value) > limit:
+            message = f"{route.qualified}: the event is {len(value)} bytes, over the limit {limit}"
+            exc = UncarriableValue(
+                message, table=route.qualified, column=None, reason="message_too_large"
+            )
+            self._refuse(exc, route, row)
+            return True
+        if self.refused and not record[env.UNCHANGED_TOAST] and self.tx is not None:
+            self._clear(route, row, self.tx.commit_lsn)
+        return False
 
     def _commit(self, msg: Commit) -> None:
         for pending in self._hold.drain():
@@ -461,14 +477,13 @@ class ChangeStream:
                     now_ms=now,
                     transaction=None,
                 )
-                row_letters.check_size(route, record, self._max_event_bytes)
             except UncarriableValue as exc:
                 self._refuse(exc, route, row)
                 continue
-            if self.refused:
-                self._clear(route, row, tx.commit_lsn)
-            self._emit(route.topic, partition, key.encode(), route.encoder(record))
-            emitted += 1
+            value = route.encoder(record)
+            if not self._oversize(route, record, value):
+                self._emit(route.topic, partition, key.encode(), value)
+                emitted += 1
         window.emitted = emitted
         self.snapshot_rows += emitted
         self._remove_window(window)

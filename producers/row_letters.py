@@ -3,9 +3,10 @@
 A value the envelope cannot carry (NaN or +-Infinity in a constrained numeric, an infinite or
 out-of-range date/time, text its type cannot hold) or an event over the message size limit
 raises :class:`~cutover.errors.UncarriableValue` where the value is converted
-(:mod:`producers.pgoutput.values`, :mod:`producers.routes`, :func:`check_size` here). The change
-stream (:mod:`producers.events`) then withholds that one event and hands a :class:`RowLetter` to
-the producer's :class:`LetterBox`, which, by ``[apply] dlq_policy``:
+(:mod:`producers.pgoutput.values`, :mod:`producers.routes`) or, for the size, where the event
+is encoded (:mod:`producers.events`). The change stream then withholds that one event and
+hands a :class:`RowLetter` to the producer's :class:`LetterBox`, which, by ``[apply]
+dlq_policy``:
 
 * ``dlq`` (default): publishes it to the DLQ topic (headers ``cutover.origin=producer``, topic,
   table, key, LSN, reason; the value is the same, as JSON) and records it in legacy's
@@ -29,12 +30,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from cutover import metrics
 from cutover.config import Settings
 from cutover.control_store import ControlStore, dead_letters
-from cutover.envelope import AFTER, BEFORE, lsn_to_str
+from cutover.envelope import lsn_to_str
 from cutover.errors import RuntimeFailure, UncarriableValue, UnmappableRow
 from cutover.logging import get_logger
 from producers.kafka_io import KafkaOut
@@ -42,9 +43,6 @@ from producers.routes import TableRoute
 
 #: Room left under ``[kafka] max_message_bytes`` for the key, headers and record overhead.
 SIZE_MARGIN: Final = 4096
-# Per-field allowance in the size bound: a long's varint, a union index, a length prefix.
-_FIELD_BYTES: Final = 16
-_RECORD_BYTES: Final = 2048  # the source and transaction blocks, the schema header
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,39 +124,6 @@ def letter_for(
         reason=exc.reason,
         column=exc.column,
     )
-
-
-def size_bound(record: Mapping[str, Any]) -> int:
-    """An upper bound of the encoded size of an envelope record (no encoding: cheap)."""
-    total = _RECORD_BYTES
-    for image in (record.get(BEFORE), record.get(AFTER)):
-        if not image:
-            continue
-        for value in image.values():
-            if isinstance(value, str):
-                total += len(value) if value.isascii() else 4 * len(value)
-            elif isinstance(value, bytes | bytearray):
-                total += len(value)
-            total += _FIELD_BYTES
-    return total
-
-
-def check_size(route: TableRoute, record: Mapping[str, Any], limit: int | None) -> None:
-    """Raise :class:`UncarriableValue` when the encoded event would exceed ``limit`` bytes.
-
-    Encodes only when the cheap bound says it might (a big row): the common event is not
-    encoded twice.
-    """
-    if limit is None or size_bound(record) <= limit:
-        return
-    size = len(route.encoder(record))
-    if size > limit:
-        raise UncarriableValue(
-            f"{route.qualified}: the event is {size} bytes, over the limit of {limit}",
-            table=route.qualified,
-            column=None,
-            reason="message_too_large",
-        )
 
 
 def halt_message(letter: RowLetter) -> str:

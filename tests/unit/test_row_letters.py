@@ -18,7 +18,7 @@ from cutover.values import UNCHANGED
 from producers import row_letters
 from producers.events import ChangeStream, ChunkWindow, SourceInfo, TableRoute
 from producers.pgoutput import Begin, Commit, Insert, LogicalMessage, Update, decode_tuple
-from producers.row_letters import RefusedRow, RowLetter, check_size, halt_message, size_bound
+from producers.row_letters import RefusedRow, RowLetter, halt_message
 from tests.unit.test_producer_events import (
     PRODUCTS,
     USERS,
@@ -141,20 +141,24 @@ def test_an_event_over_the_size_limit_is_withheld(mapping: MappingSpec) -> None:
     assert [r["after"]["id"] for r in s.records()] == [3]
 
 
-def test_size_bound_is_an_upper_bound(mapping: MappingSpec) -> None:
+def test_the_size_limit_is_the_encoded_event(mapping: MappingSpec) -> None:
     s = Stream(mapping)
-    texts = [b"", b"abc" * 1000, "é€😀".encode() * 3000]
-    s.tx(*(Insert(PRODUCTS, product(i, 5, desc=t)) for i, t in enumerate(texts)))
-    route = s.stream.route_for(
-        "shop",
-        "products",
-        tuple(ColumnSpec(c.name, c.type_oid, c.type_modifier) for c in products_rel().columns),
-    )
-    for (_t, _p, _k, value), rec in zip(s.sent, s.records(), strict=True):
-        assert len(value) <= size_bound(rec) <= 4 * len(value) + 4096
-        check_size(route, rec, len(value))  # exactly at the limit: carried
-        with pytest.raises(UncarriableValue, match="over the limit"):
-            check_size(route, rec, len(value) - 1)
+    s.tx(Insert(PRODUCTS, product(2, 5, desc="é€😀".encode() * 3000)))
+    ((_t, _p, _k, value),) = s.sent
+    exact = Stream(mapping, max_event_bytes=len(value))
+    exact.tx(Insert(PRODUCTS, product(2, 5, desc="é€😀".encode() * 3000)))
+    assert len(exact.sent) == 1 and exact.letters == []  # exactly at the limit: carried
+    over = Stream(mapping, max_event_bytes=len(value) - 1)
+    over.tx(Insert(PRODUCTS, product(2, 5, desc="é€😀".encode() * 3000)))
+    assert over.sent == [] and [x.reason for x in over.letters] == ["message_too_large"]
+
+
+def test_an_oversize_fix_does_not_clear_the_letter(mapping: MappingSpec) -> None:
+    s = Stream(mapping, max_event_bytes=20_000)
+    s.tx(Insert(PRODUCTS, _bad_price(2)), lsn=0x100)
+    s.tx(Update(PRODUCTS, None, None, product(2, 5, desc=b"z" * 30_000)), lsn=0x200)
+    assert s.stream.cleared == [] and len(s.letters) == 2
+    assert s.stream.refused == {("shop.products", '{"id": 2}')}
 
 
 def test_without_a_letter_callback_the_error_stops(mapping: MappingSpec) -> None:
