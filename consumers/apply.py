@@ -60,12 +60,13 @@ from consumers.engine import (
     Tx,
 )
 from consumers.letters import DlqPublisher, RecordLetters
+from consumers.reverse import sink_factory
 from consumers.schemas import SchemaReader
 from consumers.sink import Sink
 from cutover import kafka, pg
 from cutover.config import Settings
-from cutover.control_store import CONSUMER_TABLES
 from cutover.control_store.offsets import NEW_ROW_OFFSET
+from cutover.direction import Direction, forward
 from cutover.errors import DatabaseError, KafkaError
 from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
@@ -122,7 +123,12 @@ class ApplyConsumer:
         mapping: MappingSpec | None = None,
         options: ApplyOptions | None = None,
         stop: threading.Event | None = None,
+        direction: Direction | None = None,
     ) -> None:
+        # Which topics, group and database (cutover.direction): from here on ``settings.target``
+        # is the apply side of that direction and ``settings.apply.group_id`` its group.
+        self.direction = direction or forward(settings)
+        settings = self.direction.settings_for_apply(settings)
         self.settings = settings
         self.mapping = mapping if mapping is not None else load_mapping(settings.mapping_path)
         self.options = options or ApplyOptions()
@@ -131,7 +137,7 @@ class ApplyConsumer:
         self.control = settings.target.control_schema
         self.batch_max = settings.apply.batch_max_events
         self.long_tx_events = self.options.long_tx_events or 2 * self.batch_max
-        self.topics = [settings.kafka.topic(d) for d in self.mapping.domains]
+        self.topics = self.direction.topics(self.mapping)
         self.engine = ApplyEngine(
             self.mapping,
             connect=self._connect_db,
@@ -141,10 +147,12 @@ class ApplyConsumer:
                 halt=settings.apply.dlq_policy == "halt",
                 publisher=lambda: DlqPublisher(settings),
             ),
-            domain_of={settings.kafka.topic(d): d for d in self.mapping.domains},
+            domain_of={self.direction.topic(d): d for d in self.mapping.domains},
             on_commit=self.options.on_commit,
             crash_at=self.options.crash_at,
             observe=True,
+            sink_factory=sink_factory(self.direction),
+            side=self.direction.apply_side,
         )
         self._parts: dict[TP, _Partition] = {}
         self._streaming: set[TP] = set()
@@ -261,7 +269,7 @@ class ApplyConsumer:
     def _connect_db(self) -> psycopg.Connection[tuple[object, ...]]:
         return pg.connect(
             self.settings.target.dsn,
-            side="target",
+            side=self.direction.apply_side,
             connect_timeout=10,
             application_name=f"cutover-apply:{self.group}",
         )
@@ -271,10 +279,11 @@ class ApplyConsumer:
         self._db_broken = False
 
     def _check_control_tables(self) -> None:
-        for table in self.sink.control.missing(CONSUMER_TABLES)[:1]:
+        for table in self.sink.control.missing(self.sink.CONTROL_TABLES)[:1]:
+            init = "cutover init --reverse" if self.direction.reverse else "cutover init"
             raise DatabaseError(
-                f"control table {self.control}.{table} does not exist: run `cutover init` first",
-                side="target",
+                f"control table {self.control}.{table} does not exist: run `{init}` first",
+                side=self.direction.apply_side,
             )
 
     def recover(self, exc: DatabaseError) -> bool:

@@ -45,6 +45,7 @@ from consumers.letters import DeadLetter, LetterPolicy
 from consumers.sink import Sink
 from cutover import metrics
 from cutover.codec import SchemaStore
+from cutover.control_store import Side
 from cutover.control_store.offsets import OffsetUpdate
 from cutover.errors import CutoverError, DatabaseError, DecodeError, UnknownSchema
 from cutover.logging import get_logger
@@ -183,6 +184,7 @@ def _crash() -> None:
 
 
 Connect = Callable[[], psycopg.Connection[tuple[object, ...]]]
+SinkFactory = Callable[[psycopg.Connection[tuple[object, ...]], MappingSpec, str], Sink]
 
 
 class ApplyEngine:
@@ -199,8 +201,14 @@ class ApplyEngine:
         on_commit: Callable[[CommitInfo], None] | None = None,
         crash_at: CrashPoint | None = None,
         observe: bool = False,
+        sink_factory: SinkFactory = Sink,
+        side: Side = "target",
     ) -> None:
         self.mapping = mapping
+        #: The sink class (the reverse direction writes legacy: consumers.reverse.LegacySink)
+        #: and which side its database is, for messages.
+        self.sink_factory = sink_factory
+        self.side = side
         self._connect = connect
         self.control = control_schema
         self.letters = letters
@@ -224,11 +232,11 @@ class ApplyEngine:
         self.close()
         conn = self._connect()
         try:
-            setup_session(conn, side="target")
+            setup_session(conn, side=self.side)
         except BaseException:
             conn.close()
             raise
-        self.sink = Sink(conn, self.mapping, self.control)
+        self.sink = self.sink_factory(conn, self.mapping, self.control)
         return self.sink
 
     @property

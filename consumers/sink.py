@@ -32,7 +32,7 @@ from consumers import sql as q
 from consumers.batch import RowOp, column_groups, merge, to_ops
 from consumers.events import Change
 from cutover import pg
-from cutover.control_store import ControlStore, dead_letters, offsets
+from cutover.control_store import CONSUMER_TABLES, ControlStore, dead_letters, offsets
 from cutover.control_store.offsets import OffsetUpdate
 from cutover.errors import CutoverError, DatabaseError, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping
@@ -69,6 +69,9 @@ class _RowRefused(Exception):
 class Sink:
     """Applies changes to the commerce tables through one connection (autocommit mode, with
     transactions opened and ended explicitly by the caller)."""
+
+    #: The control tables this sink writes (``cutover apply`` refuses to start without them).
+    CONTROL_TABLES: tuple[str, ...] = CONSUMER_TABLES
 
     def __init__(
         self,

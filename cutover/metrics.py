@@ -17,6 +17,7 @@ cutover_delivery_failures_total          counter    -                   :func:`d
 cutover_slot_lag_bytes                   gauge      -                   :func:`set_slot_lag`
 cutover_slot_advanced_lsn                gauge      -                   :func:`slot_advanced`
 cutover_heartbeats_sent_total            counter    -                   :func:`heartbeat_sent`
+cutover_echo_dropped_transactions_total  counter    -                   :func:`echo_dropped`
 cutover_events_applied_total             counter    domain              :func:`batch_applied`
 cutover_apply_batch_size                 histogram  -                   :func:`batch_applied`
 cutover_apply_latency_seconds            histogram  -                   :func:`batch_applied`
@@ -79,6 +80,12 @@ SLOT_LAG_BYTES: Final = Gauge(
 SLOT_ADVANCED_LSN: Final = Gauge(
     "cutover_slot_advanced_lsn",
     "The LSN (as a number) the producer last advanced the slot to.",
+    registry=REGISTRY,
+)
+ECHO_DROPPED: Final = Counter(
+    "cutover_echo_dropped_transactions",
+    "Source transactions the producer dropped because an applier of the other direction wrote "
+    "them (their replication origin is ours): the no-echo rule; the slot still moves past them.",
     registry=REGISTRY,
 )
 HEARTBEATS_SENT: Final = Counter(
@@ -171,6 +178,11 @@ def set_slot_lag(lag_bytes: int) -> None:
 def slot_advanced(lsn: int) -> None:
     """The producer: the slot was advanced to ``lsn``."""
     SLOT_ADVANCED_LSN.set(lsn)
+
+
+def echo_dropped(count: int) -> None:
+    """The producer: ``count`` transactions written by our appliers were dropped (no echo)."""
+    ECHO_DROPPED.inc(count)
 
 
 def capture_blocked(table: str, blocked: bool = True) -> None:

@@ -14,6 +14,9 @@ Rules implemented here and in the modules it uses (docs/ARCHITECTURE.md is the c
 * **Positions**: ``source.lsn`` is the commit LSN (``Begin.final_lsn``), ``source.seq`` the
   0-based ordinal of the event among the published events of its transaction; re-reading the
   same WAL yields the same (lsn, seq), so duplicates after a crash are recognisable.
+* **No echo**: a transaction whose Origin message names one of our replication origins
+  (:func:`cutover.origin.is_ours`: an applier of the other direction wrote it) produces no
+  event; its Commit still counts, so the slot advances past it (``echo_dropped`` counts them).
 * **Snapshot windows** (DBLog, :class:`~producers.windows.ChunkWindow`): between a chunk's low
   and high watermark every key changed in the stream is dropped from the chunk; at the high
   watermark the rest is emitted as op ``r`` at the high watermark's commit LSN, so a streamed
@@ -35,6 +38,7 @@ from cutover.codec import ColumnSpec, WriterSchema
 from cutover.envelope import HEARTBEAT_KEY, heartbeat_record
 from cutover.errors import DecodeError, UncarriableValue, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping
+from cutover.origin import is_ours
 from cutover.values import UNCHANGED
 from producers import pgoutput, row_letters
 from producers.pgoutput import (
@@ -43,6 +47,7 @@ from producers.pgoutput import (
     Delete,
     Insert,
     LogicalMessage,
+    Origin,
     Relation,
     Truncate,
     Update,
@@ -158,6 +163,8 @@ class ChangeStream:
         self._closing: list[ChunkWindow] = []
         self.completed_chunks: list[ChunkWindow] = []
         self.tx: TxContext | None = None
+        # The open transaction came from one of our appliers: its changes are not events.
+        self._echo = False
         self._seq = 0
         self._per_table: dict[str, int] = {}
         # Progress counters, read by the producer loop.
@@ -165,6 +172,8 @@ class ChangeStream:
         self.events_by_topic: dict[str, int] = {}
         self.snapshot_rows = 0
         self.transactions = 0
+        #: Transactions dropped because an applier of the other direction wrote them.
+        self.echo_dropped = 0
         self.changes_in_batch = 0
         self.last_commit_end_lsn: int | None = None
 
@@ -259,6 +268,7 @@ class ChangeStream:
             assert isinstance(msg, Begin)
             self.tx = TxContext(msg.xid, msg.final_lsn, pg_time_to_ms(msg.commit_time_us))
             self._seq = 0
+            self._echo = False
             self._per_table.clear()
         elif kind is Commit:
             assert isinstance(msg, Commit)
@@ -269,6 +279,9 @@ class ChangeStream:
         elif kind is LogicalMessage:
             assert isinstance(msg, LogicalMessage)
             self._logical_message(msg)
+        elif kind is Origin:
+            assert isinstance(msg, Origin)
+            self._echo = self.tx is not None and is_ours(msg.name)
         elif kind is Truncate:
             assert isinstance(msg, Truncate)
             names = ", ".join(
@@ -280,7 +293,7 @@ class ChangeStream:
                 "change events; the producer stops before it. Re-snapshot the tables "
                 "(cutover snapshot --table T) after resolving, or advance past it deliberately"
             )
-        # Origin and Type messages carry nothing the events need.
+        # Type messages carry nothing the events need.
 
     def _lsn_text(self) -> str:
         return env.lsn_to_str(self.tx.commit_lsn) if self.tx else "?"
@@ -334,7 +347,11 @@ class ChangeStream:
         if tx is None:
             raise DecodeError("pgoutput change outside a transaction (no Begin message)")
         if self._windows:
+            # An echoed change too: the row's value came from the other side, which holds it;
+            # a chunk row read before it must not overwrite it there.
             self._drop_from_windows(route, old, new)
+        if self._echo:
+            return
         keyed = new if new is not None else old
         assert keyed is not None
         key, partition = route.key_of(keyed)
@@ -426,6 +443,9 @@ class ChangeStream:
             for window in self._closing:
                 self._emit_chunk(window, tx)
             self._closing.clear()
+        if self._echo:
+            self.echo_dropped += 1
+            self._echo = False
         self.tx = None
         self.transactions += 1
         self.last_commit_end_lsn = msg.end_lsn

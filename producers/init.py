@@ -208,12 +208,15 @@ def _publication_diff(existing: dict[str, list[str]], wanted: dict[str, list[str
     return diffs
 
 
-def _ensure_slot(conn: Conn, settings: Settings, report: InitReport) -> None:
+def _ensure_slot(
+    conn: Conn, settings: Settings, report: InitReport, store: ControlStore | None = None
+) -> None:
+    """``settings.source``'s slot, and its position in ``store`` (default: legacy's)."""
     slot_name = settings.source.slot
     obj = f"slot {slot_name}"
     slot = read_slot(conn, slot_name)
     database = str(conn.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
-    store = ControlStore(conn, LEGACY_SCHEMA, "source")
+    store = store or ControlStore(conn, LEGACY_SCHEMA, "source")
     recorded = producer_state.read_position(store, slot_name) if not report.dry_run else None
     if slot is not None:
         if slot["slot_type"] != "logical" or slot["plugin"] != "pgoutput":

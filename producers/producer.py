@@ -56,8 +56,9 @@ from psycopg import sql
 
 from cutover import codec, metrics, pg, shutdown
 from cutover.config import Settings
-from cutover.control_store import LEGACY_SCHEMA, PRODUCER_TABLES, ControlStore
+from cutover.control_store import PRODUCER_TABLES, ControlStore
 from cutover.control_store import producer as producer_state
+from cutover.direction import Direction, forward
 from cutover.errors import (
     ConfigError,
     DatabaseError,
@@ -121,6 +122,8 @@ class ProducerReport:
     events: int = 0
     snapshot_rows: int = 0
     transactions: int = 0
+    #: Transactions dropped because one of our appliers wrote them (no echo).
+    echo_dropped: int = 0
     checkpoints: int = 0
     position: int = 0
     elapsed_s: float = 0.0
@@ -178,7 +181,12 @@ class CdcProducer:
         *,
         stop: threading.Event | None = None,
         progress: ProgressCallback | None = None,
+        direction: Direction | None = None,
     ) -> None:
+        # Which database, slot, publication and topics (cutover.direction): from here on
+        # ``settings.source`` is the capture side of that direction.
+        self.direction = direction or forward(settings)
+        settings = self.direction.settings_for_capture(settings)
         self.settings = settings
         self.options = options
         self.stop = stop or threading.Event()
@@ -200,7 +208,7 @@ class CdcProducer:
     def _connect(self, name: str, *, autocommit: bool) -> Conn:
         conn: Conn = pg.connect(
             self.settings.source.dsn,
-            side="source",
+            side=self.direction.capture_side,
             autocommit=autocommit,
             application_name=f"cutover produce ({name})",
             doing="cannot connect",
@@ -220,22 +228,25 @@ class CdcProducer:
                 conn.commit()
             return conn
         except psycopg.Error as exc:
-            raise pg.translate(exc, "cannot connect", "source") from None
+            raise pg.translate(exc, "cannot connect", self.direction.capture_side) from None
 
     def run(self) -> ProducerReport:
         settings = self.settings
         started = time.monotonic()
-        self.mapping = load_mapping(settings.mapping_path)
+        self.mapping = self.direction.routes(load_mapping(settings.mapping_path))
         with (
             self._connect("control", autocommit=True) as ctl,
             self._connect("reader", autocommit=False) as reader,
         ):
-            # The producer's state lives next to the slot it reads (legacy, schema cutover).
+            # The producer's state lives next to the slot it reads (forward: legacy, schema
+            # cutover; reverse: commerce, [target] control_schema).
             self.ctl = ctl
-            self.store = ControlStore(ctl, LEGACY_SCHEMA, "source")
+            direction = self.direction
+            self.store = ControlStore(ctl, direction.producer_schema, direction.capture_side)
             status = self._start()
             self.log.info(
                 "producer.started",
+                direction=self.direction.way,
                 publication=settings.source.publication,
                 position=lsn_to_str(self._position),
                 recorded=lsn_to_str(status.recorded),
@@ -263,14 +274,17 @@ class CdcProducer:
         settings, src = self.settings, self.settings.source
         if self.store.missing(PRODUCER_TABLES):
             raise ConfigError(
-                "the legacy control tables (schema cutover) are missing: run `cutover init`"
+                f"the producer's control tables (schema {self.store.schema}, {self.store.side} "
+                "database) are missing: run `cutover init`"
+                + (" --reverse" if self.direction.reverse else "")
             )
         acquire_producer_lock(self.ctl, src.slot)
         status = check_slot(self.store, src.slot, log=self.log)
         self._position = status.confirmed
         self._persisted = producer_state.read_table_columns(self.store, src.slot)
         # The captured set is watched (producers.coverage): at start, per Relation, periodically.
-        coverage.check_publication(self.ctl, src.publication, self.mapping)
+        if self.direction.watch_capture:
+            coverage.check_publication(self.ctl, src.publication, self.mapping)
         db = str(self.ctl.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
         self.kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
         self._domain_partitions = self._partitions()
@@ -281,7 +295,7 @@ class CdcProducer:
             self.mapping,
             SourceInfo(version=_version(), name=settings.kafka.topic_prefix, db=db),
             partitions=self._domain_partitions,
-            topic_for=settings.kafka.topic,
+            topic_for=self.direction.topic,
             emit=self.kafka.produce,
             on_schema=self._on_schema,
             known_columns=self._persisted,
@@ -294,7 +308,7 @@ class CdcProducer:
         self.snapshots = SnapshotRunner(
             settings, self.store, self.mapping, self.stream, log=self.log, progress=self.progress
         )
-        if self.options.initial_snapshot:
+        if self.options.initial_snapshot and self.direction.snapshots:
             created = producer_state.ensure_initial_requests(
                 self.store, src.slot, list(self.mapping.tables)
             )
@@ -305,7 +319,7 @@ class CdcProducer:
     def _partitions(self) -> dict[str, int]:
         """The partition count of every domain topic (a mismatch with the config is logged)."""
         kafka = self.settings.kafka
-        topics = [kafka.topic(d) for d in self.mapping.domains]
+        topics = self.direction.topics(self.mapping)
         partitions = self.kafka.partitions([*topics, kafka.schemas_topic])
         for topic in topics:
             if partitions[topic] != kafka.partitions:
@@ -392,7 +406,9 @@ class CdcProducer:
                     "data loss, re-snapshot required (`cutover init`, then `cutover init "
                     "--resnapshot`)"
                 ) from None
-            raise pg.translate(exc, f"reading slot {src.slot}", "source") from None
+            raise pg.translate(
+                exc, f"reading slot {src.slot}", self.direction.capture_side
+            ) from None
         if stream.tx is not None:
             raise RuntimeFailure(
                 f"the peek of slot {src.slot} ended inside a transaction; this should not happen "
@@ -439,27 +455,32 @@ class CdcProducer:
             )
         except psycopg.Error as exc:
             raise pg.translate(
-                exc, f"advancing slot {self.settings.source.slot}", "source"
+                exc, f"advancing slot {self.settings.source.slot}", self.direction.capture_side
             ) from None
         events = stream.events - self.report.events
         txs = stream.transactions - self._checkpointed_commits
+        echoes = stream.echo_dropped - self.report.echo_dropped
         self._position = lsn
         self._last_advance = time.monotonic()
         self._checkpointed_commits = stream.transactions
         self.report.events = stream.events
         self.report.snapshot_rows = stream.snapshot_rows
         self.report.transactions = stream.transactions
+        self.report.echo_dropped = stream.echo_dropped
         self.report.checkpoints += 1
         self.report.position = lsn
         stream.reset_batch_counters()
         self.log.info("slot.advanced", lsn=lsn_to_str(lsn))
         metrics.slot_advanced(lsn)
+        if echoes:
+            metrics.echo_dropped(echoes)
         self._report_slot_lag()
         self._watch_publication()
         self.log.info(
             "producer.batch_delivered",
             events=events,
             txs=txs,
+            echo_dropped=echoes,
             lsn=lsn_to_str(lsn),
             peak_rss_mb=round(_peak_rss_kb() / 1024, 1),
         )
@@ -488,7 +509,9 @@ class CdcProducer:
                 (HEARTBEAT_PREFIX, self.options.producer_name),
             )
         except psycopg.Error as exc:
-            raise pg.translate(exc, "emitting a heartbeat message", "source") from None
+            raise pg.translate(
+                exc, "emitting a heartbeat message", self.direction.capture_side
+            ) from None
         # Counts as activity: the next idle heartbeat is one interval later.
         self._last_advance = time.monotonic()
 
@@ -501,7 +524,7 @@ class CdcProducer:
                 (self.settings.source.slot,),
             ).fetchone()
         except psycopg.Error as exc:
-            raise pg.translate(exc, "reading the slot's lag", "source") from None
+            raise pg.translate(exc, "reading the slot's lag", self.direction.capture_side) from None
         if row is not None and row[0] is not None:
             metrics.set_slot_lag(int(row[0]))
 
@@ -538,14 +561,18 @@ class CdcProducer:
     def _watch_publication(self) -> None:
         """Periodic coverage check: a table that left the publication sends no Relation at all."""
         now = time.monotonic()
-        if now - self._last_watch < self.settings.source.heartbeat_interval_s:
+        if (
+            not self.direction.watch_capture
+            or now - self._last_watch < self.settings.source.heartbeat_interval_s
+        ):
             return
         self._last_watch = now
         coverage.check_publication(self.ctl, self.settings.source.publication, self.mapping)
 
     def _on_schema(self, route: TableRoute, changes: list[str]) -> None:
         # Before any change of this shape becomes an event: a lost mapped column stops here.
-        coverage.check_relation(self.mapping, route.qualified, (c.name for c in route.columns))
+        if self.direction.watch_capture:
+            coverage.check_relation(self.mapping, route.qualified, (c.name for c in route.columns))
         self._publish_schema_ws(route.writer)
         if changes:
             self.log.info(
@@ -572,6 +599,7 @@ def run_producer(
     stop: threading.Event | None = None,
     progress: ProgressCallback | None = None,
     install_signals: bool = False,
+    direction: Direction | None = None,
 ) -> ProducerReport:
     """Run a producer until stopped. With ``install_signals``, SIGTERM/SIGINT stop it cleanly."""
     stop = stop or threading.Event()
@@ -581,7 +609,7 @@ def run_producer(
             stop.set()
 
         shutdown.adopt(_handler)
-    return CdcProducer(settings, options, stop=stop, progress=progress).run()
+    return CdcProducer(settings, options, stop=stop, progress=progress, direction=direction).run()
 
 
 def mapping_tables(mapping: MappingSpec) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from structlog.typing import FilteringBoundLogger
 
 from consumers.apply import ApplyConsumer, ApplyOptions
-from cutover import metrics, shutdown
+from cutover import direction, metrics, shutdown
 from cutover.errors import UsageError
 from cutover.logging import get_logger
 
@@ -38,12 +38,20 @@ def register(sub: Any) -> None:
             "each change with the mapping file and apply it to the commerce database together "
             "with the consumed offsets (exactly-once effect). Poison messages go to the "
             'dead-letter topic, or stop the consumer with dlq_policy = "halt" (exit 3). '
-            "SIGTERM/SIGINT finish the current batch and exit 0."
+            "SIGTERM/SIGINT finish the current batch and exit 0. With --reverse: consume "
+            "<prefix>.reverse.<domain> as the [reverse] group_id group and write legacy "
+            "through the inverse mapping (positions in legacy's [reverse] control_schema)."
         ),
     )
     parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="apply the reverse direction (commerce -> legacy) of the write cutover",
+    )
+    parser.add_argument(
         "--group-id",
-        help="consumer group (default: [apply] group_id); a new group replays from offset 0",
+        help="consumer group (default: [apply] group_id, or [reverse] group_id with --reverse); "
+        "a new group replays from offset 0",
     )
     parser.add_argument(
         "--exit-when-idle",
@@ -78,8 +86,11 @@ def run(args: argparse.Namespace, context: Any) -> int:
     settings = context.settings
     if args.group_id:
         settings = dataclasses.replace(
-            settings, apply=dataclasses.replace(settings.apply, group_id=args.group_id)
+            settings,
+            apply=dataclasses.replace(settings.apply, group_id=args.group_id),
+            reverse=dataclasses.replace(settings.reverse, group_id=args.group_id),
         )
+    way = direction.of(settings, reverse_way=args.reverse)
     if args.exit_when_idle is not None and args.exit_when_idle <= 0:
         raise UsageError("--exit-when-idle must be positive")
     metrics.serve_if_asked(args.metrics_port, settings.metrics_port)
@@ -101,6 +112,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
                 crash_at=_crash_point(context.environ),
             ),
             stop=stop,
+            direction=way,
         )
         consumer.run()
     finally:

@@ -32,6 +32,13 @@ aggregate key is not in its primary key (so deletes carry their Kafka key), the 
 column lists (pgoutput never sends excluded columns; an existing publication with other columns is
 altered, and init says so), the pgoutput slot, the Kafka topics (domain topics, dlq, compacted
 control and schemas), the commerce control tables, and with --target-ddl the commerce schema.
+
+With --reverse, also prepares the reverse path of the write cutover (commerce -> legacy), before
+any fence: preflight of commerce (wal_level = logical, a free slot, the mapped commerce tables'
+keys and replica identity), the producer's control tables in commerce, the [reverse]
+publication (every mapped commerce table, key and mapped columns) and slot, the topics
+<prefix>.reverse.<domain>, and the reverse appliers' control tables in legacy ([reverse]
+control_schema). Its entries are prefixed "reverse: ".
 """
 
 
@@ -59,6 +66,11 @@ def register(sub: Any) -> None:
         "tables, and snapshot every table again on the next `cutover produce` (refused while a "
         "domain serves reads from commerce or the consumers still have messages to apply)",
     )
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="also prepare the reverse path (commerce -> legacy) of the write cutover",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
 
@@ -72,6 +84,10 @@ def run(args: argparse.Namespace, context: Context) -> int:
         dry_run=args.dry_run,
         resnapshot_all=args.resnapshot,
     )
+    if args.reverse:
+        from producers.init_reverse import prepare_reverse
+
+        prepare_reverse(context.settings, report)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0

@@ -29,6 +29,11 @@ nothing (it may repeat events, with the same source position). Tables that were 
 snapshotted are loaded first, in chunks interleaved with the stream (DBLog watermarks);
 requests from `cutover snapshot` are picked up while running.
 
+With --reverse, the same producer runs the reverse direction of the write cutover: it reads
+commerce ([target] dsn) through the [reverse] slot and publication, keeps its state in commerce
+([target] control_schema) and produces to <prefix>.reverse.<domain> (no snapshot: legacy already
+holds every row). Either direction drops the transactions our appliers wrote (no echo).
+
 Stop with SIGTERM or Ctrl-C: in-flight deliveries finish, the slot is advanced, exit 0.
 """
 
@@ -52,6 +57,11 @@ def register(sub: Any) -> None:
     )
     parser.add_argument(
         "--max-runtime", type=float, metavar="SECONDS", help="stop (exit 0) after this long"
+    )
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="capture commerce for the reverse direction (commerce -> legacy)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report when stopped")
     metrics.add_port_argument(parser)
@@ -93,6 +103,7 @@ class _SnapshotBars:
 
 
 def run(args: argparse.Namespace, context: Context) -> int:
+    from cutover import direction
     from producers.producer import options_from_environ, run_producer
 
     options = options_from_environ(
@@ -102,14 +113,17 @@ def run(args: argparse.Namespace, context: Context) -> int:
         max_runtime_s=args.max_runtime,
     )
     settings = context.settings
+    way = direction.of(settings, reverse_way=args.reverse)
     metrics.serve_if_asked(args.metrics_port, settings.metrics_port)
     if sys.stderr.isatty():
         bars = _SnapshotBars()
         with bars.progress:
-            report = run_producer(settings, options, progress=bars, install_signals=True)
+            report = run_producer(
+                settings, options, progress=bars, install_signals=True, direction=way
+            )
     else:
         # Not a terminal: progress is in the snapshot.chunk_done log events.
-        report = run_producer(settings, options, install_signals=True)
+        report = run_producer(settings, options, install_signals=True, direction=way)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     return 0

@@ -220,3 +220,17 @@ CREATE TABLE IF NOT EXISTS snapshot_progress (
     chunks       integer     NOT NULL DEFAULT 0,
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- @section reverse
+-- The reverse appliers' (commerce -> legacy) position guard, in legacy's [reverse] control_schema.
+-- Legacy tables have no _src_lsn/_src_seq columns, so the position (commerce commit LSN, ordinal)
+-- of the change that last wrote a legacy row lives here, one row per (legacy table, key), written
+-- in the same transaction as the row: a change applies only if it moves this position forward (a
+-- delete too, so an older change arriving later cannot bring a deleted row back).
+CREATE TABLE IF NOT EXISTS row_positions (
+    legacy_table text   NOT NULL,
+    row_key      text   NOT NULL,           -- the legacy key values, JSON array text
+    src_lsn      bigint NOT NULL,
+    src_seq      bigint NOT NULL,
+    PRIMARY KEY (legacy_table, row_key)
+);

@@ -25,7 +25,7 @@ Side = Literal["source", "target"]
 Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
 
 #: The roles, one section of ``schema.sql`` each: a role creates its own tables where it runs.
-Role = Literal["consumer", "commands", "producer"]
+Role = Literal["consumer", "commands", "producer", "reverse"]
 
 #: The tables of each role.
 CONSUMER_TABLES: Final = ("consumer_offsets", "tombstones", "dead_letters")
@@ -38,10 +38,14 @@ PRODUCER_TABLES: Final = (
     "snapshot_progress",
 )
 
+#: The reverse appliers' row positions in legacy (legacy tables have no bookkeeping columns).
+REVERSE_TABLES: Final = ("row_positions",)
+
 ROLE_TABLES: Final[Mapping[Role, tuple[str, ...]]] = {
     "consumer": CONSUMER_TABLES,
     "commands": COMMAND_TABLES,
     "producer": PRODUCER_TABLES,
+    "reverse": REVERSE_TABLES,
 }
 
 #: The schema of the producer's tables in the legacy database (not configurable).

@@ -9,6 +9,7 @@ from cutover.control_store import (
     COMMAND_TABLES,
     CONSUMER_TABLES,
     PRODUCER_TABLES,
+    REVERSE_TABLES,
     ROLE_TABLES,
     ddl,
 )
@@ -19,7 +20,9 @@ def _created(text: str) -> list[str]:
 
 
 def test_schema_file_creates_exactly_the_tables_of_every_role() -> None:
-    assert sorted(_created(ddl())) == sorted({*CONSUMER_TABLES, *COMMAND_TABLES, *PRODUCER_TABLES})
+    assert sorted(_created(ddl())) == sorted(
+        {*CONSUMER_TABLES, *COMMAND_TABLES, *PRODUCER_TABLES, *REVERSE_TABLES}
+    )
     for role, tables in ROLE_TABLES.items():
         assert _created(ddl(role)) == list(tables), role
 

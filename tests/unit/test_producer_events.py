@@ -39,6 +39,7 @@ from producers.pgoutput import (
     Delete,
     Insert,
     LogicalMessage,
+    Origin,
     Relation,
     Truncate,
     Update,
@@ -485,3 +486,30 @@ def test_watermarks_of_unknown_chunks_and_other_messages_are_ignored(
 def test_heartbeat_schema_is_the_codec_one() -> None:
     ws = codec.writer_schema(codec.heartbeat_schema())
     assert ws.name == "cutover.Heartbeat"
+
+
+# --- no echo ----------------------------------------------------------------------------------
+
+
+def test_transactions_of_our_appliers_are_dropped_and_still_advance(mapping: MappingSpec) -> None:
+    h = Harness(mapping)
+    h.stream.handle(users_rel())
+    h.tx(1, 0x1000, Insert(USERS, user(1)), end=0x1010)
+    # An applier of the other direction wrote this one (origin cutover_apply_3): no event.
+    h.tx(2, 0x2000, Origin(0x99, "cutover_apply_3"), Insert(USERS, user(2)), end=0x2010)
+    # Another tool's origin is not ours: its changes are carried as usual.
+    h.tx(3, 0x3000, Origin(0x98, "pglogical_node"), Insert(USERS, user(3)), end=0x3010)
+    h.tx(4, 0x4000, Insert(USERS, user(4)), end=0x4010)
+    assert [r[2] for r in h.records()] == ["1", "3", "4"]
+    assert h.stream.echo_dropped == 1
+    # The dropped transaction counts: the slot may advance past it.
+    assert h.stream.transactions == 4
+    assert h.stream.last_commit_end_lsn == 0x4010
+
+
+def test_the_echo_mark_ends_with_its_transaction(mapping: MappingSpec) -> None:
+    h = Harness(mapping)
+    h.stream.handle(users_rel())
+    h.tx(2, 0x2000, Origin(0x99, "cutover_apply_0"), Insert(USERS, user(2)), end=0x2010)
+    h.tx(5, 0x5000, Insert(USERS, user(5)), end=0x5010)
+    assert [r[2] for r in h.records()] == ["5"]
