@@ -109,36 +109,42 @@ def claim_position(control_schema: str) -> sql.Composed:
     ).format(positions=sql.Identifier(control_schema, "row_positions"))
 
 
-def write_sql(schema: str, op: ReverseOp) -> tuple[sql.Composed, list[object]]:
-    """The statement and parameters of ``op`` on legacy table ``schema.<op.table>``."""
+Statement = tuple[sql.Composed, list[object]]
+
+
+def _update(target: sql.Identifier, op: ReverseOp, values: dict[str, object]) -> Statement:
+    sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in values)
+    query = sql.SQL("UPDATE {} SET {} WHERE {}").format(target, sets, _match(op.table.primary_key))
+    return query, [*values.values(), *op.key]
+
+
+def write_sql(schema: str, op: ReverseOp) -> list[Statement]:
+    """The statements of ``op`` on legacy table ``schema.<op.table>``, in order: each one after
+    the first runs only if the previous one touched no row.
+
+    An upsert is an UPDATE of the mapped columns, then, for a row legacy does not have, an
+    INSERT. Not ``INSERT ... ON CONFLICT DO UPDATE``: PostgreSQL checks NOT NULL before it
+    looks for the conflict, so a legacy table with a NOT NULL column the mapping does not map
+    (users.handle) would refuse every update of an existing row.
+    """
     tm = op.table
     target = sql.Identifier(schema, tm.source_table)
     key_cols = tm.primary_key
     if op.kind == "delete":
-        return sql.SQL("DELETE FROM {} WHERE {}").format(target, _match(key_cols)), list(op.key)
+        query = sql.SQL("DELETE FROM {} WHERE {}").format(target, _match(key_cols))
+        return [(query, list(op.key))]
     if op.kind == "mark":
-        sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in op.values)
-        query = sql.SQL("UPDATE {} SET {} WHERE {}").format(target, sets, _match(key_cols))
-        return query, [*op.values.values(), *op.key]
+        return [_update(target, op, op.values)]
     values = {**dict(zip(key_cols, op.key, strict=True)), **op.values}
-    non_key = [c for c in values if c not in key_cols]
-    on_conflict = (
-        sql.SQL("DO UPDATE SET {}").format(
-            sql.SQL(", ").join(
-                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in non_key
-            )
-        )
-        if non_key
-        else sql.SQL("DO NOTHING")
-    )
-    query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {}").format(
+    non_key = {c: v for c, v in values.items() if c not in key_cols}
+    insert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
         target,
         sql.SQL(", ").join(map(sql.Identifier, values)),
         sql.SQL(", ").join(sql.Placeholder() * len(values)),
         sql.SQL(", ").join(map(sql.Identifier, key_cols)),
-        on_conflict,
     )
-    return query, list(values.values())
+    first = [_update(target, op, non_key)] if non_key else []
+    return [*first, (insert, list(values.values()))]
 
 
 # ----------------------------------------------------------------------------------- the sink
@@ -214,8 +220,10 @@ class LegacySink(Sink):
                     )
                     if cur.fetchone() is None:
                         continue  # not newer than what wrote the row last: changes nothing
-                    query, params = write_sql(schema, op)
-                    cur.execute(query, params)
+                    for query, params in write_sql(schema, op):
+                        cur.execute(query, params)
+                        if cur.rowcount > 0:
+                            break
                     if op.kind == "upsert":
                         stats.upserted += 1
                     else:

@@ -61,6 +61,18 @@ class Scenario:
         return f"cutover_pub_t{self.tag}"
 
     @property
+    def reverse_slot(self) -> str:
+        """The reverse direction's slot (on commerce)."""
+        return f"cutover_rt{self.tag}"
+
+    @property
+    def reverse_publication(self) -> str:
+        return f"cutover_rpub_t{self.tag}"
+
+    def reverse_topics(self) -> list[str]:
+        return [f"{self.prefix}.reverse.{d}" for d in load_mapping(self.mapping).domains]
+
+    @property
     def config(self) -> Path:
         return self.workdir / f"cutover-{self.tag}.toml"
 
@@ -76,6 +88,9 @@ class Scenario:
             f"heartbeat_interval_s = {self.heartbeat_s}",
             f"snapshot_chunk_rows = {self.chunk_rows}",
             "[target]",
+            "[reverse]",
+            f'slot = "{self.reverse_slot}"',
+            f'publication = "{self.reverse_publication}"',
             "[kafka]",
             f'topic_prefix = "{self.prefix}"',
             f"partitions = {self.partitions}",
@@ -170,21 +185,25 @@ class Scenario:
             ).fetchone()
         return (None, None) if row is None else (row[0], row[1])
 
-    def drop_slot(self) -> None:
-        """Drop the slot (waiting for a killed producer's backend to let go of it)."""
+    def drop_slot(self, *, reverse: bool = False) -> None:
+        """Drop the slot (waiting for a killed producer's backend to let go of it); with
+        ``reverse``, the reverse direction's slot on commerce."""
         deadline = time.monotonic() + 30
-        with psycopg.connect(self.source_dsn, autocommit=True) as conn:
+        dsn, slot = (
+            (self.target_dsn, self.reverse_slot) if reverse else (self.source_dsn, self.slot)
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
             while True:
                 row = conn.execute(
                     "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                    (self.slot,),
+                    (slot,),
                 ).fetchone()
                 if row is None:
                     return
                 if row[0] is not None:
                     conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
                 try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                     return
                 except psycopg.errors.ObjectInUse:
                     if time.monotonic() > deadline:
@@ -274,6 +293,7 @@ def open_scenario(
         yield scenario
     finally:
         scenario.drop_slot()
+        scenario.drop_slot(reverse=True)
 
 
 def init(scenario: Scenario, *args: str) -> dict[str, Any]:
