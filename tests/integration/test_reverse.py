@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools.harness import Scenario, changes, init, open_scenario, stop
 from devtools.workload import prefill, run_workload
@@ -244,6 +245,25 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
         forward_events = changes(sc.read())
         mine = [e for e in forward_events if _key(e) >= BASE]
         assert [(e.record["source"]["table"], e.record["op"]) for e in mine] == [("users", "c")]
+        # `complete` takes a domain's tables out of the reverse publication: the reverse
+        # producer goes on with the others (it does not watch its captured set).
+        with psycopg.connect(fresh_commerce, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} DROP TABLE commerce.customers").format(
+                    sql.Identifier(sc.reverse_publication)
+                )
+            )
+            conn.execute(
+                "UPDATE commerce.listings SET stock = 999 WHERE listing_id = %s", (BASE + 1,)
+            )
+        _wait(
+            lambda: _one(
+                fresh_legacy, "SELECT 1 FROM shop.products WHERE id = %s AND stock = 999", BASE + 1
+            ),
+            60,
+            "a change after the publication shrank",
+        )
+        assert procs["produce-reverse"].poll() is None
         for name in ("produce-reverse", "produce"):
             stop(procs.pop(name))
         assert _echoes(sc, "produce") > 0  # the reverse applier's transactions

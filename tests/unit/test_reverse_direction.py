@@ -17,6 +17,8 @@ from cutover import direction
 from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
 from cutover.errors import UnmappableRow
 from cutover.mapping import aggregate_key, load_mapping
+from producers.init_checks import TableInfo
+from producers.init_reverse import _table_problems
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop" / "mapping.toml"
 SPEC = load_mapping(SHOP)
@@ -155,3 +157,32 @@ def test_the_sink_follows_the_direction() -> None:
     assert sink_factory(direction.forward(SETTINGS)) is Sink
     assert sink_factory(direction.reverse(SETTINGS)) is LegacySink
     assert "row_positions" in LegacySink.CONTROL_TABLES
+
+
+def _info(**over: object) -> TableInfo:
+    base: dict[str, object] = {
+        "name": "listings", "oid": 1, "replica_identity": "d",
+        "columns": ("listing_id", "seller_id", "title", "description", "price_minor", "stock",
+                    "visible", "_src_lsn", "_src_seq"),
+        "generated": frozenset(), "not_null": frozenset(), "primary_key": ("listing_id",),
+        "identity_index": None, "identity_columns": (), "identity_index_valid": False,
+    }  # fmt: skip
+    base.update(over)
+    return TableInfo(**base)  # type: ignore[arg-type]
+
+
+def test_reverse_preflight_names_what_is_wrong_with_a_commerce_table() -> None:
+    tm = SPEC.tables["products"]
+    cols = direction.reverse_columns(tm)
+    assert _table_problems(tm.target_key, cols, _info()) == []
+    problems = _table_problems(
+        tm.target_key,
+        cols,
+        _info(primary_key=("seller_id",), replica_identity="f", columns=("listing_id",)),
+    )
+    assert len(problems) == 3
+    assert "primary key ['seller_id']" in problems[0] and "['listing_id']" in problems[0]
+    assert "lacks the mapped columns" in problems[1] and "price_minor" in problems[1]
+    assert "REPLICA IDENTITY FULL" in problems[2] and "REPLICA IDENTITY DEFAULT" in problems[2]
+    nothing = _table_problems(tm.target_key, cols, _info(replica_identity="n"))
+    assert nothing and "REPLICA IDENTITY NOTHING" in nothing[0]
