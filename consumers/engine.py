@@ -74,12 +74,14 @@ class ApplySummary:
     deleted: int = 0
     dead_letters: int = 0
     commits: int = 0
+    truncates: int = 0
 
     def fields(self) -> dict[str, int]:
         return {
             "events": self.events,
             "upserted": self.upserted,
             "deleted": self.deleted,
+            "truncates": self.truncates,
             "dead_letters": self.dead_letters,
             "commits": self.commits,
         }
@@ -96,6 +98,7 @@ class Tx:
     upserted: int = 0
     deleted: int = 0
     letters: int = 0
+    truncated: list[str] = field(default_factory=list)
     source_ts: list[int] = field(default_factory=list)
     # For the metrics: events per domain, and source commit times of a bounded sample of them
     # (the latency histogram; a 1,000,000-event transaction must not grow memory).
@@ -320,6 +323,7 @@ class ApplyEngine:
         tx.events += sum(len(entries) for entries in batch.entries.values())
         tx.upserted += stats.upserted
         tx.deleted += stats.deleted
+        tx.truncated += stats.truncated
         tx.letters += len(letters)
 
     def _sort(
@@ -404,6 +408,12 @@ class ApplyEngine:
         s.deleted += tx.deleted
         s.dead_letters += tx.letters
         s.commits += 1
+        s.truncates += len(tx.truncated)
+        for table in tx.truncated:
+            # Rare and destructive: one line each (the rows are in cutover.truncates).
+            get_logger(__name__).warning("apply.truncate_applied", table=table)
+            if self.observe:
+                metrics.truncate_applied(table)
         get_logger(__name__).info(
             "apply.batch_committed",
             events=tx.events,

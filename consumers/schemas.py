@@ -14,7 +14,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as RdKafkaError
 from structlog.typing import FilteringBoundLogger
 
-from cutover.codec import SchemaStore, heartbeat_schema
+from cutover.codec import SchemaStore, heartbeat_schema, truncate_schema
 from cutover.config import KafkaSettings
 from cutover.errors import DecodeError, KafkaError
 from cutover.kafka import consumer
@@ -40,8 +40,9 @@ class SchemaReader:
     ) -> None:
         self.topic = kafka.schemas_topic
         self.store = store if store is not None else SchemaStore()
-        # The producer publishes the heartbeat schema too; knowing it locally costs nothing.
+        # The producer publishes these schemas too; knowing them locally costs nothing.
         self.store.add(heartbeat_schema())
+        self.store.add(truncate_schema())
         self.timeout_s = timeout_s
         self._next: dict[int, int] = {}
         # A group id is required by the client; nothing is ever committed under it.

@@ -8,6 +8,10 @@ plus one tombstone upsert. Every statement carries the source-position guard (se
 :mod:`consumers.sql` for where positions live), so a redelivered, replayed or older event
 changes nothing.
 
+A carried TRUNCATE (op ``t``, one copy per partition) deletes its table's rows older than its
+position before the batch's other operations, which skip what it made obsolete
+(:meth:`Sink._truncate`, :mod:`consumers.sql`).
+
 Poison isolation: each table is applied under a savepoint. When PostgreSQL refuses the data
 (SQLSTATE class 22 data exception or 23 integrity violation, e.g. a CHECK constraint), the
 table's operations are bisected under savepoints down to the failing row, whose source changes
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import psycopg
@@ -30,7 +34,7 @@ from psycopg import sql
 
 from consumers import sql as q
 from consumers.batch import RowOp, column_groups, merge, to_ops
-from consumers.events import Change
+from consumers.events import Change, Position
 from cutover import pg
 from cutover.control_store import CONSUMER_TABLES, ControlStore, dead_letters, offsets
 from cutover.control_store.offsets import OffsetUpdate
@@ -52,10 +56,13 @@ def is_row_level(exc: psycopg.Error) -> bool:
 class ApplyStats:
     upserted: int = 0
     deleted: int = 0
+    #: Source tables of the TRUNCATEs applied (the first copy of each; other copies: nothing).
+    truncated: list[str] = field(default_factory=list)
 
     def add(self, other: ApplyStats) -> None:
         self.upserted += other.upserted
         self.deleted += other.deleted
+        self.truncated += other.truncated
 
 
 class _RowRefused(Exception):
@@ -141,11 +148,20 @@ class Sink:
         """
         failures: list[tuple[int, CutoverError]] = []
         ops: list[RowOp] = []
+        stats = ApplyStats()
+        horizons: dict[str, Position] = {}
         for i, change in enumerate(changes):
             try:
                 tm = self.table_of(change)
             except UnmappableRow as exc:
                 failures.append((i, exc))
+                continue
+            if change.truncate:
+                # First: the batch's rows of the table newer than the TRUNCATE are applied
+                # after it, the older ones are skipped (below, and by the upsert's guard).
+                stats.add(self._truncate(tm, change))
+                target = tm.target_table
+                horizons[target] = max(horizons.get(target, change.position), change.position)
                 continue
             try:
                 ops.extend(to_ops(tm, change, i))
@@ -154,12 +170,33 @@ class Sink:
                 failures.append((i, exc.redacted(tm.sensitive)))
         by_table: dict[str, list[RowOp]] = {}
         for op in merge(ops):
+            horizon = horizons.get(op.table.target_table)
+            if horizon is not None and op.position < horizon:
+                continue  # captured before a TRUNCATE of its table: gone, like in legacy
             by_table.setdefault(op.table.target_table, []).append(op)
-        stats = ApplyStats()
         for target, table_ops in by_table.items():
             tm = self.mapping.by_target(target)
             stats.add(self._apply_isolating(tm, table_ops, changes, failures))
         return stats, failures
+
+    def _truncate(self, tm: TableMapping, change: Change) -> ApplyStats:
+        """One copy of a carried TRUNCATE: delete the rows (and tombstones) older than it and
+        record it; every copy deletes again (see :mod:`consumers.sql`), only the first counts."""
+        target = tm.target_table
+        params = {"lsn": change.lsn, "seq": change.seq}
+        removed = self.execute(q.truncate_rows(self.mapping.target_schema, target), params).rowcount
+        self.execute(q.truncate_tombstones(self.control_schema, target), params)
+        row = self.execute(
+            q.record_truncate(self.control_schema),
+            {
+                **params,
+                "target": target,
+                "source": f"{change.schema}.{change.table}",
+                "rows": max(removed, 0),
+            },
+        ).fetchone()
+        source = [f"{change.schema}.{change.table}"] if row and row[0] else []
+        return ApplyStats(deleted=max(removed, 0), truncated=source)
 
     def table_of(self, change: Change) -> TableMapping:
         tm = self.mapping.tables.get(change.table)

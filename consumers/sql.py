@@ -9,6 +9,12 @@ Where the source position lives (docs/ARCHITECTURE.md, "Control state"):
 * a delete leaves ``cutover.tombstones (target_table, row_key, src_lsn, src_seq)``, so an older
   event arriving later (a replay, a late snapshot row) cannot bring the row back: an upsert
   skips keys whose tombstone is newer. An upsert newer than the tombstone simply wins;
+* a carried TRUNCATE (``cutover.truncates``, one row per target table and source position)
+  deletes the table's rows older than its position; an upsert older than the table's newest
+  truncate is skipped (its row was captured before the TRUNCATE), so a partition that is behind
+  cannot bring rows back. Every copy of the truncate (one per partition) deletes again: a row
+  an older upsert of another partition wrote concurrently, before the horizon was committed,
+  is removed by that partition's own copy, which comes after it;
 * ``cutover.consumer_offsets`` holds, per group and partition, the next offset to consume,
   written in the same transaction as the rows (:mod:`cutover.control_store.offsets`).
 
@@ -77,7 +83,8 @@ def upsert_from_stage(
     """Insert or update the staged upserts of column group ``group``, guarded by position.
 
     Columns not in ``columns`` (unchanged TOAST) are neither inserted nor in the SET list, so an
-    existing row keeps them. Keys whose tombstone is newer than the upsert are skipped.
+    existing row keeps them. Keys whose tombstone is newer than the upsert are skipped, and so
+    is every upsert older than the table's newest carried TRUNCATE.
 
     ``OFFSET 0`` keeps the tombstone check a per-row probe of ``tombstones_pkey``: the staging
     table has no statistics (estimated at a handful of rows), and as an anti-join the planner
@@ -94,7 +101,8 @@ def upsert_from_stage(
         "WHERE NOT s._del AND s._grp = {grp} AND NOT EXISTS ("
         "SELECT 1 FROM {tombstones} AS tb WHERE tb.target_table = {tname} "
         "AND tb.row_key = s._row_key AND (tb.src_lsn, tb.src_seq) > (s._src_lsn, s._src_seq) "
-        "OFFSET 0) "
+        "OFFSET 0) AND NOT EXISTS (SELECT 1 FROM {truncates} AS tr WHERE tr.target_table = {tname} "
+        "AND (tr.src_lsn, tr.src_seq) > (s._src_lsn, s._src_seq)) "
         "ON CONFLICT ({key}) DO UPDATE SET {sets} "
         "WHERE (t._src_lsn, t._src_seq) < (EXCLUDED._src_lsn, EXCLUDED._src_seq)"
     ).format(
@@ -104,6 +112,7 @@ def upsert_from_stage(
         stage=stage_name(target_table),
         grp=sql.Literal(group),
         tombstones=sql.Identifier(control_schema, "tombstones"),
+        truncates=sql.Identifier(control_schema, "truncates"),
         tname=sql.Literal(target_table),
         key=_ids(key),
         sets=sql.SQL(", ").join(sets),
@@ -136,3 +145,32 @@ def tombstones_from_stage(control_schema: str, target_table: str) -> sql.Compose
         tname=sql.Literal(target_table),
         stage=stage_name(target_table),
     )
+
+
+def truncate_rows(target_schema: str, target_table: str) -> sql.Composed:
+    """Delete the rows a TRUNCATE at position (``%(lsn)s``, ``%(seq)s``) removed: the older ones."""
+    return sql.SQL("DELETE FROM {target} WHERE (_src_lsn, _src_seq) < (%(lsn)s, %(seq)s)").format(
+        target=sql.Identifier(target_schema, target_table)
+    )
+
+
+def truncate_tombstones(control_schema: str, target_table: str) -> sql.Composed:
+    """Drop the table's tombstones older than the TRUNCATE: its horizon covers them."""
+    return sql.SQL(
+        "DELETE FROM {tombstones} WHERE target_table = {tname} "
+        "AND (src_lsn, src_seq) < (%(lsn)s, %(seq)s)"
+    ).format(
+        tombstones=sql.Identifier(control_schema, "tombstones"),
+        tname=sql.Literal(target_table),
+    )
+
+
+def record_truncate(control_schema: str) -> sql.Composed:
+    """Record one copy of a TRUNCATE; returns ``first``: whether it is the first copy."""
+    return sql.SQL(
+        "INSERT INTO {truncates} AS tr (target_table, src_lsn, src_seq, source_table, "
+        "rows_removed) VALUES (%(target)s, %(lsn)s, %(seq)s, %(source)s, %(rows)s) "
+        "ON CONFLICT (target_table, src_lsn, src_seq) DO UPDATE "
+        "SET rows_removed = tr.rows_removed + EXCLUDED.rows_removed, copies = tr.copies + 1 "
+        "RETURNING (xmax = 0) AS first"
+    ).format(truncates=sql.Identifier(control_schema, "truncates"))

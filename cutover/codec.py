@@ -130,6 +130,15 @@ def heartbeat_schema() -> dict[str, Any]:
     return schemas.load("heartbeat")
 
 
+def truncate_schema() -> dict[str, Any]:
+    """The schema of a truncate event (``cutover.Truncate``, one for every table)."""
+    schema = schemas.load("truncate")
+    fields = {f["name"]: f for f in schema["fields"]}
+    fields[env.SOURCE]["type"] = schemas.load("source")
+    fields[env.TRANSACTION]["type"] = ["null", schemas.load("transaction")]
+    return schema
+
+
 def check_evolution(table: str, old: Iterable[ColumnSpec], new: Iterable[ColumnSpec]) -> list[str]:
     """Describe the compatible changes from ``old`` to ``new`` columns; raise on a type change."""
     before = {c.name: c for c in old}

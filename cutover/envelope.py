@@ -17,6 +17,12 @@ An envelope (``cutover.<schema>.<table>.Envelope``, Debezium-shaped) holds:
 * ``transaction``: null for a unit of its own (snapshot rows), else the transaction block whose
   ``last_in_partition`` marks the last event of the source transaction in its Kafka partition.
 
+A TRUNCATE of a source table (``cutover.Truncate``, op ``t``) carries the same ``source``, ``op``,
+``ts_ms`` and ``transaction`` fields and no rows. It is written to every partition of the table's
+domain topic, each copy at the same position (the table's rows are spread over the partitions).
+It is a record of its own, not a fifth symbol of the Envelope's ``Op`` enum: that would change the
+fingerprint, hence the wire bytes, of every table's existing events.
+
 A producer heartbeat (``cutover.Heartbeat``) is sent between transactions and always closes.
 Malformed records raise :class:`~cutover.errors.DecodeError` (a poison message).
 """
@@ -68,6 +74,12 @@ HEARTBEAT_KEY: Final = b"__heartbeat__"
 HB_TS_MS: Final = "ts_ms"
 HB_LSN: Final = "lsn"
 HB_PRODUCER: Final = "producer"
+
+# The truncate record (schemas/truncate.avsc).
+TRUNCATE_SCHEMA: Final = "cutover.Truncate"
+TRUNCATE_OP: Final = "t"
+TR_CASCADE: Final = "cascade"
+TR_RESTART_IDENTITY: Final = "restart_identity"
 
 OPS: Final = frozenset({"c", "u", "d", "r"})
 SNAPSHOT_OP: Final = "r"
@@ -168,6 +180,35 @@ def change_record(
     }
 
 
+def truncate_record(
+    source: Mapping[str, Any],
+    *,
+    position: tuple[int, int],
+    tx_id: int,
+    commit_ms: int,
+    now_ms: int,
+    transaction: Mapping[str, Any],
+    cascade: bool = False,
+    restart_identity: bool = False,
+) -> dict[str, Any]:
+    """The record of a TRUNCATE of the table of ``source`` (its :func:`source_block`), at
+    ``position`` (commit LSN, seq); one copy of it goes to every partition of the domain topic,
+    each with a ``transaction`` block of its own (``last_in_partition`` is per partition)."""
+    src = dict(source)
+    src[SRC_TS_MS] = commit_ms
+    src[SRC_SNAPSHOT] = "false"
+    src[SRC_TX_ID] = tx_id
+    src[SRC_LSN], src[SRC_SEQ] = position
+    return {
+        SOURCE: src,
+        OP: TRUNCATE_OP,
+        TS_MS: now_ms,
+        TRANSACTION: transaction,
+        TR_CASCADE: cascade,
+        TR_RESTART_IDENTITY: restart_identity,
+    }
+
+
 def mark_last_in_partition(record: dict[str, Any]) -> None:
     """Flag a held-back streamed change as the last of its transaction in its partition."""
     record[TRANSACTION][TX_LAST_IN_PARTITION] = True
@@ -192,7 +233,8 @@ class Change:
     seq: int
     #: Source commit time (ms since the epoch): commit-to-applied latency is measured from it.
     ts_ms: int
-    #: ``after`` (with UNCHANGED restored) for c/u/r; ``before`` (at least the key) for d.
+    #: ``after`` (with UNCHANGED restored) for c/u/r; ``before`` (at least the key) for d;
+    #: empty for a truncate (op ``t``), which removes every row captured before its position.
     row: Mapping[str, object]
     #: ``before`` of an update when the producer sent one (a primary-key change needs it).
     before: Mapping[str, object] | None
@@ -202,6 +244,10 @@ class Change:
     @property
     def position(self) -> Position:
         return Position(self.lsn, self.seq)
+
+    @property
+    def truncate(self) -> bool:
+        return self.op == TRUNCATE_OP
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +275,8 @@ def from_record(schema_name: str, record: Mapping[str, Any]) -> Event:
                 lsn=int(record[HB_LSN]),
                 producer=str(record[HB_PRODUCER]),
             )
+        if schema_name == TRUNCATE_SCHEMA:
+            return _truncate(record)
         return _change(record)
     except KeyError as exc:
         raise DecodeError(f"{schema_name} record has no field {exc}") from None
@@ -257,23 +305,49 @@ def _row(op: str, record: Mapping[str, Any]) -> Mapping[str, object]:
     return restored
 
 
+def _closes(tx: object, snapshot: bool) -> bool:
+    if tx is None or snapshot:
+        return True
+    if isinstance(tx, dict):
+        return bool(tx.get(TX_LAST_IN_PARTITION, False))
+    raise DecodeError(f"transaction block is {type(tx).__name__}, unexpected")
+
+
+def _table_of(source: Mapping[str, Any]) -> tuple[str, str]:
+    schema, table = source[SRC_SCHEMA], source[SRC_TABLE]
+    if type(schema) is not str or type(table) is not str:
+        raise DecodeError("source.schema and source.table must be strings")
+    return schema, table
+
+
+def _truncate(record: Mapping[str, Any]) -> Change:
+    source = record[SOURCE]
+    if record[OP] != TRUNCATE_OP:
+        raise DecodeError(f"truncate event op {record[OP]!r} is not {TRUNCATE_OP}")
+    schema, table = _table_of(source)
+    return Change(
+        schema=schema,
+        table=table,
+        op=TRUNCATE_OP,
+        lsn=int(source[SRC_LSN]),
+        seq=int(source[SRC_SEQ]),
+        ts_ms=int(source[SRC_TS_MS]),
+        row={},
+        before=None,
+        closes=_closes(record.get(TRANSACTION), False),
+        snapshot=False,
+    )
+
+
 def _change(record: Mapping[str, Any]) -> Change:
     source = record[SOURCE]
     op = record[OP]
     if op not in OPS:
         raise DecodeError(f"change event op {op!r} is none of c, u, d, r")
     row = _row(op, record)
-    tx = record.get(TRANSACTION)
     snapshot = op == SNAPSHOT_OP or source.get(SRC_SNAPSHOT) == "true"
-    if tx is None or snapshot:
-        closes = True
-    elif isinstance(tx, dict):
-        closes = bool(tx.get(TX_LAST_IN_PARTITION, False))
-    else:
-        raise DecodeError(f"transaction block is {type(tx).__name__}, unexpected")
-    schema, table = source[SRC_SCHEMA], source[SRC_TABLE]
-    if type(schema) is not str or type(table) is not str:
-        raise DecodeError("source.schema and source.table must be strings")
+    closes = _closes(record.get(TRANSACTION), snapshot)
+    schema, table = _table_of(source)
     before = record.get(BEFORE)
     return Change(
         schema=schema,

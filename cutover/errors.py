@@ -23,7 +23,8 @@ CLI maps it to::
         │   └── UncarriableValue      one row's value the envelope cannot carry (dead letter)
         ├── SchemaIncompatible        a source table changed in a way readers cannot follow
         ├── UnmappableRow             a row the mapping cannot map (a poison message)
-        └── SlotSafetyError           the slot moved behind our back: re-snapshot required
+        ├── SlotSafetyError           the slot moved behind our back: re-snapshot required
+        └── TruncateStopped           a TRUNCATE the mapping says to stop on (names the resume)
 
 Messages name the thing and the fix. They never contain secrets: every message passes through
 :func:`redact_dsn`, which masks passwords by the DSN's shape and, for DSNs registered with
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import ClassVar, Final
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "SchemaIncompatible",
     "SlotSafetyError",
     "StackError",
+    "TruncateStopped",
     "UncarriableValue",
     "UnknownSchema",
     "UnmappableRow",
@@ -322,3 +324,13 @@ class UnmappableRow(RuntimeFailure):
 
 class SlotSafetyError(RuntimeFailure):
     """The replication slot disagrees with what we delivered: possible data loss."""
+
+
+class TruncateStopped(RuntimeFailure):
+    """The producer stopped before a TRUNCATE of a table whose ``on_truncate`` is "stop"; the
+    message names the tables, the commit LSN and the command that resumes."""
+
+    def __init__(self, message: str, tables: Sequence[str], lsn: int) -> None:
+        self.tables = tuple(tables)
+        self.lsn = lsn
+        super().__init__(message)

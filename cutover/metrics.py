@@ -152,6 +152,13 @@ CAPTURE_BLOCKED: Final = Gauge(
     ["table"],
     registry=REGISTRY,
 )
+TRUNCATES_APPLIED: Final = Counter(
+    "cutover_truncates_applied",
+    "Source TRUNCATEs carried into commerce by the apply consumer (each once, whichever "
+    "partition's copy came first), per source table.",
+    ["table"],
+    registry=REGISTRY,
+)
 
 _heartbeat_lock = threading.Lock()
 _last_heartbeat_ms: dict[str, int] = {}
@@ -218,6 +225,11 @@ def batch_applied(
 def dead_letter(domain: str | None, error_class: str) -> None:
     """The apply consumer: a poison message went to the dead-letter topic."""
     DEAD_LETTERS.labels(domain or "unknown", error_class).inc()
+
+
+def truncate_applied(table: str, count: int = 1) -> None:
+    """The apply consumer: a carried TRUNCATE of ``table`` removed its older rows."""
+    TRUNCATES_APPLIED.labels(table).inc(count)
 
 
 def set_apply_lag(topic: str, partition: int, lag: int) -> None:

@@ -17,6 +17,9 @@ Rules implemented here and in the modules it uses (docs/ARCHITECTURE.md is the c
 * **No echo**: a transaction whose Origin message names one of our replication origins
   (:func:`cutover.origin.is_ours`: an applier of the other direction wrote it) produces no
   event; its Commit still counts, so the slot advances past it (``echo_dropped`` counts them).
+* **TRUNCATE** (:mod:`producers.truncates`): per table, a ``cutover.Truncate`` record to every
+  partition of its topic through the hold-back (so in commit order in each partition), all
+  copies at one position; or a stop before it, per the table's ``on_truncate``.
 * **Snapshot windows** (DBLog, :class:`~producers.windows.ChunkWindow`): between a chunk's low
   and high watermark every key changed in the stream is dropped from the chunk; at the high
   watermark the rest is emitted as op ``r`` at the high watermark's commit LSN, so a streamed
@@ -28,7 +31,7 @@ Rules implemented here and in the modules it uses (docs/ARCHITECTURE.md is the c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,7 +43,7 @@ from cutover.errors import DecodeError, UncarriableValue, UnmappableRow
 from cutover.mapping import MappingSpec, TableMapping
 from cutover.origin import is_ours
 from cutover.values import UNCHANGED
-from producers import pgoutput, row_letters
+from producers import pgoutput, row_letters, truncates
 from producers.pgoutput import (
     Begin,
     Commit,
@@ -104,6 +107,8 @@ class _Pending:
     key: bytes
     partition: int
     record: dict[str, Any]
+    #: Set for a truncate record (one schema for all tables), else the route's encoder.
+    encoder: Encoder | None = None
 
 
 class ChangeStream:
@@ -138,6 +143,7 @@ class ChangeStream:
         on_message: Callable[[LogicalMessage, TxContext | None], None] | None = None,
         on_letter: Callable[[row_letters.RowLetter], None] | None = None,
         max_event_bytes: int | None = None,
+        carry_truncates: Collection[truncates.Carry] = (),
     ) -> None:
         self._mapping = mapping
         self._source = source
@@ -152,6 +158,12 @@ class ChangeStream:
         self._max_event_bytes = max_event_bytes
         self.refused: set[tuple[str, str]] = set()
         self.cleared: list[tuple[str, str, int]] = []
+        self._carry = frozenset(carry_truncates)
+        # The producer publishes this schema at start, before any event can use it.
+        self.truncate_writer = codec.writer_schema(codec.truncate_schema())
+        factory = encoder_factory or (lambda ws: lambda rec: codec.encode(ws, rec))
+        self._truncate_encoder = factory(self.truncate_writer)
+        self.truncates = 0
         # Last column list per schema.table: persisted ones first, then what the stream showed.
         self._columns: dict[str, tuple[ColumnSpec, ...]] = dict(known_columns or {})
         self._routes: dict[int, TableRoute] = {}  # relation oid -> route
@@ -284,15 +296,7 @@ class ChangeStream:
             self._echo = self.tx is not None and is_ours(msg.name)
         elif kind is Truncate:
             assert isinstance(msg, Truncate)
-            names = ", ".join(
-                self._relations[o].qualified_name if o in self._relations else str(o)
-                for o in msg.relation_oids
-            )
-            raise DecodeError(
-                f"TRUNCATE of {names} (commit LSN {self._lsn_text()}) cannot be carried as "
-                "change events; the producer stops before it. Re-snapshot the tables "
-                "(cutover snapshot --table T) after resolving, or advance past it deliberately"
-            )
+            self._truncate(msg)
         # Type messages carry nothing the events need.
 
     def _lsn_text(self) -> str:
@@ -390,6 +394,50 @@ class ChangeStream:
             self._send(previous)
         self.changes_in_batch += 1
 
+    def _truncate(self, msg: Truncate) -> None:
+        """A TRUNCATE: stop per policy, or one truncate record per table to every partition."""
+        tx = self.tx
+        if tx is None:
+            raise DecodeError("pgoutput TRUNCATE outside a transaction (no Begin message)")
+        if self._echo:
+            return  # an applier of the other direction wrote it: no event (no echo)
+        routes = [self._route_rel(oid)[0] for oid in msg.relation_oids]
+        stops = [
+            r.qualified
+            for r in routes
+            if r.mapping.on_truncate == "stop"
+            and truncates.Carry(r.qualified, tx.commit_lsn) not in self._carry
+        ]
+        if stops:
+            raise truncates.stopped(stops, tx.commit_lsn, tx.xid)
+        now = self._clock_ms()
+        for route in routes:
+            for window in self._windows_by_table.get(route.qualified, ()):
+                for pk in list(window.rows):  # rows read before the TRUNCATE are gone
+                    window.drop(pk)
+            seq = self._seq
+            self._seq = seq + 1
+            order = self._per_table.get(route.table, 0) + 1
+            self._per_table[route.table] = order
+            key = f"__truncate__{route.qualified}".encode()
+            for partition in range(route.partitions):
+                record = env.truncate_record(
+                    route.source_block,
+                    position=(tx.commit_lsn, seq),
+                    tx_id=tx.xid,
+                    commit_ms=tx.ts_ms,
+                    now_ms=now,
+                    transaction=env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
+                    cascade=msg.cascade,
+                    restart_identity=msg.restart_identity,
+                )
+                pending = _Pending(route, key, partition, record, self._truncate_encoder)
+                previous = self._hold.push(route.topic, partition, pending)
+                if previous is not None:
+                    self._send(previous)
+            self.changes_in_batch += 1
+            self.truncates += 1
+
     def _drop_from_windows(
         self, route: TableRoute, old: dict[str, object] | None, new: dict[str, object] | None
     ) -> None:
@@ -405,9 +453,12 @@ class ChangeStream:
 
     def _send(self, pending: _Pending) -> None:
         route, record = pending.route, pending.record
-        value = route.encoder(record)
-        if self._oversize(route, record, value):
-            return
+        if pending.encoder is not None:  # a truncate record: small, and it carries no row
+            value = pending.encoder(record)
+        else:
+            value = route.encoder(record)
+            if self._oversize(route, record, value):
+                return
         self._emit(route.topic, pending.partition, pending.key, value)
         self.events += 1
         topic = route.topic

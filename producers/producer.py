@@ -81,6 +81,7 @@ from producers.fast_avro import encoder_for
 from producers.pgoutput import lsn_to_str
 from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
 from producers.snapshot_runner import SnapshotRunner
+from producers.truncates import Carry
 
 CRASH_POINTS: Final = ("after_produce_before_ack", "after_ack_before_advance")
 _ITERSIZE: Final = 5_000
@@ -103,6 +104,8 @@ class ProducerOptions:
     catchup_factor: int = 8
     idle_sleep_s: float = 0.2
     producer_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    #: TRUNCATEs to carry although their table's policy is "stop" (the stop message's command).
+    carry_truncates: tuple[Carry, ...] = ()
 
     def __post_init__(self) -> None:
         if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
@@ -303,8 +306,10 @@ class CdcProducer:
             encoder_factory=encoder_for,
             on_letter=self.letters.reject,
             max_event_bytes=settings.kafka.max_message_bytes - row_letters.SIZE_MARGIN,
+            carry_truncates=self.options.carry_truncates,
         )
         self.stream.refused = self.letters.open_keys()
+        self._publish_schema_ws(self.stream.truncate_writer)
         self.snapshots = SnapshotRunner(
             settings, self.store, self.mapping, self.stream, log=self.log, progress=self.progress
         )

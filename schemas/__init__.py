@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-NAMES = ("source", "transaction", "envelope", "heartbeat")
+NAMES = ("source", "transaction", "envelope", "heartbeat", "truncate")
 
 
 @cache

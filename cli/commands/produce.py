@@ -3,8 +3,9 @@
 Thin shell over :func:`producers.producer.run_producer`. The environment is read here and only
 here: ``CUTOVER_CRASH_AT`` (fault tests) goes into the frozen :class:`ProducerOptions`. SIGTERM
 and SIGINT finish the deliveries in flight, advance the slot and exit 0. A failed delivery, a
-slot that moved behind our back or an incompatible schema change exit 3; a second producer on
-the same slot is refused with exit 1.
+slot that moved behind our back, an incompatible schema change or a TRUNCATE of a table whose
+``on_truncate`` is "stop" exit 3 (the last names its ``--carry-truncate`` resume); a second
+producer on the same slot is refused with exit 1.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def register(sub: Any) -> None:
         action="store_true",
         help="capture commerce for the reverse direction (commerce -> legacy)",
     )
+    parser.add_argument(
+        "--carry-truncate",
+        action="append",
+        default=[],
+        metavar="SCHEMA.TABLE@LSN",
+        help='carry this one TRUNCATE although the table\'s on_truncate is "stop" (the stop '
+        "message prints the exact option); repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON report when stopped")
     metrics.add_port_argument(parser)
     parser.set_defaults(handler=run, graceful_stop=True)
@@ -105,12 +114,14 @@ class _SnapshotBars:
 def run(args: argparse.Namespace, context: Context) -> int:
     from cutover import direction
     from producers.producer import options_from_environ, run_producer
+    from producers.truncates import parse_carry
 
     options = options_from_environ(
         context.environ,
         initial_snapshot=not args.no_initial_snapshot,
         exit_when_idle=args.exit_when_idle,
         max_runtime_s=args.max_runtime,
+        carry_truncates=tuple(parse_carry(text) for text in args.carry_truncate),
     )
     settings = context.settings
     way = direction.of(settings, reverse_way=args.reverse)

@@ -16,7 +16,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from consumers.replay.avro import BRANCH_NULL, BRANCH_RAW, FORMAT, OCF_MAGIC, SYNC_SIZE, read_long
-from cutover.codec import MAGIC, SchemaStore, heartbeat_schema
+from cutover.codec import MAGIC, SchemaStore, heartbeat_schema, truncate_schema
 from cutover.errors import (
     DecodeError,
     UsageError,
@@ -121,6 +121,7 @@ class ReplayFile:
         if self._store is None:
             store = SchemaStore()
             store.add(heartbeat_schema())
+            store.add(truncate_schema())
             for fp, text in self.writer_schemas.items():
                 ws = store.add_json(text)
                 if ws.fingerprint_hex != fp:

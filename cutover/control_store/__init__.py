@@ -13,8 +13,8 @@ One module per table group, each taking the store:
 * :mod:`~cutover.control_store.domains`: ``domain_state`` and ``transitions``;
 * :mod:`~cutover.control_store.producer`: ``producer_state``, ``table_schemas`` and snapshots.
 
-``tombstones`` belongs to the apply statements (:mod:`consumers.sql`), ``verify_runs``,
-``verify_chunks`` and ``audit`` to their commands; the store only creates them.
+``tombstones`` and ``truncates`` belong to the apply statements (:mod:`consumers.sql`),
+``verify_runs``, ``verify_chunks`` and ``audit`` to their commands; the store only creates them.
 """
 
 from __future__ import annotations

@@ -35,6 +35,21 @@ CREATE TABLE IF NOT EXISTS tombstones (
     PRIMARY KEY (target_table, row_key)
 );
 
+-- Every carried TRUNCATE of a source table, one row per target table and source position (the
+-- copies from the domain topic's other partitions only count in `copies`). The newest position
+-- of a table is its truncate horizon: the applier deleted the table's rows written before it,
+-- and an upsert older than it is skipped, so a partition that is behind cannot bring rows back.
+CREATE TABLE IF NOT EXISTS truncates (
+    target_table text        NOT NULL,
+    src_lsn      bigint      NOT NULL,
+    src_seq      bigint      NOT NULL,
+    source_table text        NOT NULL,
+    rows_removed bigint      NOT NULL DEFAULT 0,
+    copies       int         NOT NULL DEFAULT 1,   -- copies applied (one per partition)
+    applied_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_table, src_lsn, src_seq)
+);
+
 -- Every poison message, also sent to the dead-letter topic. status: open -> retried/resolved.
 CREATE TABLE IF NOT EXISTS dead_letters (
     id               bigserial   PRIMARY KEY,

@@ -28,7 +28,7 @@ Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
 Role = Literal["consumer", "commands", "producer", "reverse"]
 
 #: The tables of each role.
-CONSUMER_TABLES: Final = ("consumer_offsets", "tombstones", "dead_letters")
+CONSUMER_TABLES: Final = ("consumer_offsets", "tombstones", "truncates", "dead_letters")
 COMMAND_TABLES: Final = ("verify_runs", "verify_chunks", "domain_state", "transitions", "audit")
 PRODUCER_TABLES: Final = (
     "producer_state",

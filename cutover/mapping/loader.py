@@ -22,6 +22,7 @@ from cutover.errors import MappingError
 from cutover.mapping.invariants import load_invariants
 from cutover.mapping.model import (
     BOOKKEEPING_COLUMNS,
+    ON_TRUNCATE,
     TRANSFORM_KEYS,
     ColumnMapping,
     MappingSpec,
@@ -46,6 +47,7 @@ _TABLE_KEYS = (
     "sensitive",
     "delete_when",
     "reverse_delete",
+    "on_truncate",
     "columns",
 )
 _COLUMN_KEYS = ("from", *TRANSFORM_KEYS, "reverse")
@@ -260,6 +262,14 @@ class Loader:
                     "reverse_delete, or add the delete_when it reverses",
                 )
             reverse_delete = self.load_reverse_delete((*key, "reverse_delete"), body, exclude)
+        on_truncate = self.string(
+            (*key, "on_truncate"), body.get("on_truncate", "apply"), "what a TRUNCATE does"
+        )
+        if on_truncate not in ON_TRUNCATE:
+            self.fail(
+                (*key, "on_truncate"),
+                f"must be one of {', '.join(repr(p) for p in ON_TRUNCATE)}, not {on_truncate!r}",
+            )
         return TableMapping(
             source_table=name,
             target_table=target,
@@ -272,6 +282,7 @@ class Loader:
             sensitive=sensitive,
             delete_when=delete_when,
             reverse_delete=reverse_delete,
+            on_truncate=on_truncate,
         )
 
     def sensitive_of(

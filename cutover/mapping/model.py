@@ -32,6 +32,8 @@ BOOKKEEPING_COLUMNS: tuple[str, ...] = ("_src_lsn", "_src_seq")
 TRANSFORM_KEYS: tuple[str, ...] = ("enum", "minor_units", "equals", "in", "template", "upper")
 #: Rows an invariant reports at most (the samples come from them).
 INVARIANT_LIMIT = 1000
+#: The TRUNCATE policies of a table (``on_truncate``), the default first.
+ON_TRUNCATE: tuple[str, ...] = ("apply", "stop")
 
 Side: TypeAlias = Literal["source", "target"]
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -112,6 +114,9 @@ class TableMapping:
     delete_when: Predicate | None = None
     #: What a commerce delete does to legacy (write cutover); None: not written in the file.
     reverse_delete: ReverseDelete | None = None
+    #: What a TRUNCATE of the source table does: "apply" (carried as a truncate event) or
+    #: "stop" (the producer stops before it, naming the table and the resume command).
+    on_truncate: str = "apply"
     # (target column, compiled step) pairs, built once from ``columns`` in __post_init__.
     _plan: tuple[tuple[str, Step], ...] = field(init=False, repr=False, compare=False)
     # The inverse of each column, in file order (the reverse engine's plan).

@@ -27,12 +27,31 @@ def test_upsert_guards_position_skips_newer_tombstones_and_sets_only_given_colum
         '"s"."_src_seq" FROM "_cutover_stage_listings" AS s WHERE NOT s._del AND s._grp = 2 '
         'AND NOT EXISTS (SELECT 1 FROM "cutover"."tombstones" AS tb WHERE '
         "tb.target_table = 'listings' AND tb.row_key = s._row_key AND (tb.src_lsn, tb.src_seq) "
-        '> (s._src_lsn, s._src_seq) OFFSET 0) ON CONFLICT ("listing_id") DO UPDATE SET '
+        '> (s._src_lsn, s._src_seq) OFFSET 0) AND NOT EXISTS (SELECT 1 FROM "cutover"."truncates" '
+        "AS tr WHERE tr.target_table = 'listings' AND (tr.src_lsn, tr.src_seq) > "
+        '(s._src_lsn, s._src_seq)) ON CONFLICT ("listing_id") DO UPDATE SET '
         '"title" = EXCLUDED."title", "stock" = EXCLUDED."stock", '
         '"_src_lsn" = EXCLUDED."_src_lsn", "_src_seq" = EXCLUDED."_src_seq" '
         "WHERE (t._src_lsn, t._src_seq) < (EXCLUDED._src_lsn, EXCLUDED._src_seq)"
     )
     assert '"description"' not in text  # an unchanged TOAST column is never written
+
+
+def test_truncate_deletes_only_older_rows_and_tombstones_and_records_each_copy() -> None:
+    assert _text(q.truncate_rows("commerce", "invoices")) == (
+        'DELETE FROM "commerce"."invoices" WHERE (_src_lsn, _src_seq) < (%(lsn)s, %(seq)s)'
+    )
+    assert _text(q.truncate_tombstones("cutover", "invoices")) == (
+        'DELETE FROM "cutover"."tombstones" WHERE target_table = \'invoices\' '
+        "AND (src_lsn, src_seq) < (%(lsn)s, %(seq)s)"
+    )
+    assert _text(q.record_truncate("cutover")) == (
+        'INSERT INTO "cutover"."truncates" AS tr (target_table, src_lsn, src_seq, source_table, '
+        "rows_removed) VALUES (%(target)s, %(lsn)s, %(seq)s, %(source)s, %(rows)s) "
+        "ON CONFLICT (target_table, src_lsn, src_seq) DO UPDATE "
+        "SET rows_removed = tr.rows_removed + EXCLUDED.rows_removed, copies = tr.copies + 1 "
+        "RETURNING (xmax = 0) AS first"
+    )
 
 
 def test_delete_matches_composite_keys_and_guards_position() -> None:

@@ -19,6 +19,8 @@ from cutover.codec import (
     envelope_schema,
     heartbeat_schema,
     read_fingerprint,
+    truncate_schema,
+    writer_schema,
 )
 from cutover.envelope import Change, Heartbeat, Position, lsn_to_str, str_to_lsn
 from cutover.errors import DecodeError
@@ -244,3 +246,70 @@ def test_str_to_lsn_rejects(text: str) -> None:
 def test_lsn_to_str_rejects_out_of_range(lsn: int) -> None:
     with pytest.raises(DecodeError, match="outside the unsigned 64-bit range"):
         lsn_to_str(lsn)
+
+
+# A truncate of shop.invoices, recorded when the truncate record was introduced.
+TRUNCATE_BYTES = bytes.fromhex(
+    "c301c74ff915afa44fc70a302e312e3014706f737467726573716c0873686f7080f38cd2d9660a66616c73650c"
+    "6c65676163790873686f7010696e766f696365738e0e90e1a6b7d605080274c0fb8cd2d966021e3930333a3937"
+    "3530303035393732300a02010000"
+)
+
+
+def _truncate(last: bool) -> dict[str, Any]:
+    source = env.source_block(
+        version="0.1.0", connector="postgresql", name="shop", db="legacy", schema="shop",
+        table="invoices",
+    )  # fmt: skip
+    record = env.truncate_record(
+        source,
+        position=(LSN, 4),
+        tx_id=903,
+        commit_ms=1764378123456,
+        now_ms=1764378124000,
+        transaction=env.transaction_block(903, LSN, 5, 1),
+    )
+    if last:
+        env.mark_last_in_partition(record)
+    return record
+
+
+def test_truncate_record_encodes_to_the_recorded_bytes_and_round_trips() -> None:
+    writer = writer_schema(truncate_schema())
+    assert writer.name == env.TRUNCATE_SCHEMA
+    assert encode(writer, _truncate(True)) == TRUNCATE_BYTES
+    assert encoder_for(writer)(_truncate(True)) == TRUNCATE_BYTES
+    store = SchemaStore()
+    store.add(truncate_schema())
+    decoded_writer, record = store.decode(TRUNCATE_BYTES)
+    event = env.from_record(decoded_writer.name, record)
+    assert event == Change(
+        schema="shop",
+        table="invoices",
+        op=env.TRUNCATE_OP,
+        lsn=LSN,
+        seq=4,
+        ts_ms=1764378123456,
+        row={},
+        before=None,
+        closes=True,
+        snapshot=False,
+    )
+    assert isinstance(event, Change) and event.truncate
+    # A copy that is not the last of its transaction in its partition keeps the unit open.
+    _, record = store.decode(encode(writer, _truncate(False)))
+    open_event = env.from_record(env.TRUNCATE_SCHEMA, record)
+    assert isinstance(open_event, Change) and not open_event.closes
+
+
+def test_truncate_record_with_another_op_is_refused() -> None:
+    record = _truncate(True)
+    record[env.OP] = "d"
+    with pytest.raises(DecodeError, match="truncate event op"):
+        env.from_record(env.TRUNCATE_SCHEMA, record)
+
+
+def test_the_other_ops_keep_their_envelope_fingerprint() -> None:
+    # The truncate is its own record: the Op enum, hence every table's fingerprint, is unchanged.
+    writer = writer_schema(envelope_schema("shop", "products", COLUMNS))
+    assert writer.fingerprint_hex == FINGERPRINT

@@ -618,3 +618,19 @@ def test_documented_error_messages_match_the_code(tmp_path: Path) -> None:
         tmp_path, HEAD + PRODUCTS + 'price_minor = { from = "price_idr", minor_unit = 2 }\n'
     )
     assert error.problem in doc
+
+
+def test_on_truncate_defaults_to_apply_and_accepts_stop() -> None:
+    spec = parse_mapping(HEAD + USERS + PRODUCTS)
+    assert spec.tables["users"].on_truncate == "apply"
+    stop = USERS.replace('exclude = ["bio"]\n', 'exclude = ["bio"]\non_truncate = "stop"\n')
+    assert parse_mapping(HEAD + stop + PRODUCTS).tables["users"].on_truncate == "stop"
+
+
+def test_on_truncate_names_the_policies(tmp_path: Path) -> None:
+    bad = USERS.replace('exclude = ["bio"]\n', 'exclude = ["bio"]\non_truncate = "ignore"  # <-\n')
+    error, line, path = mapping_error(tmp_path, HEAD + bad + PRODUCTS)
+    assert error.line == line
+    assert str(error) == (
+        f"{path}:{line}: tables.users.on_truncate: must be one of 'apply', 'stop', not 'ignore'"
+    )

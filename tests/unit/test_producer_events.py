@@ -17,7 +17,13 @@ import pytest
 
 from cutover import codec
 from cutover.codec import ColumnSpec, SchemaStore
-from cutover.errors import DecodeError, SchemaIncompatible, UnmappableRow
+from cutover.errors import (
+    DecodeError,
+    SchemaIncompatible,
+    TruncateStopped,
+    UnmappableRow,
+    UsageError,
+)
 from cutover.mapping import MappingSpec, load_mapping
 from cutover.values import UNCHANGED
 from producers.events import (
@@ -44,6 +50,7 @@ from producers.pgoutput import (
     Truncate,
     Update,
 )
+from producers.truncates import Carry, parse_carry
 
 REPO = Path(__file__).resolve().parents[2]
 INT8, INT4, TEXT, NUMERIC, TIMESTAMPTZ, UUID = 20, 23, 25, 1700, 1184, 2950
@@ -318,12 +325,102 @@ def test_table_not_in_the_mapping_is_refused(mapping: MappingSpec) -> None:
         h.stream.handle(Relation(1, "shop", "audit_log", "d", (Column("id", INT8, -1, True),)))
 
 
-def test_truncate_stops_with_a_clear_error(mapping: MappingSpec) -> None:
-    h = Harness(mapping)
+def _stop_mapping(tmp_path: Path) -> MappingSpec:
+    text = (REPO / "examples" / "shop" / "mapping.toml").read_text(encoding="utf-8")
+    text = text.replace("[tables.users]\n", '[tables.users]\non_truncate = "stop"\n', 1)
+    path = tmp_path / "mapping.toml"
+    path.write_text(text, encoding="utf-8")
+    spec = load_mapping(path)
+    assert spec.tables["users"].on_truncate == "stop"
+    return spec
+
+
+def test_truncate_goes_to_every_partition_in_commit_order(mapping: MappingSpec) -> None:
+    h = Harness(mapping, partitions=4)
+    h.store.add(codec.truncate_schema())
     h.stream.handle(users_rel())
-    h.stream.handle(Begin(0x10, 0, 1))
-    with pytest.raises(DecodeError, match=r"TRUNCATE of shop\.users"):
+    before, after = user(1), user(2)
+    h.tx(
+        5,
+        0x3000,
+        Insert(USERS, before),
+        Truncate((USERS,), False, True),
+        Insert(USERS, after),
+        end=0x3100,
+    )
+    recs = h.records()
+    truncates = [r for r in recs if r[3]["op"] == "t"]
+    assert sorted(r[1] for r in truncates) == [0, 1, 2, 3]  # one copy per partition
+    assert all(r[0] == "shop.data" for r in truncates)
+    # Every copy at the same position, between the changes before and after it.
+    assert {(r[3]["source"]["lsn"], r[3]["source"]["seq"]) for r in truncates} == {(0x3000, 1)}
+    assert all(r[3]["source"]["table"] == "users" and r[3]["restart_identity"] for r in truncates)
+    for part in range(4):
+        seqs = [r[3]["source"]["seq"] for r in recs if r[1] == part]
+        assert seqs == sorted(seqs)
+        # The last event of the transaction in each partition closes it, the others do not.
+        lasts = [r[3]["transaction"]["last_in_partition"] for r in recs if r[1] == part]
+        assert lasts == [False] * (len(lasts) - 1) + [True]
+    assert [r[3]["source"]["seq"] for r in recs if r[3]["op"] == "c"] == [0, 2]
+    assert h.stream.truncates == 1
+
+
+def test_truncate_empties_an_open_snapshot_window(mapping: MappingSpec) -> None:
+    h = Harness(mapping)
+    h.store.add(codec.truncate_schema())
+    h.stream.handle(users_rel())
+    route = h.stream.route_for(
+        "shop",
+        "users",
+        [ColumnSpec(c.name, c.type_oid, c.type_modifier) for c in users_rel().columns],
+    )
+    window = ChunkWindow("c1", route, {(1,): {"id": 1}, (2,): {"id": 2}})
+    h.stream.add_window(window)
+    h.tx(6, 0x3200, LogicalMessage(True, 0x3200, SNAPSHOT_LOW_PREFIX, b"c1"))
+    h.tx(7, 0x3300, Truncate((USERS,), False, False))
+    assert window.rows == {}  # rows read before the TRUNCATE are not emitted after it
+
+
+def test_truncate_policy_stop_names_the_table_and_the_resume_command(tmp_path: Path) -> None:
+    h = Harness(_stop_mapping(tmp_path))
+    h.stream.handle(users_rel())
+    h.stream.handle(Begin(0x10_0000_0010, 0, 77))
+    with pytest.raises(TruncateStopped) as caught:
         h.stream.handle(Truncate((USERS,), False, False))
+    message = caught.value.message
+    assert "TRUNCATE of shop.users" in message and "commit LSN 10/10" in message
+    assert "cutover produce --carry-truncate shop.users@10/10" in message
+    assert caught.value.tables == ("shop.users",) and caught.value.exit_code == 3
+    assert h.sent == []
+
+
+def test_carried_truncate_passes_a_stop_policy_once(tmp_path: Path) -> None:
+    spec = _stop_mapping(tmp_path)
+    h = Harness(spec)
+    h.store.add(codec.truncate_schema())
+    h.stream = ChangeStream(
+        spec,
+        SourceInfo(version="1.0", name="shop", db="legacy"),
+        partitions={f"shop.{d}": 6 for d in ("payment", "data", "merchant")},
+        topic_for=lambda d: f"shop.{d}",
+        emit=lambda t, p, k, v: h.sent.append((t, p, k, v)),
+        on_schema=h._on_schema,
+        clock_ms=lambda: 42,
+        carry_truncates=[parse_carry("shop.users@0/4000")],
+    )
+    h.stream.handle(users_rel())
+    h.tx(8, 0x4000, Truncate((USERS,), False, False))
+    assert len(h.records()) == 6
+    with pytest.raises(TruncateStopped):  # another TRUNCATE of the table stops again
+        h.tx(9, 0x5000, Truncate((USERS,), False, False))
+
+
+def test_parse_carry() -> None:
+    assert parse_carry("shop.invoices@16/B374D848") == Carry("shop.invoices", 0x16_B374D848)
+    assert str(Carry("shop.invoices", 0x16_B374D848)) == "shop.invoices@16/B374D848"
+    for bad in ("shop.invoices", "invoices@0/1", "shop.invoices@zz"):
+        with pytest.raises(UsageError):
+            parse_carry(bad)
 
 
 def test_change_before_relation_is_a_decode_error(mapping: MappingSpec) -> None:
