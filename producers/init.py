@@ -78,6 +78,7 @@ from producers.init_checks import (
     ri_index_name,
 )
 from producers.pgoutput import lsn_to_str
+from producers.slot_safety import truncate_stops_ahead
 
 PUBLISH: Final = "insert, update, delete, truncate"
 
@@ -436,6 +437,16 @@ def run_init(
                 "re-snapshot refused; nothing was changed:\n  - " + "\n  - ".join(refusals)
             )
     with _connect(settings.source.dsn, "source") as conn:
+        if resnapshot_all and not dry_run:
+            # Never a trap: a reload while the change that stopped the producer is still ahead
+            # would be followed by the same stop (issue 12, item 4).
+            ahead = truncate_stops_ahead(
+                conn, settings.source.slot, settings.source.publication, mapping
+            )
+            if ahead:
+                raise CheckFailed(
+                    "re-snapshot refused; nothing was changed:\n  - " + "\n  - ".join(ahead)
+                )
         try:
             preflight_server(conn, settings, report)
             tables = read_tables(conn, mapping.source_schema, list(mapping.tables))

@@ -7,6 +7,9 @@
   position the producer recorded in ``producer_state`` (write-ahead of every advance, step 4 of
   the commit protocol in :mod:`producers.producer`): a slot ahead moved behind our back, and the
   changes in between may be in no topic.
+* Before a re-snapshot (:func:`truncate_stops_ahead`): a TRUNCATE the producer stops on (policy
+  "stop") that is still ahead in the slot would stop it again after the reload; ``cutover init
+  --resnapshot`` refuses then, naming the command that carries it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from cutover import pg
 from cutover.control_store import ControlStore
 from cutover.control_store import producer as producer_state
 from cutover.errors import CheckFailed, ConfigError, DatabaseError, SlotSafetyError
+from cutover.mapping import MappingSpec
+from producers import pgoutput, truncates
 from producers.pgoutput import lsn_to_str
 
 # Advisory lock namespace ('cutv'); the second key is crc32 of the slot name.
@@ -137,7 +142,8 @@ def check_slot(
     if active_pid is not None:
         raise CheckFailed(
             f"slot {slot} is in use by backend pid {active_pid}: another reader (not a cutover "
-            "producer holding the lock) is attached; stop it first"
+            "producer holding the lock) is attached; stop it first (on legacy: SELECT "
+            f"pg_terminate_backend({active_pid})), then run `cutover produce` again"
         )
     if log is not None and int(confirmed) < recorded:
         log.info(
@@ -148,3 +154,63 @@ def check_slot(
             note="crash between record and advance: that range is delivered again",
         )
     return SlotStatus(int(confirmed), recorded, wal_status)
+
+
+# pgoutput message types a truncate check reads: Begin (commit LSN), Relation (names), Truncate.
+_TRUNCATE_CHECK_TYPES: Final = (ord("B"), ord("R"), ord("T"))
+
+
+def truncate_stops_ahead(
+    conn: Conn, slot: str, publication: str, mapping: MappingSpec
+) -> list[str]:
+    """Why a re-snapshot now would be a trap: every TRUNCATE still ahead in ``slot`` of a table
+    whose policy is "stop" (the producer would stop on it again after the reload), with the
+    command that carries it. Reads the slot with a peek (never consumes); a missing or lost
+    slot holds nothing to stop on."""
+    query = (
+        "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version',"
+        " '1', 'publication_names', %s) WHERE get_byte(data, 0) = ANY(%s)"
+    )
+    quoted = '"' + publication.replace('"', '""') + '"'
+    try:
+        if (
+            conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND wal_status <> 'lost'",
+                (slot,),
+            ).fetchone()
+            is None
+        ):
+            return []
+        rows = conn.execute(query, (slot, quoted, list(_TRUNCATE_CHECK_TYPES))).fetchall()
+    except psycopg.Error as exc:
+        raise _db(exc, f"reading slot {slot} for TRUNCATEs ahead") from None
+    names: dict[int, str] = {}
+    commit_lsn = 0
+    problems: list[str] = []
+    for (data,) in rows:
+        msg = pgoutput.parse_message(bytes(data))
+        if isinstance(msg, pgoutput.Begin):
+            commit_lsn = msg.final_lsn
+        elif isinstance(msg, pgoutput.Relation):
+            names[msg.oid] = msg.qualified_name
+        elif isinstance(msg, pgoutput.Truncate):
+            stops = [
+                name
+                for name in (names.get(oid, str(oid)) for oid in msg.relation_oids)
+                if _policy(mapping, name) == "stop"
+            ]
+            if stops:
+                problems.append(
+                    f"the slot still holds a TRUNCATE of {', '.join(stops)} (commit LSN "
+                    f"{lsn_to_str(commit_lsn)}) that the producer stops on "
+                    '(on_truncate = "stop"): after a re-snapshot it would stop on it again and '
+                    "commerce would lose the reloaded rows; carry it instead: "
+                    f"{truncates.resume_command(stops, commit_lsn)}"
+                )
+    return problems
+
+
+def _policy(mapping: MappingSpec, qualified: str) -> str | None:
+    schema, _, table = qualified.partition(".")
+    tm = mapping.tables.get(table)
+    return tm.on_truncate if tm is not None and schema == mapping.source_schema else None
