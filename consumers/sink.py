@@ -31,6 +31,7 @@ from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from consumers import sql as q
 from consumers.batch import RowOp, column_groups, merge, to_ops
@@ -195,8 +196,37 @@ class Sink:
                 "rows": max(removed, 0),
             },
         ).fetchone()
-        source = [f"{change.schema}.{change.table}"] if row and row[0] else []
-        return ApplyStats(deleted=max(removed, 0), truncated=source)
+        if not (row and row[0]):
+            return ApplyStats(deleted=max(removed, 0))
+        self._audit_truncate(tm, change, max(removed, 0))
+        return ApplyStats(deleted=max(removed, 0), truncated=[f"{change.schema}.{change.table}"])
+
+    def _audit_truncate(self, tm: TableMapping, change: Change, removed: int) -> None:
+        """One audit entry per carried TRUNCATE (its first copy). The commands create the audit
+        table on first use; a TRUNCATE may come first, so it is created here then (idempotent,
+        under the control store's DDL lock, in this transaction)."""
+        if not self.control.exists("audit"):
+            self.control.ensure("commands")
+        source = f"{change.schema}.{change.table}"
+        position = Position(change.lsn, change.seq)
+        self.execute(
+            q.audit_truncate(self.control_schema),
+            {
+                "domain": tm.domain,
+                "reason": f"TRUNCATE of {source} at {position} carried into "
+                f"{self.mapping.target_schema}.{tm.target_table}: rows written before it "
+                "removed (all copies: cutover.truncates)",
+                "detail": Jsonb(
+                    {
+                        "source_table": source,
+                        "target_table": tm.target_table,
+                        "src_lsn": change.lsn,
+                        "src_seq": change.seq,
+                        "rows_removed_first_copy": removed,
+                    }
+                ),
+            },
+        )
 
     def table_of(self, change: Change) -> TableMapping:
         tm = self.mapping.tables.get(change.table)

@@ -174,3 +174,12 @@ def record_truncate(control_schema: str) -> sql.Composed:
         "SET rows_removed = tr.rows_removed + EXCLUDED.rows_removed, copies = tr.copies + 1 "
         "RETURNING (xmax = 0) AS first"
     ).format(truncates=sql.Identifier(control_schema, "truncates"))
+
+
+def audit_truncate(control_schema: str) -> sql.Composed:
+    """The audit entry of a carried TRUNCATE (``cutover audit`` lists it), written with the
+    first copy, in the apply transaction; only where the commands' ``audit`` table exists."""
+    return sql.SQL(
+        "INSERT INTO {audit} (actor, command, domain, outcome, reason, detail) "
+        "VALUES ('cutover apply', 'truncate', %(domain)s, 'applied', %(reason)s, %(detail)s)"
+    ).format(audit=sql.Identifier(control_schema, "audit"))

@@ -30,7 +30,9 @@ Where each figure comes from (docs/OPERATIONS.md repeats this for operators):
   server; **heartbeat applied age**: now − the newest producer heartbeat the consumers passed
   (``last_heartbeat_ms``) per domain;
 * **dead letters**: open rows of ``cutover.dead_letters`` per domain, and the dead-letter topic's
-  end offset (every poison message ever sent).
+  end offset (every poison message ever sent);
+* **truncates**: the source TRUNCATEs carried into commerce, per source table
+  (``cutover.truncates``).
 
 A source that cannot be read (a database down, a topic missing) does not stop the monitor: its
 section is empty and ``errors`` says why.
@@ -169,6 +171,17 @@ def read_target(conn: psycopg.Connection[Any], control: str, group: str) -> Targ
     ).fetchone()
     rows = offsets.read_group(store, group)
     open_letters = dead_letters.open_by_domain(store)
+    truncates: dict[str, int] = {}
+    if store.exists("truncates"):  # created by `cutover init` since TRUNCATEs are carried
+        truncates = {
+            str(t): int(n)
+            for t, n in store.execute(
+                sql.SQL("SELECT source_table, count(*) FROM {} GROUP BY 1").format(
+                    store.table("truncates")
+                ),
+                doing=f"reading {control}.truncates",
+            ).fetchall()
+        }
     assert now is not None
     return TargetReading(
         offsets=[
@@ -184,6 +197,7 @@ def read_target(conn: psycopg.Connection[Any], control: str, group: str) -> Targ
         ],
         open_dead_letters=open_letters,
         now_ms=int(now[0]),
+        truncates=truncates,
     )
 
 

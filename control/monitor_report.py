@@ -49,6 +49,8 @@ class TargetReading:
     offsets: Sequence[OffsetsRow]
     open_dead_letters: Mapping[str, int]  # domain ("" when unknown) → open rows
     now_ms: int
+    #: Carried TRUNCATEs per source table (``cutover.truncates``).
+    truncates: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,8 @@ class MonitorReport:
     errors: Sequence[str]
     #: (table, cause) of each mapped table no longer (fully) published (cutover.capture).
     capture_blocks: Sequence[tuple[str, str]] = ()
+    #: Carried TRUNCATEs per source table, since the pipeline started.
+    truncates: Mapping[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +167,7 @@ class MonitorReport:
             },
             "errors": list(self.errors),
             "capture_blocked": [{"table": t, "cause": c} for t, c in self.capture_blocks],
+            "truncates_applied": dict(self.truncates),
         }
 
 
@@ -359,4 +364,5 @@ def build_report(
         ),
         errors=list(errors),
         capture_blocks=list(capture_blocks),
+        truncates=dict(target.truncates) if target is not None else {},
     )

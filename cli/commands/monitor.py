@@ -177,6 +177,12 @@ def render(report: MonitorReport, *, partitions: bool = True) -> Group:
         "dead letters",
         f"{dl.open_total} open; {dl.dlq_topic} end offset {_num(dl.dlq_end_offset)}",
     )
+    if report.truncates:
+        source.add_row(
+            Text("truncates", style="yellow"),
+            ", ".join(f"{t} ×{n}" for t, n in sorted(report.truncates.items()))
+            + " carried (see `cutover audit`)",
+        )
     for blocked, cause in report.capture_blocks:
         source.add_row(
             Text("CAPTURE BLOCKED", style="bold red"),

@@ -11,6 +11,7 @@ Each case ends with the independent comparison (commerce = mapped legacy) and `c
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -111,6 +112,15 @@ def test_truncate_mid_stream_is_carried_and_replayed(
         assert rows[0][1] >= scenario.partitions and rows[0][2] > 0, rows
         verify = scenario.cli("verify")
         assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
+        # Audited once, and counted by the monitor.
+        audit = scenario.cli("audit", "--json")
+        assert audit.returncode == 0, audit.stderr[-2000:]
+        entries = [e for e in json.loads(audit.stdout) if e["command"] == "truncate"]
+        assert len(entries) == 1 and entries[0]["domain"] == "payment", entries
+        assert entries[0]["detail"]["source_table"] == "shop.invoices"
+        monitor = scenario.cli("monitor", "--once", "--json")
+        assert monitor.returncode == 0, monitor.stderr[-2000:]
+        assert json.loads(monitor.stdout)["truncates_applied"] == {"shop.invoices": 1}
 
         # A replay of the payment topic into a sandbox applies the TRUNCATE the same way.
         settings = scenario.settings()

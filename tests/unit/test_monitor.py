@@ -93,6 +93,7 @@ def test_report_and_json() -> None:
         ],
         open_dead_letters={"payment": 2, "": 1},
         now_ms=NOW,
+        truncates={"shop.invoices": 2},
     )
     source = SourceReading(
         SlotReading("cutover_slot", True, True, "0/16B3748", 4096, "reserved", None),
@@ -134,6 +135,8 @@ def test_report_and_json() -> None:
     text = console.export_text()
     assert "shop.payment [1]" in text and "wal_status reserved" in text
     assert "topic shop.merchant does not exist" in text
+    assert doc["truncates_applied"] == {"shop.invoices": 2}
+    assert "shop.invoices ×2 carried" in text
 
 
 def test_report_without_any_source() -> None:
