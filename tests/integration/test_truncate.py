@@ -15,12 +15,16 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from consumers.events import Change
 from consumers.replay import Filters, Rate, play_to_target, record
+from consumers.sink import Sink
+from cutover.mapping import load_mapping
 from devtools import harness
 from devtools.apply_support import init_control
 from tests.integration.conftest import EXAMPLES
@@ -177,3 +181,56 @@ def test_truncate_policy_stop_names_the_resume_and_resnapshot_is_refused(
         assert pipe.producer_code() is None and not pipe.dead_appliers(), pipe.log_text()[-3000:]
         verify = scenario.cli("verify")
         assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
+
+
+def _invoice(op: str, invoice_id: int, lsn: int, seq: int = 0) -> Change:
+    row = {"id": invoice_id, "order_id": 7, "invoice_no": f"INV-{invoice_id}",
+           "issued_at": datetime(2026, 11, 29, tzinfo=UTC)}  # fmt: skip
+    return Change("shop", "invoices", op, lsn, seq, 0, row, None, True, False)
+
+
+def _truncate(lsn: int, seq: int = 0) -> Change:
+    return Change("shop", "invoices", "t", lsn, seq, 0, {}, None, True, False)
+
+
+def test_truncate_horizon_keeps_rows_ahead_and_never_resurrects_rows_behind(
+    commerce: str,
+) -> None:
+    """The apply side alone, with the partitions' interleavings made explicit: the TRUNCATE is
+    at position 100; partition 0 carries it first, partition 1 is ahead (a row at 150 applied
+    before any copy), partition 2 is behind (a row at 60 applied after the first copy)."""
+    mapping = load_mapping(harness.MAPPING)
+
+    def ids(conn: psycopg.Connection[tuple[object, ...]]) -> list[object]:
+        rows = conn.execute("SELECT invoice_id FROM commerce.invoices ORDER BY 1").fetchall()
+        return [r[0] for r in rows]
+
+    with psycopg.connect(commerce, autocommit=True) as conn:
+        sink = Sink(conn, mapping, "cutover")
+
+        def apply(*changes: Change) -> None:
+            sink.begin()
+            _stats, failures = sink.apply(changes)
+            assert failures == []
+            sink.commit()
+
+        apply(_invoice("c", 1, 10), _invoice("c", 2, 20), _invoice("d", 2, 30))  # 2: tombstone
+        apply(_invoice("c", 3, 150))  # partition 1, ahead
+        apply(_truncate(100))  # partition 0's copy
+        assert ids(conn) == [3]
+        apply(_invoice("c", 4, 60), _invoice("u", 1, 70))  # partition 2, behind: not brought back
+        assert ids(conn) == [3]
+        # In one batch: older rows skipped, newer applied, duplicate copies change nothing.
+        apply(_invoice("c", 5, 90), _truncate(100), _invoice("c", 6, 120), _truncate(100))
+        assert ids(conn) == [3, 6]
+        row = conn.execute(
+            "SELECT source_table, copies FROM cutover.truncates WHERE target_table = 'invoices'"
+        ).fetchone()
+        assert row == ("shop.invoices", 3)
+        # The tombstones older than the TRUNCATE are gone: its horizon covers them.
+        tomb = conn.execute("SELECT count(*) FROM cutover.tombstones").fetchone()
+        assert tomb == (0,)
+        audit = conn.execute(
+            "SELECT count(*) FROM cutover.audit WHERE command = 'truncate'"
+        ).fetchone()
+        assert audit == (1,)
