@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -57,7 +58,7 @@ def _truncate_and_insert(legacy: str, marker: str) -> None:
         conn.execute(MARK_USER, (marker, marker, marker))
 
 
-def _scalar(dsn: str, query: str) -> object:
+def _scalar(dsn: str, query: str) -> Any:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(query).fetchone()
     assert row is not None
@@ -85,8 +86,13 @@ def test_truncate_mid_stream_is_carried_and_replayed(
     with running_pipeline(legacy, commerce, kafka_bootstrap, tmp_path, orders=300) as pipe:
         scenario = pipe.scenario
         traffic = Traffic(legacy, rate=150, duration=20, seed=73)
-        time.sleep(6)
-        assert int(_scalar(legacy, "SELECT count(*) FROM shop.invoices")) > 0  # type: ignore[call-overload]
+        # Mid-stream: commerce holds invoices (snapshot and streamed) when the TRUNCATE comes.
+        wait_for(
+            lambda: _scalar(commerce, "SELECT count(*) FROM commerce.invoices") != 0,
+            120,
+            "invoices in commerce",
+        )
+        time.sleep(2)
         _truncate_and_insert(legacy, "after truncate")
         # The other domains keep flowing while the workload runs, and the producer stays up.
         try:
@@ -107,13 +113,19 @@ def test_truncate_mid_stream_is_carried_and_replayed(
                       " FROM commerce.invoices WHERE invoice_id >= 1000000000")  # fmt: skip
         assert ids == list(NEW_INVOICES)
         assert pipe.producer_code() is None and not pipe.dead_appliers(), pipe.log_text()[-3000:]
-        # Recorded once per partition copy, as one TRUNCATE of shop.invoices.
+        # Recorded as one TRUNCATE of shop.invoices, once its copy of every partition applied.
+        query = "SELECT source_table, copies, rows_removed FROM cutover.truncates"
+        wait_for(
+            lambda: (
+                _scalar(commerce, "SELECT max(copies) FROM cutover.truncates")
+                == scenario.partitions
+            ),
+            60,
+            "every partition's copy of the TRUNCATE",
+        )
         with psycopg.connect(commerce) as conn:
-            rows = conn.execute(
-                "SELECT source_table, copies, rows_removed FROM cutover.truncates"
-            ).fetchall()
-        assert len(rows) == 1 and rows[0][0] == "shop.invoices", rows
-        assert rows[0][1] >= scenario.partitions and rows[0][2] > 0, rows
+            rows = conn.execute(query).fetchall()
+        assert len(rows) == 1 and rows[0][0] == "shop.invoices" and rows[0][2] > 0, rows
         verify = scenario.cli("verify")
         assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
         # Audited once, and counted by the monitor.
