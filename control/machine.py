@@ -1,11 +1,14 @@
 """The cutover state machine of each domain: the pure plan and the transition protocol.
 
-States::
+States (in-flight states in brackets; DESIGN §6)::
 
-    replicating ──switch-reads──▶ switching_reads ──▶ reads_switched
-         ▲                                                  │
-         └──────────── replicating ◀── rolling_back ◀──rollback
-    (writes_switched: reserved for the next version; nothing enters it yet)
+    replicating ─switch-reads─▶ [switching_reads] ─▶ reads_switched ─switch-writes─▶
+        ▲                                              │  ▲                          │
+        └──── [rolling_back] ◀────────rollback─────────┘  │              [switching_writes]
+                                                          │                          ▼
+                          [rolling_back_writes] ◀─rollback-writes─ writes_switched ◀─┘
+                                                                       │
+                                                    complete ─▶ [completing] ─▶ completed
 
 Each action is one :class:`ActionRule` of :data:`RULES` (the stable state it starts from, its
 in-flight state, its target, what it refuses and what it abandons): :func:`plan` reads the table,
@@ -20,6 +23,11 @@ the same protocol, the steps of :func:`execute`:
    value JSON ``{domain, state, version, changed_at, actor, transition_id}``), wait for the
    acknowledgement, then mark the transition ``published``;
 3. **done** (:func:`_complete`): set the domain to the target state and the transition ``done``.
+
+The write actions (``switch_writes``, ``rollback_writes``, ``complete``) do their work between
+steps 1 and 2: ``steps`` (:class:`Steps`, :mod:`control.write_switch`) fences, drains, verifies
+and records each step in the transition's row before the target is published, and measures the
+write-unavailability window after it.
 
 A crash between two steps leaves a row that :func:`explain` describes and that re-running the same
 command resumes (publishing the same version twice is harmless: readers order by version). A
@@ -36,7 +44,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 import psycopg
 
@@ -45,10 +53,14 @@ from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import (
     COMMERCE_READS,
+    COMPLETED,
+    COMPLETING,
     READS_SWITCHED,
     REPLICATING,
     ROLLING_BACK,
+    ROLLING_BACK_WRITES,
     SWITCHING_READS,
+    SWITCHING_WRITES,
     WRITES_SWITCHED,
     Conn,
     DomainState,
@@ -68,6 +80,8 @@ __all__ = [
     "CrashForTest",
     "CrashPoint",
     "Plan",
+    "StepContext",
+    "Steps",
     "TransitionResult",
     "execute",
     "explain",
@@ -77,7 +91,9 @@ __all__ = [
 
 log = get_logger("control.state")
 
-Action: TypeAlias = Literal["switch_reads", "rollback"]
+Action: TypeAlias = Literal[
+    "switch_reads", "rollback", "switch_writes", "rollback_writes", "complete"
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +134,16 @@ RULES: dict[Action, ActionRule] = {
         refusals={
             ROLLING_BACK: "a rollback of {d} is in progress: run `cutover rollback {d}` to finish "
             "it first",
+            **{
+                s: "reads of {d} are already switched to commerce (state {s})"
+                for s in (
+                    SWITCHING_WRITES,
+                    WRITES_SWITCHED,
+                    ROLLING_BACK_WRITES,
+                    COMPLETING,
+                    COMPLETED,
+                )
+            },
         },
     ),
     "rollback": ActionRule(
@@ -126,11 +152,69 @@ RULES: dict[Action, ActionRule] = {
         via=ROLLING_BACK,
         to=REPLICATING,
         noop_why="{d} is already replicating (reads on legacy)",
-        refuse_why="{d} is in state {s}; rolling back writes is not supported by this version",
+        refuse_why="{d} is in state {s}; rollback does not apply",
         event="cutover.rolled_back",
         # Abort a switch that did not finish: readers may already follow it (if published), so
         # the way back is a new, higher version saying replicating.
         abandons={SWITCHING_READS: "abandons the unfinished switch"},
+        refusals={
+            WRITES_SWITCHED: "the writes of {d} are on commerce: run `cutover rollback-writes "
+            "{d}` first (then `cutover rollback {d}` returns its reads)",
+            SWITCHING_WRITES: "a switch-writes of {d} did not finish: finish it with `cutover "
+            "switch-writes {d}` or undo it with `cutover rollback-writes {d}`",
+            ROLLING_BACK_WRITES: "a rollback-writes of {d} is in progress: run `cutover "
+            "rollback-writes {d}` to finish it first",
+            COMPLETING: "a complete of {d} is in progress: run `cutover complete {d}`",
+            COMPLETED: "{d} is completed: legacy's tables of {d} are read-only history",
+        },
+    ),
+    "switch_writes": ActionRule(
+        command="switch-writes",
+        start=READS_SWITCHED,
+        via=SWITCHING_WRITES,
+        to=WRITES_SWITCHED,
+        noop_why="writes of {d} are already switched to commerce",
+        refuse_why="{d} is in state {s}; switch-writes needs reads_switched (`cutover "
+        "switch-reads {d}` first)",
+        event="cutover.writes_switched",
+        refusals={
+            ROLLING_BACK_WRITES: "a rollback-writes of {d} is in progress: run `cutover "
+            "rollback-writes {d}` to finish it first",
+            COMPLETING: "a complete of {d} is in progress: run `cutover complete {d}`",
+            COMPLETED: "{d} is completed: its writes are on commerce for good",
+        },
+    ),
+    "rollback_writes": ActionRule(
+        command="rollback-writes",
+        start=WRITES_SWITCHED,
+        via=ROLLING_BACK_WRITES,
+        to=READS_SWITCHED,
+        noop_why="writes of {d} are on legacy already (reads_switched)",
+        refuse_why="{d} is in state {s}; rollback-writes needs writes_switched",
+        event="cutover.writes_rolled_back",
+        # Undo a switch-writes that did not finish (a kill -9 mid-way): unfence legacy, or, if
+        # routers already follow writes_switched, the whole way back.
+        abandons={SWITCHING_WRITES: "abandons the unfinished switch-writes"},
+        refusals={
+            COMPLETING: "a complete of {d} is in progress: run `cutover complete {d}`",
+            COMPLETED: "{d} is completed: its writes cannot return to legacy",
+        },
+    ),
+    "complete": ActionRule(
+        command="complete",
+        start=WRITES_SWITCHED,
+        via=COMPLETING,
+        to=COMPLETED,
+        noop_why="{d} is already completed",
+        refuse_why="{d} is in state {s}; complete needs writes_switched (`cutover "
+        "switch-writes {d}` first)",
+        event="cutover.completed",
+        refusals={
+            SWITCHING_WRITES: "a switch-writes of {d} did not finish: run `cutover "
+            "switch-writes {d}` first",
+            ROLLING_BACK_WRITES: "a rollback-writes of {d} is in progress: run `cutover "
+            "rollback-writes {d}` to finish it first",
+        },
     ),
 }
 
@@ -186,7 +270,9 @@ def explain(state: DomainState) -> str:
     if state.state == READS_SWITCHED:
         return "commerce serves reads; CDC keeps commerce in sync"
     if state.state == WRITES_SWITCHED:
-        return "commerce serves reads and writes"
+        return "commerce serves reads and writes; legacy's tables are fenced"
+    if state.state == COMPLETED:
+        return "commerce serves reads and writes; legacy's tables are read-only history"
     rule = _command_of(state.state)
     when = (
         state.transition_created_at.isoformat(timespec="seconds")
@@ -203,9 +289,10 @@ def explain(state: DomainState) -> str:
     aborts = [r.command for r in RULES.values() if state.state in r.abandons]
     if aborts:
         hint += f", or `cutover {aborts[0]} {d}` to abandon it"
+    step = f"; last step done: {state.step}" if state.step else ""
     return (
         f"transition {state.transition_id} ({state.from_state} -> {state.to_state}) started "
-        f"{when} by {state.actor or '?'} did not finish; {seen}; {hint}"
+        f"{when} by {state.actor or '?'} did not finish{step}; {seen}; {hint}"
     )
 
 
@@ -225,13 +312,53 @@ class TransitionResult:
     version: int
     transition_id: str | None
     message: str
+    #: What the steps of a write transition measured (fence LSN, window_ms, ...).
+    detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 class CrashForTest(Exception):
     """Raised at a named crash point (``crash_at``) to simulate a kill in fault tests."""
 
 
-CrashPoint: TypeAlias = Literal["after_intent", "after_publish"] | None
+CrashPoint: TypeAlias = (
+    Literal[
+        "after_intent",
+        "after_fence",
+        "after_drain",
+        "after_verify",
+        "after_reverse",
+        "after_open",
+        "after_publish",
+    ]
+    | None
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What the steps of a write transition are told: the transition and where it came from.
+
+    ``current`` is the domain's row before step 1 (a resume: the in-flight one, with the steps
+    it recorded); ``from_state`` is the stable state readers followed before the transition.
+    """
+
+    domain: str
+    action: Action
+    transition_id: str
+    from_state: str
+    resumed: bool
+    current: DomainState
+    crash_at: CrashPoint = None
+
+
+class Steps(Protocol):
+    """The work of a write transition around its publication (:mod:`control.write_switch`)."""
+
+    def before_publish(self, conn: Conn, ctx: StepContext) -> None:
+        """Steps before the target is published; on failure, undo and raise (the step named)."""
+
+    def after_publish(self, conn: Conn, ctx: StepContext) -> dict[str, Any]:
+        """After the publication: what to audit (the window)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +441,7 @@ def _write_intent(
     reason: str | None,
     forced: bool,
     on_intent: Callable[[Plan, DomainState], None] | None,
+    seen: list[DomainState] | None = None,
 ) -> _Intent | TransitionResult:
     """Step 1, under the domain row's lock; a no-op ends here with its result."""
     try:
@@ -322,6 +450,8 @@ def _write_intent(
             if current is None:
                 raise UsageError(f"unknown domain {domain!r}")
             decided = plan(current, action)
+            if seen is not None:
+                seen.append(current)
             if on_intent is not None:
                 on_intent(decided, current)
             if decided.kind == "refuse":
@@ -407,6 +537,7 @@ def execute(
     forced: bool = False,
     on_intent: Callable[[Plan, DomainState], None] | None = None,
     crash_at: CrashPoint = None,
+    steps: Steps | None = None,
 ) -> TransitionResult:
     """Run (or resume) ``action`` on ``domain`` through steps 1-3 of the module doc.
 
@@ -415,18 +546,39 @@ def execute(
     refuses, :class:`KafkaError` when publishing fails (the intent stays: re-run to complete).
     """
     schema = settings.target.control_schema
+    seen: list[DomainState] = []
     intent = _write_intent(
-        conn, schema, domain, action, actor=actor, reason=reason, forced=forced, on_intent=on_intent
+        conn,
+        schema,
+        domain,
+        action,
+        actor=actor,
+        reason=reason,
+        forced=forced,
+        on_intent=on_intent,
+        seen=seen,
     )
     if isinstance(intent, TransitionResult):
         return intent
     if crash_at == "after_intent":
         raise CrashForTest("after_intent")
+    decided = intent.decided
+    ctx = StepContext(
+        domain,
+        action,
+        intent.transition_id,
+        _stable_from(seen[0], decided) if decided.kind == "start" else decided.from_state,
+        decided.kind == "resume",
+        seen[0],
+        crash_at,
+    )
+    if steps is not None:
+        steps.before_publish(conn, ctx)
     _publish(conn, schema, domain, intent, publisher)
+    detail = steps.after_publish(conn, ctx) if steps is not None else {}
     if crash_at == "after_publish":
         raise CrashForTest("after_publish")
     _complete(conn, schema, domain, intent)
-    decided = intent.decided
     return TransitionResult(
         "resumed" if decided.kind == "resume" else "done",
         domain,
@@ -435,4 +587,5 @@ def execute(
         intent.version,
         intent.transition_id,
         f"{domain}: {decided.from_state} -> {intent.to_state} (version {intent.version})",
+        detail,
     )

@@ -5,6 +5,11 @@ Every partition of the domain topic counts, the ones Kafka reports (not only the
 count: a topic created with more partitions than configured must not hide the extra ones) and
 any a consumer recorded an offset for; a partition nothing was applied from holds the minimum at
 zero, so verify waits rather than judging commerce against rows it has not received.
+
+The same reader follows the reverse direction (``reverse=True``, commerce → legacy, used by
+``rollback-writes`` to drain it): the appliers' offsets then live in legacy (``[reverse]
+control_schema`` and ``group_id``, topics ``<prefix>.reverse.<domain>``) and the producer's
+delivered position in commerce's control schema under the ``[reverse] slot``.
 """
 
 from __future__ import annotations
@@ -43,12 +48,19 @@ class PositionReader:
     """Reads what source position the consumers of a domain have applied (see the module doc)."""
 
     def __init__(
-        self, settings: Settings, mapping: MappingSpec, legacy: Conn, commerce: Conn
+        self,
+        settings: Settings,
+        mapping: MappingSpec,
+        legacy: Conn,
+        commerce: Conn,
+        *,
+        reverse: bool = False,
     ) -> None:
         self.settings = settings
         self.mapping = mapping
         self.legacy = legacy
         self.commerce = commerce
+        self.reverse = reverse
         self._consumer: Any = None
 
     def close(self) -> None:
@@ -59,15 +71,19 @@ class PositionReader:
     def applied(self, domain: str) -> int | None:
         """The position every partition of ``domain`` has applied; None when no consumer ever
         recorded a position for the domain (then commerce is treated as static)."""
-        topic = self.settings.kafka.topic(domain)
-        schema = self.settings.target.control_schema
-        store = ControlStore(self.commerce, schema, "target")
+        s = self.settings
+        if self.reverse:
+            topic, group = s.kafka.reverse_topic(domain), s.reverse.group_id
+            store = ControlStore(self.legacy, s.reverse.control_schema, "source")
+        else:
+            topic, group = s.kafka.topic(domain), s.apply.group_id
+            store = ControlStore(self.commerce, s.target.control_schema, "target")
         if not store.exists(stored_offsets.TABLE):
             return None
-        rows = stored_offsets.read_group(store, self.settings.apply.group_id, topic)
+        rows = stored_offsets.read_group(store, group, topic)
         if not rows:
             return None
-        if self._snapshot_unfinished(domain):
+        if not self.reverse and self._snapshot_unfinished(domain):
             # Snapshot rows of chunks not read yet carry no position below the delivered one:
             # until the snapshot is done, nothing of this domain counts as applied.
             return 0
@@ -92,10 +108,15 @@ class PositionReader:
         return unfinished
 
     def _delivered(self) -> int | None:
-        store = ControlStore(self.legacy, LEGACY_CONTROL_SCHEMA, "source")
+        if self.reverse:
+            store = ControlStore(self.commerce, self.settings.target.control_schema, "target")
+            slot = self.settings.reverse.slot
+        else:
+            store = ControlStore(self.legacy, LEGACY_CONTROL_SCHEMA, "source")
+            slot = self.settings.source.slot
         if not store.exists("producer_state"):
             return None
-        return producer_state.read_position(store, self.settings.source.slot)
+        return producer_state.read_position(store, slot)
 
     def _watermarks(self, topic: str) -> dict[int, int] | None:
         try:

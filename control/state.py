@@ -1,4 +1,5 @@
-"""The cutover commands' cores (docs/CUTOVER.md): ``switch-reads``, ``rollback`` and ``status``.
+"""The cutover commands' cores (docs/CUTOVER.md): ``switch-reads``, ``rollback``,
+``switch-writes``, ``rollback-writes``, ``complete`` and ``status``.
 
 The state machine itself (the plan per state and action, and the intent → publish → done protocol
 of a transition) is :mod:`control.machine`; publishing to the control topic is
@@ -11,7 +12,9 @@ for every action (:func:`transition`):
    intent was written, but a critical one (the slot lost since, a verify that found differences)
    refuses the resume, so a switch begun before the slot was lost never completes after;
 3. a dry run, a refusal or a cancelled confirmation ends here (audited);
-4. execute the transition (:func:`control.machine.execute`) and audit how it ended.
+4. execute the transition (:func:`control.machine.execute`; the write actions with their steps,
+   :class:`control.write_switch.WriteSteps`) and audit how it ended (a write transition's audit
+   record carries its write-unavailability window, ``window_ms``).
 
 Adding an action is adding its rule to :data:`control.machine.RULES` and its gates to
 :data:`ACTION_GATES`, plus a one-line command function.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypedDict, Unpack
 
 import psycopg
@@ -41,10 +44,14 @@ from control.machine import (
     progress,
 )
 from control.publish import KafkaPublisher, Publisher, state_message
+from control.write_gates import write_gates
+from control.write_switch import WriteSteps
 from cutover import pg
 from cutover.config import Settings
 from cutover.control_store import (
     COMMERCE_READS,
+    COMMERCE_WRITES,
+    COMPLETED,
     IN_FLIGHT,
     STABLE,
     STATES,
@@ -55,7 +62,8 @@ from cutover.control_store import (
     ensure_domains,
     load_states,
 )
-from cutover.errors import DatabaseError, GateRefused, KafkaError, UsageError, redact_dsn
+from cutover.errors import CutoverError, DatabaseError, GateRefused, UsageError, redact_dsn
+from cutover.mapping import load_mapping
 
 __all__ = [
     "ACTION_GATES",
@@ -72,6 +80,7 @@ __all__ = [
     "Publisher",
     "TransitionOptions",
     "TransitionResult",
+    "complete",
     "control_plane_ddl",
     "ensure_control_plane",
     "ensure_domains",
@@ -84,9 +93,11 @@ __all__ = [
     "progress",
     "rollback",
     "rollback_sanity",
+    "rollback_writes",
     "state_message",
     "status_report",
     "switch_reads",
+    "switch_writes",
     "transition",
 ]
 
@@ -108,6 +119,8 @@ class CommandOutcome:
     forced: bool = False
     overridden: tuple[str, ...] = ()
     audit_id: int | None = None
+    #: What a write transition's steps measured (fence_lsn, window_ms, ...).
+    detail: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -133,6 +146,8 @@ class CommandOutcome:
             "overridden": list(self.overridden),
             "gates": [g.to_json() for g in self.gates],
             "audit_id": self.audit_id,
+            "detail": dict(self.detail),
+            "window_ms": self.detail.get("window_ms"),
         }
 
 
@@ -172,7 +187,13 @@ def switch_gates(settings: Settings, domain: str) -> list[GateResult]:
 ACTION_GATES: dict[Action, Callable[[Settings, str], list[GateResult]]] = {
     "switch_reads": switch_gates,
     "rollback": lambda settings, _domain: rollback_sanity(settings),
+    "switch_writes": write_gates("switch_writes"),
+    # The way back is never held up by soak or lag: legacy must answer, that is all.
+    "rollback_writes": lambda settings, _domain: rollback_sanity(settings),
+    "complete": write_gates("complete"),
 }
+#: The actions whose work happens between their intent and their publication.
+WRITE_ACTIONS = frozenset({"switch_writes", "rollback_writes", "complete"})
 
 
 class TransitionOptions(TypedDict, total=False):
@@ -323,6 +344,10 @@ def _run(
 ) -> CommandOutcome:
     """Execute the transition and audit how it ended (a failure too, with how to resume)."""
     overridden = tuple(g.name for g in decision.overridden)
+    action = attempt.decided.action
+    steps = None
+    if action in WRITE_ACTIONS:
+        steps = WriteSteps(settings, load_mapping(settings.mapping_path), actor=attempt.actor)
     try:
         result = execute(
             attempt.conn,
@@ -334,8 +359,9 @@ def _run(
             reason=attempt.reason,
             forced=attempt.force,
             crash_at=crash_at,
+            steps=steps,
         )
-    except (KafkaError, DatabaseError) as exc:
+    except CutoverError as exc:
         with contextlib.suppress(DatabaseError):
             attempt.audit(
                 "failed",
@@ -355,6 +381,7 @@ def _run(
             "overridden": list(overridden),
             "gates_evaluated": True,
             "resumed": attempt.decided.kind == "resume",
+            **result.detail,
         },
     )
     return CommandOutcome(
@@ -371,6 +398,7 @@ def _run(
         attempt.force,
         overridden,
         audit_id,
+        result.detail,
     )
 
 
@@ -445,6 +473,42 @@ def rollback(
     return transition(settings, domains, domain, "rollback", actor=actor, **options)
 
 
+def switch_writes(
+    settings: Settings,
+    domains: Sequence[str],
+    domain: str,
+    *,
+    actor: str,
+    **options: Unpack[TransitionOptions],
+) -> CommandOutcome:
+    """Gate, confirm and move the writes of ``domain`` to commerce behind the fence (audited)."""
+    return transition(settings, domains, domain, "switch_writes", actor=actor, **options)
+
+
+def rollback_writes(
+    settings: Settings,
+    domains: Sequence[str],
+    domain: str,
+    *,
+    actor: str,
+    **options: Unpack[TransitionOptions],
+) -> CommandOutcome:
+    """Return the writes of ``domain`` to legacy (or undo an unfinished switch-writes)."""
+    return transition(settings, domains, domain, "rollback_writes", actor=actor, **options)
+
+
+def complete(
+    settings: Settings,
+    domains: Sequence[str],
+    domain: str,
+    *,
+    actor: str,
+    **options: Unpack[TransitionOptions],
+) -> CommandOutcome:
+    """Finish ``domain``: stop its reverse stream, leave legacy's tables fenced (audited)."""
+    return transition(settings, domains, domain, "complete", actor=actor, **options)
+
+
 def rollback_sanity(settings: Settings) -> list[GateResult]:
     """Rollback's only checks: legacy answers (it is about to serve the reads again)."""
     try:
@@ -498,4 +562,9 @@ def status_report(
         if consumer is not None:
             consumer.close()
     effective = {d: states[d].effective()[0] for d in weights}
-    return {"progress_percent": progress(effective, weights), "domains": domains}
+    return {
+        "progress_percent": progress(effective, weights),
+        "writes_on_commerce": sum(1 for s in effective.values() if s in COMMERCE_WRITES),
+        "completed": sum(1 for s in effective.values() if s == COMPLETED),
+        "domains": domains,
+    }

@@ -31,7 +31,9 @@ Creates: the legacy control tables (schema cutover), a replica-identity index wh
 aggregate key is not in its primary key (so deletes carry their Kafka key), the publication with
 column lists (pgoutput never sends excluded columns; an existing publication with other columns is
 altered, and init says so), the pgoutput slot, the Kafka topics (domain topics, dlq, compacted
-control and schemas), the commerce control tables, and with --target-ddl the commerce schema.
+control and schemas), the commerce control tables, and with --target-ddl the commerce schema;
+then the write fence (lowered) on every domain table of legacy and commerce (switch-writes and
+rollback-writes raise it).
 
 With --reverse, also prepares the reverse path of the write cutover (commerce -> legacy), before
 any fence: preflight of commerce (wal_level = logical, a free slot, the mapped commerce tables'
@@ -76,6 +78,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, context: Context) -> int:
+    from control.write_switch import install_fences
+    from cutover.mapping import load_mapping
     from producers.init import run_init
 
     report = run_init(
@@ -88,6 +92,11 @@ def run(args: argparse.Namespace, context: Context) -> int:
         from producers.init_reverse import prepare_reverse
 
         prepare_reverse(context.settings, report)
+    if not args.dry_run:
+        # The write fence (lowered) on both sides' domain tables: switch-writes raises it.
+        mapping = load_mapping(context.settings.mapping_path)
+        for obj, status, detail in install_fences(context.settings, mapping):
+            report.action(obj, status, detail)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0

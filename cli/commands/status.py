@@ -42,7 +42,11 @@ def run(args: argparse.Namespace, context: Context) -> int:
 
 
 def print_status(console: Console, report: dict[str, Any]) -> None:
-    table = Table(title=f"cutover progress {report['progress_percent']} %")
+    title = (
+        f"cutover progress {report['progress_percent']} % · writes on commerce "
+        f"{report.get('writes_on_commerce', 0)} · completed {report.get('completed', 0)}"
+    )
+    table = Table(title=title)
     for col in ("domain", "weight", "state", "version", "lag", "last verify", "gates"):
         table.add_column(col)
     for d in report["domains"]:

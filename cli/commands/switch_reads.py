@@ -20,7 +20,14 @@ from rich.console import Console
 from rich.prompt import Confirm
 
 from control.audit import default_actor
-from control.state import CommandOutcome, rollback, switch_reads
+from control.state import (
+    CommandOutcome,
+    complete,
+    rollback,
+    rollback_writes,
+    switch_reads,
+    switch_writes,
+)
 from cutover.errors import GateRefused, UsageError
 from cutover.mapping import load_mapping
 
@@ -72,13 +79,23 @@ def confirmation(args: argparse.Namespace, command: str) -> Callable[[str], bool
     return lambda prompt: Confirm.ask(prompt, default=False, console=Console(stderr=True))
 
 
+#: The core of each transition command (control.state).
+CORES = {
+    "switch-reads": switch_reads,
+    "rollback": rollback,
+    "switch-writes": switch_writes,
+    "rollback-writes": rollback_writes,
+    "complete": complete,
+}
+
+
 def run_transition(args: argparse.Namespace, context: Context, command: str) -> int:
     if args.force and not (args.reason and args.reason.strip()):
         raise UsageError("--force needs --reason TEXT: the override is audited with it")
     confirm = confirmation(args, command)
     settings = context.settings
     mapping = load_mapping(settings.mapping_path)
-    core = switch_reads if command == "switch-reads" else rollback
+    core = CORES[command]
     try:
         outcome = core(
             settings,
@@ -123,6 +140,9 @@ def print_outcome(console: Console, outcome: CommandOutcome) -> None:
     if outcome.overridden:
         console.print(f"[yellow]forced past: {', '.join(outcome.overridden)}[/]")
     console.print(outcome.message)
+    window = outcome.detail.get("window_ms")
+    if window is not None:
+        console.print(f"write-unavailability window: {window} ms")
 
 
 def run(args: argparse.Namespace, context: Context) -> int:

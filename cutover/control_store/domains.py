@@ -1,15 +1,17 @@
 """Domain state: the ``domain_state`` rows that the state machine (:mod:`control.state`) moves
-and the read router (:mod:`cutover.routing`) follows, with their ``transitions``."""
+and the router (:mod:`cutover.routing`) follows, with their ``transitions`` (and the steps a
+write transition records in them, :mod:`control.write_switch`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from cutover.control_store.store import Conn, db_error, qualified
 
@@ -17,8 +19,10 @@ REPLICATING = "replicating"
 SWITCHING_READS = "switching_reads"
 READS_SWITCHED = "reads_switched"
 ROLLING_BACK = "rolling_back"
+SWITCHING_WRITES = "switching_writes"
 WRITES_SWITCHED = "writes_switched"
-COMPLETED = "completed"
+ROLLING_BACK_WRITES = "rolling_back_writes"
+COMPLETING = "completing"
 COMPLETED = "completed"
 
 STATES: tuple[str, ...] = (
@@ -26,10 +30,16 @@ STATES: tuple[str, ...] = (
     SWITCHING_READS,
     READS_SWITCHED,
     ROLLING_BACK,
+    SWITCHING_WRITES,
     WRITES_SWITCHED,
+    ROLLING_BACK_WRITES,
+    COMPLETING,
+    COMPLETED,
 )
-STABLE = frozenset({REPLICATING, READS_SWITCHED, WRITES_SWITCHED})
-IN_FLIGHT = frozenset({SWITCHING_READS, ROLLING_BACK})
+STABLE = frozenset({REPLICATING, READS_SWITCHED, WRITES_SWITCHED, COMPLETED})
+IN_FLIGHT = frozenset(
+    {SWITCHING_READS, ROLLING_BACK, SWITCHING_WRITES, ROLLING_BACK_WRITES, COMPLETING}
+)
 #: States whose reads are served by commerce (they count for the migration progress).
 COMMERCE_READS = frozenset({READS_SWITCHED, WRITES_SWITCHED, COMPLETED})
 #: States whose writes are taken by commerce (legacy's tables of the domain are fenced).
@@ -53,6 +63,9 @@ class DomainState:
     published: bool = False
     transition_status: str | None = None
     transition_created_at: datetime | None = None
+    #: The last step an in-flight write transition recorded, and what it recorded.
+    step: str | None = None
+    step_detail: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> bool:
@@ -84,6 +97,8 @@ class DomainState:
                 "version": self.pending_version,
                 "published": self.published,
                 "status": self.transition_status,
+                "step": self.step,
+                "step_detail": dict(self.step_detail),
             },
         }
 
@@ -106,7 +121,8 @@ def ensure_domains(conn: Conn, schema: str, domains: Sequence[str]) -> None:
 
 _STATE_QUERY = (
     "SELECT s.domain, s.state, s.version, s.changed_at, s.actor, s.transition_id::text, "
-    "t.from_state, t.to_state, t.version, t.published_at IS NOT NULL, t.status, t.created_at "
+    "t.from_state, t.to_state, t.version, t.published_at IS NOT NULL, t.status, t.created_at, "
+    "t.step, t.step_detail "
     "FROM {state} AS s LEFT JOIN {transitions} AS t ON t.transition_id = s.transition_id "
 )
 
@@ -125,6 +141,8 @@ def _row_to_state(row: Sequence[Any]) -> DomainState:
         published=bool(row[9]),
         transition_status=row[10],
         transition_created_at=row[11],
+        step=row[12],
+        step_detail=row[13] or {},
     )
 
 
@@ -239,4 +257,38 @@ def finish_transition(
             qualified(schema, "transitions")
         ),
         [transition_id],
+    )
+
+
+def record_step(
+    conn: Conn, schema: str, transition_id: str, step: str, detail: Mapping[str, Any]
+) -> None:
+    """A write transition finished ``step``: remember it (and merge ``detail`` into what earlier
+    steps recorded) so that a re-run after a crash knows where it stopped."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET step = %s, step_detail = step_detail || %s WHERE transition_id = %s"
+        ).format(qualified(schema, "transitions")),
+        [step, Jsonb(dict(detail)), transition_id],
+    )
+
+
+def abandon_transition(
+    conn: Conn, schema: str, domain: str, transition_id: str, *, state: str, why: str
+) -> None:
+    """Undo an unpublished transition: the domain is back in ``state`` (its version unchanged:
+    readers never saw the transition) and the transition is ``abandoned`` with ``why``."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET state = %s, transition_id = NULL WHERE domain = %s "
+            "AND transition_id = %s"
+        ).format(qualified(schema, "domain_state")),
+        [state, domain, transition_id],
+    )
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = 'abandoned', done_at = now(), "
+            "step_detail = step_detail || %s WHERE transition_id = %s"
+        ).format(qualified(schema, "transitions")),
+        [Jsonb({"abandoned": why}), transition_id],
     )

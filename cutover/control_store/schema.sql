@@ -114,14 +114,17 @@ CREATE TABLE IF NOT EXISTS verify_chunks (
 );
 
 -- The cutover state of each domain (docs/CUTOVER.md). `state` is one of the stable states
--- (replicating, reads_switched; writes_switched reserved) or an in-flight one
--- (switching_reads, rolling_back) naming `transition_id`. `version` grows by one per
+-- (replicating, reads_switched, writes_switched, completed) or an in-flight one
+-- (switching_reads, rolling_back, switching_writes, rolling_back_writes, completing) naming
+-- `transition_id`. `version` grows by one per
 -- transition and is what readers of the control topic order by.
 CREATE TABLE IF NOT EXISTS domain_state (
     domain        text        PRIMARY KEY,
     state         text        NOT NULL DEFAULT 'replicating'
+                  CONSTRAINT domain_state_state_check
                   CHECK (state IN ('replicating', 'switching_reads', 'reads_switched',
-                                   'rolling_back', 'writes_switched')),
+                                   'rolling_back', 'switching_writes', 'writes_switched',
+                                   'rolling_back_writes', 'completing', 'completed')),
     version       bigint      NOT NULL DEFAULT 0,
     changed_at    timestamptz NOT NULL DEFAULT now(),
     actor         text,
@@ -133,7 +136,9 @@ CREATE TABLE IF NOT EXISTS domain_state (
 CREATE TABLE IF NOT EXISTS transitions (
     transition_id uuid        PRIMARY KEY,
     domain        text        NOT NULL,
-    action        text        NOT NULL CHECK (action IN ('switch_reads', 'rollback')),
+    action        text        NOT NULL CONSTRAINT transitions_action_check
+                  CHECK (action IN ('switch_reads', 'rollback', 'switch_writes',
+                                    'rollback_writes', 'complete')),
     from_state    text        NOT NULL,
     to_state      text        NOT NULL,
     version       bigint      NOT NULL,
@@ -144,9 +149,42 @@ CREATE TABLE IF NOT EXISTS transitions (
     forced        boolean     NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
     published_at  timestamptz,
-    done_at       timestamptz
+    done_at       timestamptz,
+    -- The write transitions' steps (control/write_switch.py): the last one done and what the
+    -- steps recorded (fence LSN, when the fence went up, the reverse start position, ...).
+    step          text,
+    step_detail   jsonb       NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS transitions_domain_idx ON transitions (domain, created_at);
+
+-- Databases created before the write cutover: widen the two CHECKs and add the step columns.
+-- Only when needed, so a routine run takes no ACCESS EXCLUSIVE lock on domain_state.
+DO $widen$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'transitions'::regclass
+                   AND attname = 'step_detail' AND NOT attisdropped) THEN
+        ALTER TABLE transitions ADD COLUMN IF NOT EXISTS step text;
+        ALTER TABLE transitions ADD COLUMN step_detail jsonb NOT NULL DEFAULT '{}';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'domain_state'::regclass
+                   AND conname = 'domain_state_state_check'
+                   AND pg_get_constraintdef(oid) LIKE '%completed%') THEN
+        ALTER TABLE domain_state DROP CONSTRAINT IF EXISTS domain_state_state_check;
+        ALTER TABLE domain_state ADD CONSTRAINT domain_state_state_check
+            CHECK (state IN ('replicating', 'switching_reads', 'reads_switched',
+                             'rolling_back', 'switching_writes', 'writes_switched',
+                             'rolling_back_writes', 'completing', 'completed'));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'transitions'::regclass
+                   AND conname = 'transitions_action_check'
+                   AND pg_get_constraintdef(oid) LIKE '%complete%') THEN
+        ALTER TABLE transitions DROP CONSTRAINT IF EXISTS transitions_action_check;
+        ALTER TABLE transitions ADD CONSTRAINT transitions_action_check
+            CHECK (action IN ('switch_reads', 'rollback', 'switch_writes', 'rollback_writes',
+                              'complete'));
+    END IF;
+END
+$widen$;
 
 -- The audit trail: every state-changing command (and every gate evaluation, dry runs and
 -- refusals included): who, when, what, with which gates and evidence, and how it ended.
