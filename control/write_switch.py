@@ -210,13 +210,14 @@ class WriteSteps:
         mapping: MappingSpec,
         *,
         actor: str,
-        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        drain_timeout_s: float | None = None,
         verify: Callable[[str], tuple[bool, int | None]] | None = None,
     ) -> None:
         self.settings = settings
         self.mapping = mapping
         self.actor = actor
-        self.drain_timeout_s = drain_timeout_s
+        # Read at run time (not as a default argument) so that a test can shorten it.
+        self.drain_timeout_s = DRAIN_TIMEOUT_S if drain_timeout_s is None else drain_timeout_s
         self.verify = verify or self._run_verify
         self.detail: dict[str, Any] = {}
         self._sides: dict[int, tuple[str, str]] = {}

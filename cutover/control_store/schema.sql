@@ -192,7 +192,7 @@ CREATE TABLE IF NOT EXISTS audit (
     audit_id      bigserial   PRIMARY KEY,
     at            timestamptz NOT NULL DEFAULT now(),
     actor         text        NOT NULL,
-    command       text        NOT NULL,   -- switch-reads, rollback, verify
+    command       text        NOT NULL,   -- switch-reads, rollback, switch-writes, verify, ...
     domain        text,
     outcome       text        NOT NULL,   -- done, resumed, noop, refused, dry_run, failed, ...
     forced        boolean     NOT NULL DEFAULT false,
