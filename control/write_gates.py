@@ -10,7 +10,8 @@ gate            passes when                                               critic
 reads_soak      D has been ``reads_switched`` for ``min_reads_soak_minutes`` —
 writes_soak     D has been ``writes_switched`` for ``min_writes_soak_minutes`` —
 verify          as for switch-reads (:func:`control.gates.verify_gate`)   as for switch-reads
-forward_lag     no event of D's topic is left to apply (lag 0)            —
+forward_lag     no event of D's topic is left to apply (lag 0, re-measured —
+                for up to 3 s: heartbeats in flight are not a lag)
 dead_letters    no open dead letter of D                                  —
 fences          the write fence of D is installed on legacy and commerce  not installed
 reverse_path    the reverse slot exists on commerce and the reverse       the slot is missing
@@ -22,6 +23,7 @@ reverse_lag     no event of D's reverse topic is left to apply into       —
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -261,6 +263,25 @@ def _reverse_lag(settings: Settings, legacy: Conn, domain: str, consumer: Any) -
     return LagEvidence(topic=topic, partitions=per, total=sum(per.values()))
 
 
+#: How long a lag probe re-measures before it reports a lag above zero (see _settled).
+LAG_SETTLE_S = 3.0
+
+
+def _settled(probe: Callable[[], LagEvidence]) -> LagEvidence:
+    """A lag that reaches 0 within :data:`LAG_SETTLE_S`, or the last measurement.
+
+    With the pipeline running, the producer's heartbeats land on every partition each interval
+    and are applied within a batch wait: one snapshot of the watermarks often catches one in
+    flight. "Lag 0" means the appliers catch up with everything, so re-measure a few times
+    before calling a lag real."""
+    deadline = time.monotonic() + LAG_SETTLE_S
+    lag = probe()
+    while lag.error is None and (lag.total or 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        lag = probe()
+    return lag
+
+
 def collect_write(settings: Settings, domain: str) -> WriteEvidence:
     """Gather the evidence of every write gate of ``domain`` (each probe fails on its own)."""
     try:
@@ -287,11 +308,11 @@ def collect_write(settings: Settings, domain: str) -> WriteEvidence:
         return replace(
             ev,
             verify=verify_evidence(commerce, settings.target.control_schema, domain),
-            forward_lag=lag_evidence(settings, commerce, domain, consumer),
+            forward_lag=_settled(lambda: lag_evidence(settings, commerce, domain, consumer)),
             dead_letters=dead_letter_evidence(settings, commerce, domain),
             fences=fences,
             reverse=reverse_path(settings, commerce),
-            reverse_lag=_reverse_lag(settings, legacy, domain, consumer),
+            reverse_lag=_settled(lambda: _reverse_lag(settings, legacy, domain, consumer)),
         )
     finally:
         consumer.close()
