@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
+from psycopg import sql
 
 from control import write_switch
 from control.machine import CrashPoint
@@ -81,6 +82,12 @@ def stage_reverse(settings: Settings) -> None:
         store = ControlStore(conn, settings.target.control_schema, "target")
         store.ensure("producer")
         producer_state.record_position(store, rev.slot, rev.publication, FAR, "test-reverse")
+        conn.execute(
+            sql.SQL(
+                "CREATE PUBLICATION {} FOR TABLE commerce.customers, commerce.sellers, "
+                "commerce.listings"
+            ).format(sql.Identifier(rev.publication))
+        )
     with psycopg.connect(settings.source.dsn, autocommit=True) as conn:
         ControlStore(conn, rev.control_schema, "source").ensure("consumer")
     admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap})
@@ -249,6 +256,14 @@ def test_lifecycle_of_one_domain(staged: Settings) -> None:
 
         done = complete(staged, domains, "data", actor="sre")
         assert done.outcome == "done" and done.to_state == "completed"
+        # The reverse stream of data stops: its commerce table leaves the reverse publication.
+        assert done.detail["unpublished"] == ["commerce.customers"]
+        published = commerce(
+            staged,
+            "SELECT tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1",
+            [staged.reverse.publication],
+        )
+        assert [r[0] for r in published] == ["listings", "sellers"]
         assert fences(staged, "data") == (True, False)  # legacy read-only for good
         stray_write_is_refused(staged)
         assert router.wait_for("data", "completed", 2.0)
@@ -387,3 +402,50 @@ def test_completing_the_last_domain_drops_the_forward_slot(staged: Settings) -> 
     assert not slots and not pubs
     report: dict[str, Any] = status_report(staged, WEIGHTS, with_gates=False)
     assert report["completed"] == 3 and report["progress_percent"] == 100
+
+
+OLD_CONTROL_TABLES = """
+CREATE SCHEMA old;
+CREATE TABLE old.domain_state (
+    domain text PRIMARY KEY,
+    state text NOT NULL DEFAULT 'replicating'
+          CHECK (state IN ('replicating', 'switching_reads', 'reads_switched',
+                           'rolling_back', 'writes_switched')),
+    version bigint NOT NULL DEFAULT 0,
+    changed_at timestamptz NOT NULL DEFAULT now(),
+    actor text,
+    transition_id uuid
+);
+CREATE TABLE old.transitions (
+    transition_id uuid PRIMARY KEY,
+    domain text NOT NULL,
+    action text NOT NULL CHECK (action IN ('switch_reads', 'rollback')),
+    from_state text NOT NULL,
+    to_state text NOT NULL,
+    version bigint NOT NULL,
+    status text NOT NULL DEFAULT 'intent'
+           CHECK (status IN ('intent', 'published', 'done', 'abandoned')),
+    actor text NOT NULL,
+    reason text,
+    forced boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz,
+    done_at timestamptz
+);
+INSERT INTO old.domain_state (domain) VALUES ('payment');
+"""
+
+
+def test_control_tables_of_an_older_version_take_the_new_states(fresh_commerce: str) -> None:
+    with psycopg.connect(fresh_commerce, autocommit=True) as conn:
+        conn.execute(OLD_CONTROL_TABLES)
+        for _ in range(2):  # idempotent
+            ControlStore(conn, "old", "target").ensure("commands")
+        conn.execute("UPDATE old.domain_state SET state = 'completed'")
+        conn.execute(
+            "INSERT INTO old.transitions (transition_id, domain, action, from_state, to_state, "
+            "version, actor, step) VALUES (gen_random_uuid(), 'payment', 'complete', "
+            "'writes_switched', 'completed', 1, 't', 'fence_legacy')"
+        )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE old.domain_state SET state = 'nonsense'")
