@@ -12,6 +12,7 @@ them in then.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -168,6 +169,17 @@ def test_write_cutover_lifecycle_with_a_real_forward_pipeline(
             assert done.outcome == "done" and done.to_state == "completed"
             assert _fenced(settings, "data") == (True, False)
             _wait_equal(fresh_legacy, fresh_commerce, timeout=60)
+
+            # The CLI: status counts, and refusals by state (exit 1, JSON naming why).
+            status = json.loads(scenario.cli("status", "--json", "--no-gates").stdout)
+            assert (status["writes_on_commerce"], status["completed"]) == (1, 1)
+            text = scenario.cli("status", "--no-gates", extra_env={"COLUMNS": "200"})
+            assert "writes on commerce 1" in text.stdout and "completed 1" in text.stdout
+            refused = scenario.cli("switch-writes", "payment", "--dry-run", "--json")
+            assert refused.returncode == 1, refused.stderr
+            assert "switch-reads payment" in json.loads(refused.stdout)["message"]
+            again_back = scenario.cli("rollback-writes", "data", "--yes")
+            assert again_back.returncode == 1 and "completed" in again_back.stderr
         finally:
             codes = [stop(applier), stop(producer)]
             _unstage_reverse(settings, domains)
