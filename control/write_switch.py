@@ -105,6 +105,14 @@ def install_fences(settings: Settings, mapping: MappingSpec) -> list[tuple[str, 
     ``(object, status, detail)`` rows for init's report.
     """
     legacy_tables, commerce_tables = domain_tables(mapping)
+    # A legacy table that also holds columns commerce never takes (the social profile of
+    # shop.users) is fenced for UPDATEs of the mapped columns only: the legacy social app keeps
+    # writing its own columns once the domain's writes live in commerce.
+    narrowed = {
+        (mapping.source_schema, t.source_table): sorted(t.source_columns_used())
+        for t in mapping.tables.values()
+        if t.exclude
+    }
     rows: list[tuple[str, str, str]] = []
     sides = (
         (settings.source.dsn, LEGACY_FENCE_SCHEMA, legacy_tables, "source", "legacy"),
@@ -119,7 +127,13 @@ def install_fences(settings: Settings, mapping: MappingSpec) -> list[tuple[str, 
     for dsn, schema, tables, side, name in sides:
         with pg.connect(dsn, side=side, application_name="cutover-init") as conn:
             present = {d: [t for t in ts if _exists(conn, t)] for d, ts in tables.items()}
-            fence.install(conn, schema, present, side=side)
+            fence.install(
+                conn,
+                schema,
+                present,
+                side=side,
+                update_columns=narrowed if name == "legacy" else None,
+            )
         missing = [
             f"{s}.{t}" for d, ts in tables.items() for s, t in ts if (s, t) not in present[d]
         ]

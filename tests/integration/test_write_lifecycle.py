@@ -151,6 +151,10 @@ def test_write_cutover_lifecycle_with_a_real_forward_pipeline(
                     app.execute("UPDATE shop.users SET display_name = 'stray' WHERE id = 1")
                 app.rollback()
             assert caught.value.sqlstate == "25006" and fence.is_fence_refusal(caught.value)
+            # The legacy social app keeps writing the columns commerce never takes (init
+            # narrowed the fence of shop.users to the mapped columns).
+            with psycopg.connect(fresh_legacy, autocommit=True) as social:
+                social.execute("UPDATE shop.users SET bio = 'still mine' WHERE id = 1")
             # The other domains' writes keep flowing through the real pipeline meanwhile.
             with psycopg.connect(fresh_legacy, autocommit=True) as app:
                 app.execute("UPDATE shop.merchants SET shop_name = shop_name || '!' WHERE id = 1")
