@@ -14,6 +14,7 @@ help:
 	@echo "make demo    stack up, load the reference shop, prefill, a short workload, a summary"
 	@echo "make test    stack up, lint (ruff, mypy strict), unit + integration tests"
 	@echo "make up      start Kafka (KRaft) + legacy and commerce PostgreSQL 15 on 127.0.0.1"
+	@echo "             (BROKERS=3: a three-node Kafka cluster, replication factor 3)"
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
 
@@ -25,8 +26,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# BROKERS=3: a three-node KRaft cluster (devtools/kafka_cluster.py). Unset: the stack keeps its
+# size (one node for a new stack); `make down` stops every node.
+BROKERS ?=
 up: venv
-	$(PY) -m devtools.stack up
+	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS))
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi

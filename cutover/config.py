@@ -58,12 +58,25 @@ class KafkaSettings:
     topic_prefix: str = "shop"
     partitions: int = 6
     replication_factor: int = 1
+    # Topic-level min.insync.replicas of the topics init creates: with acks=all, how many
+    # replicas must hold an event before it counts as delivered. Unset: 2 when the replication
+    # factor is 3 or more, else the broker's default (cutover.kafka.min_insync_replicas).
+    min_insync_replicas: int | None = None
     schema_registry_url: str | None = None
     # The largest message: the domain and DLQ topics' max.message.bytes and the producers'
     # message.max.bytes, both set from this one number (an event over it is a dead letter).
     max_message_bytes: int = 4 * 1024 * 1024
     producer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     consumer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        isr = self.min_insync_replicas
+        if isr is not None and isr > self.replication_factor:
+            # Every acks=all write would fail with NOT_ENOUGH_REPLICAS: refuse it up front.
+            raise ConfigError(
+                f"[kafka] min_insync_replicas = {isr} is more than [kafka] replication_factor "
+                f"= {self.replication_factor}: no write could ever be acknowledged"
+            )
 
     def topic(self, domain: str) -> str:
         return f"{self.topic_prefix}.{domain}"
@@ -167,11 +180,12 @@ def _check_type(section: str, key: str, value: Any, expected: str) -> Any:
         "int": (int,),
         "float": (int, float),
         "str | None": (str,),
+        "int | None": (int,),
     }
     allowed_types = kinds.get(expected, (object,))
     if isinstance(value, bool) or not isinstance(value, allowed_types):
         raise ConfigError(f"[{section}] {key} must be of type {expected}, not {value!r}")
-    if expected in ("int", "float"):
+    if expected in ("int", "float", "int | None"):
         number = cast(float, value)
         if number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
             floor = "0 or more" if key in _ZERO_ALLOWED else "positive"

@@ -307,8 +307,18 @@ def size_problems(kafka: KafkaSettings) -> list[str]:
     return []
 
 
+def min_insync_replicas(kafka: KafkaSettings) -> int | None:
+    """The topics' ``min.insync.replicas``: ``[kafka] min_insync_replicas``, else 2 when the
+    replication factor is 3 or more (one broker may fail without stopping acks=all writes), else
+    None (the broker's default)."""
+    if kafka.min_insync_replicas is not None:
+        return kafka.min_insync_replicas
+    return 2 if kafka.replication_factor >= 3 else None
+
+
 def _common_topic_config(kafka: KafkaSettings) -> dict[str, str]:
-    return {"min.insync.replicas": "2"} if kafka.replication_factor >= 3 else {}
+    isr = min_insync_replicas(kafka)
+    return {} if isr is None else {"min.insync.replicas": str(isr)}
 
 
 def control_topic_spec(kafka: KafkaSettings) -> TopicSpec:

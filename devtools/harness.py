@@ -47,6 +47,8 @@ class Scenario:
     mapping: Path = MAPPING
     producer_settings: Mapping[str, Any] = field(default_factory=dict)
     apply_settings: Mapping[str, Any] = field(default_factory=dict)  # the [apply] section
+    #: More ``[kafka]`` settings (e.g. replication_factor on a cluster).
+    kafka_settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -94,6 +96,7 @@ class Scenario:
             "[kafka]",
             f'topic_prefix = "{self.prefix}"',
             f"partitions = {self.partitions}",
+            *(f"{k} = {_toml(v)}" for k, v in self.kafka_settings.items()),
             "[kafka.producer]",
             *(f'"{k}" = {_toml(v)}' for k, v in self.producer_settings.items()),
             "[apply]",

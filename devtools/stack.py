@@ -1,7 +1,8 @@
-"""The local stack: Apache Kafka (KRaft, one combined node) and two PostgreSQL 15 clusters, run as
-plain processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make down``.
+"""The local stack: Apache Kafka (KRaft, one combined node, or a cluster of three with
+``--brokers 3``: :mod:`devtools.kafka_cluster`) and two PostgreSQL 15 clusters, run as plain
+processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make down``.
 
-``python -m devtools.stack up|down|status [--dir DIR]``
+``python -m devtools.stack up|down|status [--dir DIR] [--brokers 1|3]``
 
 * Kafka comes from the official jars on Maven Central (``stack/pom.xml``), copied with
   ``mvn dependency:copy-dependencies`` into a cache folder shared by all stacks of this checkout
@@ -10,8 +11,11 @@ plain processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``
   (``wal_level=logical``) and ``commerce``. They run as a non-root user (``postgres`` when we are
   root, since initdb refuses root), with their sockets inside the stack folder, password
   authentication, and a password generated per stack.
-* ``up`` waits until each server really answers (a Kafka metadata request, a SQL query), then
-  writes ``<dir>/env`` with the ``CUTOVER_*`` variables. A second ``up`` reuses what runs.
+* ``up`` waits until each server really answers (a Kafka metadata request listing every broker,
+  a SQL query), then writes ``<dir>/env`` with the ``CUTOVER_*`` variables (the Kafka bootstrap
+  is the list of all brokers). A second ``up`` reuses what runs and restarts a node that died.
+  Without ``--brokers`` a stack keeps its size (one node for a new one); another size, asked
+  for while Kafka is stopped, formats Kafka afresh (its topics are lost; PostgreSQL is kept).
 * ``down`` stops everything ``up`` started and checks that no process is left.
 
 The state of a stack (ports, pids, password) lives in ``<dir>/state.json``.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -32,10 +37,11 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cutover.errors import CutoverError, PrerequisiteMissing, StackError
+from devtools import kafka_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("CUTOVER_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -53,6 +59,25 @@ class StackState:
     commerce_port: int
     password: str
     kafka_pid: int | None = None
+    brokers: int = 1
+    #: (broker port, controller port) of Kafka nodes 2..brokers, and their pids in that order.
+    more_ports: list[list[int]] = field(default_factory=list)
+    more_pids: list[int | None] = field(default_factory=list)
+    #: One id for every node of a cluster (a single node gets a new one at each format).
+    cluster_id: str | None = None
+
+    def node_ports(self) -> list[tuple[int, int]]:
+        """(broker port, controller port) of every Kafka node, node 1 first."""
+        return [(self.kafka_port, self.controller_port), *((b, c) for b, c in self.more_ports)]
+
+    def kafka_pids(self) -> list[int | None]:
+        return [self.kafka_pid, *self.more_pids]
+
+    def set_kafka_pid(self, node: int, pid: int | None) -> None:
+        if node == 1:
+            self.kafka_pid = pid
+        else:
+            self.more_pids[node - 2] = pid
 
     def env(self) -> dict[str, str]:
         # URL form: no spaces, so `.stack/env` can be sourced by a shell as it is.
@@ -62,7 +87,7 @@ class StackState:
         return {
             "CUTOVER_SOURCE_DSN": dsn(self.legacy_port, "legacy"),
             "CUTOVER_TARGET_DSN": dsn(self.commerce_port, "commerce"),
-            "CUTOVER_KAFKA_BOOTSTRAP": f"127.0.0.1:{self.kafka_port}",
+            "CUTOVER_KAFKA_BOOTSTRAP": kafka_cluster.bootstrap(self.node_ports()),
         }
 
 
@@ -218,22 +243,32 @@ def _kafka_properties(state: StackState, data: Path) -> str:
     )
 
 
-def _start_kafka(state: StackState, root: Path, libs: Path) -> int:
-    kdir = root / "kafka"
+def _new_cluster_id() -> str:
+    # Like Kafka's Uuid.randomUuid: never an id starting with "-", which reads as a flag.
+    cluster_id = "-"
+    while cluster_id.startswith("-"):
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    return cluster_id
+
+
+def _start_kafka(state: StackState, root: Path, libs: Path, node: int = 1) -> int:
+    kdir = kafka_cluster.node_dir(root, node)
     kdir.mkdir(parents=True, exist_ok=True)
     props = kdir / "server.properties"
-    props.write_text(_kafka_properties(state, kdir / "data"))
+    single = _kafka_properties(state, kdir / "data")
+    cluster = state.brokers > 1
+    props.write_text(
+        kafka_cluster.node_properties(single, state.node_ports(), node) if cluster else single
+    )
     (kdir / "log4j2.properties").write_text(_LOG4J2.format(log=kdir / "server.log"))
+    heap = kafka_cluster.CLUSTER_HEAP if cluster else KAFKA_HEAP
     java = [
-        "java", *KAFKA_HEAP.split(), "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        "java", *heap.split(), "-XX:+UseG1GC", "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={kdir / 'log4j2.properties'}",
         "-cp", f"{libs}/*",
     ]  # fmt: skip
     if not (kdir / "data" / "meta.properties").exists():
-        # Like Kafka's Uuid.randomUuid: never an id starting with "-", which reads as a flag.
-        cluster_id = "-"
-        while cluster_id.startswith("-"):
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = state.cluster_id or _new_cluster_id()
         done = subprocess.run(
             [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
             capture_output=True,
@@ -253,7 +288,8 @@ def _start_kafka(state: StackState, root: Path, libs: Path) -> int:
     return proc.pid
 
 
-def _kafka_ready(bootstrap: str) -> bool:
+def _kafka_ready(bootstrap: str, brokers: int = 1) -> bool:
+    """A metadata request answers and lists ``brokers`` brokers (every node registered)."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
@@ -261,7 +297,7 @@ def _kafka_ready(bootstrap: str) -> bool:
         meta = admin.list_topics(timeout=2)
     except Exception:
         return False
-    return bool(meta.brokers)
+    return len(meta.brokers) >= brokers
 
 
 # --------------------------------------------------------------------------- postgres
@@ -429,8 +465,42 @@ def write_env(root: Path, state: StackState) -> Path:
     return path
 
 
-def up(root: Path, cache: Path) -> StackState:
-    """Start (or reuse) the stack in ``root``; return its state once every server answers."""
+def _set_brokers(root: Path, state: StackState, brokers: int) -> None:
+    """Give ``state`` a Kafka of ``brokers`` nodes (new ports); an old Kafka's data is removed."""
+    alive = [p for p in state.kafka_pids() if _pid_alive(p)]
+    if alive:
+        raise StackError(
+            f"the stack in {root} runs {state.brokers} Kafka node(s), not {brokers}: stop it "
+            "first (make down), then start it with the size you want"
+        )
+    for node in range(1, state.brokers + 1):
+        shutil.rmtree(kafka_cluster.node_dir(root, node), ignore_errors=True)
+    state.brokers = brokers
+    state.more_ports = [[_free_port(), _free_port()] for _ in range(brokers - 1)]
+    state.more_pids = [None] * (brokers - 1)
+    state.cluster_id = _new_cluster_id() if brokers > 1 else None
+
+
+def _start_kafka_nodes(root: Path, state: StackState, libs: Path) -> None:
+    """Start every Kafka node that is not running (reuse a cluster that answers)."""
+    bootstrap = state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
+    pids = state.kafka_pids()
+    if all(_pid_alive(p) for p in pids) and _kafka_ready(bootstrap, state.brokers):
+        _say(f"kafka already running on {bootstrap} (pid {', '.join(map(str, pids))})")
+        return
+    for node, pid in enumerate(pids, 1):
+        if pid is not None and _pid_alive(pid) and state.brokers == 1:
+            _stop_pids([pid])  # a lone broker that does not answer: start it afresh
+        if not _pid_alive(pid):
+            # Nodes of a cluster start together: each waits for a quorum of the others.
+            state.set_kafka_pid(node, _start_kafka(state, root, libs, node))
+    _save_state(root, state)
+    _say(f"kafka starting on {bootstrap} (pid {', '.join(map(str, state.kafka_pids()))})")
+
+
+def up(root: Path, cache: Path, brokers: int | None = None) -> StackState:
+    """Start (or reuse) the stack in ``root``; return its state once every server answers.
+    ``brokers``: the size of the Kafka cluster (None: the stack's own, 1 for a new one)."""
     t0 = time.monotonic()
     ensure_prerequisites()
     root.mkdir(parents=True, exist_ok=True)
@@ -452,18 +522,16 @@ def up(root: Path, cache: Path) -> StackState:
             commerce_port=_free_port(),
             password=secrets.token_urlsafe(18),
         )
+        _set_brokers(root, state, brokers or 1)
         _save_state(root, state)
+    elif brokers is not None and brokers != state.brokers:
+        _set_brokers(root, state, brokers)
+        _save_state(root, state)
+        _say(f"kafka will be formatted afresh as {brokers} node(s)")
     libs = kafka_libs(cache)
     deadline = time.monotonic() + READY_TIMEOUT_S
     bootstrap = state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
-    if _pid_alive(state.kafka_pid) and _kafka_ready(bootstrap):
-        _say(f"kafka already running on {bootstrap} (pid {state.kafka_pid})")
-    else:
-        if state.kafka_pid is not None and _pid_alive(state.kafka_pid):
-            _stop_pid(state.kafka_pid)
-        state.kafka_pid = _start_kafka(state, root, libs)
-        _save_state(root, state)
-        _say(f"kafka starting on {bootstrap} (pid {state.kafka_pid})")
+    _start_kafka_nodes(root, state, libs)
     for name, port, extra in (
         ("legacy", state.legacy_port, _LOGICAL_SETTINGS),
         ("commerce", state.commerce_port, _LOGICAL_SETTINGS),
@@ -474,35 +542,39 @@ def up(root: Path, cache: Path) -> StackState:
             p, state.password, "postgres"), deadline)  # fmt: skip
         _ensure_database(port, state.password, name)
         _say(f"postgresql {name} ready on 127.0.0.1:{port}")
-    _wait(f"Kafka on {bootstrap}", lambda: _kafka_ready(bootstrap), deadline)
-    if not _pid_alive(state.kafka_pid):
-        raise StackError(f"Kafka exited during start-up; see {root / 'kafka' / 'stdout.log'}")
+    _wait(f"Kafka on {bootstrap}", lambda: _kafka_ready(bootstrap, state.brokers), deadline)
+    for node, pid in enumerate(state.kafka_pids(), 1):
+        if not _pid_alive(pid):
+            log = kafka_cluster.node_dir(root, node) / "stdout.log"
+            raise StackError(f"Kafka node {node} exited during start-up; see {log}")
     env_path = write_env(root, state)
     _say(f"ready in {time.monotonic() - t0:.1f} s; environment in {env_path}")
     return state
 
 
-def _stop_pid(pid: int, timeout: float = 30.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _stop_pids(pids: Sequence[int], timeout: float = 30.0) -> None:
+    """SIGTERM them all at once (the nodes of a cluster shut down together: one by one, the last
+    would wait for a quorum that is gone), SIGKILL what is left after ``timeout``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _pid_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-        time.sleep(0.2)
+    for pid in pids:
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            time.sleep(0.2)
 
 
 def down(root: Path) -> list[str]:
     """Stop everything ``up`` started in ``root``; return what was stopped."""
     stopped: list[str] = []
     state = load_state(root)
-    if state and _pid_alive(state.kafka_pid):
-        assert state.kafka_pid is not None
-        _stop_pid(state.kafka_pid)
-        stopped.append(f"kafka (pid {state.kafka_pid})")
+    alive = [p for p in (state.kafka_pids() if state else []) if p is not None and _pid_alive(p)]
+    _stop_pids(alive)
+    stopped += [f"kafka (pid {pid})" for pid in alive]
     for name in ("legacy", "commerce"):
         pid = _pg_pid(root, name)
         if pid:
@@ -544,11 +616,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cache", type=Path, default=REPO / ".stack-cache", help="Kafka jar cache folder"
     )
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        choices=kafka_cluster.SIZES,
+        help="Kafka nodes: 1, or a KRaft quorum of 3 (default: the stack's own size, 1 if new)",
+    )
     args = parser.parse_args(argv)
     root: Path = args.dir.resolve()
     try:
         if args.action == "up":
-            up(root, args.cache.resolve())
+            up(root, args.cache.resolve(), args.brokers)
         elif args.action == "down":
             stopped = down(root)
             _say("stopped " + (", ".join(stopped) if stopped else "nothing (was not running)"))
@@ -557,7 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pids = running_pids(root)
             print(json.dumps({"running_pids": pids, "env": str(root / "env"),
                               "ports": None if state is None else {
-                                  "kafka": state.kafka_port, "legacy": state.legacy_port,
+                                  "kafka": state.kafka_port,
+                                  "kafka_brokers": [b for b, _ in state.node_ports()],
+                                  "legacy": state.legacy_port,
                                   "commerce": state.commerce_port}}, indent=2))  # fmt: skip
     except CutoverError as exc:
         print(f"stack {args.action}: error: {exc.message}", file=sys.stderr)

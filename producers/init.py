@@ -69,6 +69,7 @@ from producers.init_checks import (
     Conn,
     InitReport,
     TableInfo,
+    check_replication,
     identity_columns,
     preflight_server,
     preflight_tables,
@@ -429,6 +430,9 @@ def run_init(
     report = InitReport(dry_run=dry_run)
     if target_ddl is not None and not target_ddl.is_file():
         raise UsageError(f"--target-ddl {target_ddl}: no such file")
+    if not dry_run:
+        # Before anything changes: topics with more replicas than brokers cannot be created.
+        check_replication(settings.kafka)
     if resnapshot_all and not dry_run and not skip_target:
         # Checked before anything changes: a refusal leaves legacy and commerce as they were.
         refusals = check_target_resettable(settings, mapping)

@@ -12,7 +12,9 @@ from typing import Any, Final
 
 import psycopg
 
-from cutover.config import Settings
+from cutover import kafka
+from cutover.config import KafkaSettings, Settings
+from cutover.errors import ConfigError
 from cutover.mapping import MappingSpec, TableMapping
 
 MIN_SERVER_VERSION: Final = 150000
@@ -341,3 +343,37 @@ def _identity_problems(
             "adds it to the replica identity) or choose another aggregate_key"
         )
     return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# kafka
+# ---------------------------------------------------------------------------------------------
+
+
+def replication_problem(settings: KafkaSettings, brokers: int) -> str | None:
+    """Why topics cannot get ``[kafka] replication_factor`` replicas on ``brokers`` live brokers
+    (None: they can). Kafka would refuse the topic creation anyway, after the slot exists and
+    with a terser message."""
+    factor = settings.replication_factor
+    if factor <= brokers:
+        return None
+    return (
+        f"[kafka] replication_factor = {factor} is more than the {brokers} broker(s) Kafka "
+        f"reports at {settings.bootstrap}: set [kafka] replication_factor to {brokers} or less "
+        "(3, with min_insync_replicas = 2, on a three-broker cluster), or start the missing "
+        "brokers"
+    )
+
+
+def check_replication(settings: KafkaSettings, timeout_s: float = 15.0) -> int:
+    """The number of brokers Kafka reports; ConfigError when the replication factor exceeds it."""
+    from confluent_kafka import KafkaException
+
+    try:
+        brokers = len(kafka.admin(settings).list_topics(timeout=timeout_s).brokers)
+    except KafkaException as exc:
+        raise kafka.translate(exc, f"reading the brokers of {settings.bootstrap}") from None
+    problem = replication_problem(settings, brokers)
+    if problem is not None:
+        raise ConfigError(problem)
+    return brokers

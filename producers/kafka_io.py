@@ -23,8 +23,11 @@ from cutover import kafka
 from cutover.config import KafkaSettings
 from cutover.errors import KafkaError
 from cutover.kafka import translate
+from cutover.logging import get_logger
 
 _POLL_EVERY: Final = 1_000
+#: While a flush waits for acknowledgements, it says so (and why) this often.
+_WAIT_REPORT_S: Final = 10.0
 _MAX_FAILURES_KEPT: Final = 20
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -41,8 +44,13 @@ class KafkaOut:
         # How long a message may take to be delivered before librdkafka fails it.
         self.delivery_timeout_s = float(conf.get("message.timeout.ms", 300_000)) / 1000.0
         self._producer = kafka.producer(
-            settings, "cdc", client_id=client_id, extra={"on_delivery": self._on_delivery}
+            settings,
+            "cdc",
+            client_id=client_id,
+            extra={"on_delivery": self._on_delivery, "error_cb": self._on_error},
         )
+        #: The last client-level error (a broker down, ...): the reason a flush waits.
+        self.last_error: str | None = None
         self.sent = 0
         self.failed = 0
         self.failures: list[str] = []
@@ -54,6 +62,9 @@ class KafkaOut:
         self.failed += 1
         if len(self.failures) < _MAX_FAILURES_KEPT:
             self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err.str()} ({err.name()})")
+
+    def _on_error(self, err: RdKafkaError) -> None:
+        self.last_error = f"{err.str()} ({err.name()})"
 
     def produce(
         self,
@@ -87,9 +98,25 @@ class KafkaOut:
         caller must not advance the slot.
         """
         limit = timeout_s if timeout_s is not None else self.delivery_timeout_s + 15.0
-        deadline = time.monotonic() + limit
+        start = time.monotonic()
+        deadline = start + limit
+        report_at = start + _WAIT_REPORT_S
         remaining = self._producer.flush(min(1.0, limit))
         while remaining and time.monotonic() < deadline:
+            if time.monotonic() >= report_at:
+                # A cluster that lost its in-sync replicas (or all brokers) holds the acks back:
+                # say why nothing moves instead of going quiet until the delivery timeout.
+                report_at += _WAIT_REPORT_S
+                get_logger(__name__).warning(
+                    "producer.awaiting_acks",
+                    unacknowledged=remaining,
+                    waited_s=round(time.monotonic() - start),
+                    gives_up_in_s=round(deadline - time.monotonic()),
+                    last_kafka_error=self.last_error,
+                    why="acks=all: Kafka has not confirmed these events on min.insync.replicas "
+                    "in-sync replicas (brokers down or partitions without a leader); the slot is "
+                    "not advanced until it does",
+                )
             remaining = self._producer.flush(1.0)
         if self.failed:
             detail = "; ".join(self.failures)

@@ -80,6 +80,19 @@ def test_environment_alone_is_enough_when_file_optional(
             "min_reads_soak_minutes must be 0 or more",
         ),
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[reverse]\nslott='s'\n", "[reverse] slott"),
+        (
+            "[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\nmin_insync_replicas='2'\n",
+            "min_insync_replicas must be of type int | None",
+        ),
+        (
+            "[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\nmin_insync_replicas=0\n",
+            "min_insync_replicas must be positive",
+        ),
+        (
+            "[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\nreplication_factor=3\n"
+            "min_insync_replicas=4\n",
+            "min_insync_replicas = 4 is more than [kafka] replication_factor = 3",
+        ),
         ("[target]\ndsn='y'\n", "missing setting [source] dsn"),
         ("[source\n", "not valid TOML"),
     ],
@@ -135,3 +148,10 @@ def test_example_config_loads() -> None:
 def test_redact_dsn_masks_passwords(dsn: str) -> None:
     assert SECRET not in redact_dsn(dsn)
     assert "***" in redact_dsn(dsn)
+
+
+def test_replication_settings(tmp_path: Path) -> None:
+    text = "[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\nreplication_factor=3\n"
+    assert load_settings(_write(tmp_path, text), {}).kafka.min_insync_replicas is None
+    settings = load_settings(_write(tmp_path, text + "min_insync_replicas=3\n"), {})
+    assert (settings.kafka.replication_factor, settings.kafka.min_insync_replicas) == (3, 3)

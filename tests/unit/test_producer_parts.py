@@ -156,6 +156,11 @@ def test_topic_specs_follow_the_architecture() -> None:
     assert specs["p.schemas"].config["cleanup.policy"] == "compact"
     prod = topic_specs(KafkaSettings(replication_factor=3), ["a"])
     assert all(s.config["min.insync.replicas"] == "2" for s in prod)
+    # From [kafka] min_insync_replicas when set; the broker's default with one replica.
+    strict = topic_specs(KafkaSettings(replication_factor=3, min_insync_replicas=3), ["a"])
+    assert all(s.config["min.insync.replicas"] == "3" for s in strict)
+    single = topic_specs(KafkaSettings(), ["a"])
+    assert all("min.insync.replicas" not in s.config for s in single)
 
 
 # --- options ----------------------------------------------------------------------------------
