@@ -150,7 +150,8 @@ def assert_replicated(cluster: ClusterStack, scenario: Scenario) -> None:
         parts = cluster.partitions(topic)
         assert parts and all(len(p.replicas) == 3 for p in parts.values()), topic
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in ours]
-    for resource, future in cluster.admin().describe_configs(resources).items():
+    admin = cluster.admin()  # kept: the futures fail if the client is collected
+    for resource, future in admin.describe_configs(resources).items():
         assert future.result(timeout=30)["min.insync.replicas"].value == "2", resource
 
 
