@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from control.machine import CrashForTest, StepContext
+from control.machine import RULES, CrashForTest, StepContext
 from control.positions import PositionReader
 from control.verify import run_verify
 from cutover import fence, pg
@@ -276,7 +276,12 @@ class WriteSteps:
             raise RuntimeFailure(message) from None
 
     def after_publish(self, conn: Conn, ctx: StepContext) -> dict[str, Any]:
-        """The write-unavailability window: from the fence going up to the publication."""
+        """The write-unavailability window: from the fence going up to the publication; the
+        fenced side's refusals then name the state reached, not the in-flight one."""
+        fenced_side = self._commerce if ctx.action == "rollback_writes" else self._legacy
+        with fenced_side() as side_conn:
+            schema, side = self._where(side_conn)
+            fence.note_state(side_conn, schema, ctx.domain, state=RULES[ctx.action].to, side=side)
         out = dict(self.detail)
         fenced_at = out.get("fenced_at")
         if isinstance(fenced_at, int | float):

@@ -176,6 +176,21 @@ def lower_fence(conn: Conn, schema: str, domain: str, *, state: str, side: str) 
         raise pg.translate(exc, f"unfencing domain {domain}", side) from None
 
 
+def note_state(conn: Conn, schema: str, domain: str, *, state: str, side: str) -> None:
+    """Tell a raised fence the domain's new state (its refusals name it); takes no lock a
+    writer holds, since the fenced side has no admitted writers left."""
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("UPDATE {} SET state = %s WHERE domain = %s AND fenced").format(
+                    sql.Identifier(schema, "write_fence")
+                ),
+                [state, domain],
+            )
+    except psycopg.Error as exc:
+        raise pg.translate(exc, f"updating the fence of {domain}", side) from None
+
+
 def fence_states(conn: Conn, schema: str, *, side: str) -> dict[str, FenceState]:
     """Every domain's fence row; an empty dict if the fence was never installed."""
     try:

@@ -28,6 +28,8 @@ sql() { psql "$1" -q -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" "
 
 step "0. A clean sandbox: legacy shop, commerce DB, slot (topic prefix $CUTOVER_TOPIC_PREFIX)"
 sql "$CUTOVER_SOURCE_DSN" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cutover_slot'" >/dev/null
+sql "$CUTOVER_TARGET_DSN" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cutover_reverse_slot'" >/dev/null
+sql "$CUTOVER_TARGET_DSN" -c "DROP PUBLICATION IF EXISTS cutover_reverse_pub"
 sql "$CUTOVER_SOURCE_DSN" -c "DROP PUBLICATION IF EXISTS cutover_pub" -c "DROP SCHEMA IF EXISTS shop CASCADE" -c "DROP SCHEMA IF EXISTS cutover CASCADE"
 sql "$CUTOVER_TARGET_DSN" -c "DROP SCHEMA IF EXISTS commerce CASCADE" -c "DROP SCHEMA IF EXISTS cutover CASCADE"
 sql "$CUTOVER_SOURCE_DSN" -f examples/shop/legacy.sql
@@ -66,10 +68,54 @@ for domain in data merchant payment; do
   $CUTOVER switch-reads "$domain" --yes
 done
 
-step "7. cutover status"
+step "7. cutover status (reads on commerce)"
 $CUTOVER status
 
-step "8. The audit trail"
+step "8. The way back, prepared before any fence: reverse capture on commerce (slot, publication, topics), its producer and applier"
+$CUTOVER init --reverse
+$CUTOVER --log-json produce --reverse >"$LOGS/produce-reverse.log" 2>&1 & pids+=($!)
+$CUTOVER --log-json apply --reverse >"$LOGS/apply-reverse.log" 2>&1 & pids+=($!)
+printf 'waiting for the reverse producer'"'"'s first heartbeat'
+until [ -n "$(psql "$CUTOVER_TARGET_DSN" -tAq -c "SELECT 1 FROM cutover.producer_state WHERE slot_name = 'cutover_reverse_slot' AND heartbeat_at IS NOT NULL" 2>/dev/null)" ]; do
+  printf '.'; sleep 1
+done
+echo
+
+step "9. Switch writes, domain by domain: fence legacy, drain up to the fence, final verify, open commerce"
+for domain in data merchant payment; do
+  $CUTOVER verify --domain "$domain" --no-progress >/dev/null
+  $CUTOVER switch-writes "$domain" --dry-run || true
+  $CUTOVER switch-writes "$domain" --yes
+done
+
+step "10. An application instance that missed the switch writes to legacy: the fence refuses it"
+if sql "$CUTOVER_SOURCE_DSN" -c "UPDATE shop.orders SET status = 'paid' WHERE id = (SELECT min(id) FROM shop.orders)" 2>"$LOGS/stray.err"; then
+  echo "the stray write went through: the fence is broken"; exit 1
+fi
+sed -n 1,2p "$LOGS/stray.err"
+
+step "11. The shop now writes to commerce; reverse replication keeps legacy in sync for the rollback window"
+sql "$CUTOVER_TARGET_DSN" -c "UPDATE commerce.sellers SET name = name || ' (renamed on commerce)' WHERE seller_id = (SELECT min(seller_id) FROM commerce.sellers)"
+sleep 3
+sql "$CUTOVER_SOURCE_DSN" -c "SELECT id, shop_name FROM shop.merchants ORDER BY id LIMIT 1"
+
+step "12. Roll back the writes of merchant (fence commerce, drain the reverse stream, verify, reopen legacy), then switch them again"
+$CUTOVER verify --domain merchant --no-progress >/dev/null
+$CUTOVER rollback-writes merchant --yes
+$CUTOVER verify --domain merchant --no-progress >/dev/null
+$CUTOVER switch-writes merchant --yes
+
+step "13. Complete every domain: the reverse stream stops, legacy's tables stay read-only; the last one drops the forward slot"
+kill -TERM "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true  # the forward producer: its slot goes with the last domain
+for domain in data merchant payment; do
+  $CUTOVER verify --domain "$domain" --no-progress >/dev/null
+  $CUTOVER complete "$domain" --yes
+done
+
+step "14. cutover status"
+$CUTOVER status
+
+step "15. The audit trail"
 $CUTOVER audit
 
-step "Done. Producer and consumers are stopped; the stack keeps running (make down stops it)."
+step "Done. Producers and consumers are stopped; the stack keeps running (make down stops it)."

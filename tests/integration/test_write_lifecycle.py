@@ -177,6 +177,9 @@ def test_write_cutover_lifecycle_with_a_real_forward_pipeline(
             # The CLI: status counts, and refusals by state (exit 1, JSON naming why).
             status = json.loads(scenario.cli("status", "--json", "--no-gates").stdout)
             assert (status["writes_on_commerce"], status["completed"]) == (1, 1)
+            full = json.loads(scenario.cli("status", "--json").stdout)
+            data = next(d for d in full["domains"] if d["domain"] == "data")
+            assert data["gates"] == [] and data["gates_pass"]  # capture gates no longer apply
             text = scenario.cli("status", "--no-gates", extra_env={"COLUMNS": "200"})
             assert "writes on commerce 1" in text.stdout and "completed 1" in text.stdout
             refused = scenario.cli("switch-writes", "payment", "--dry-run", "--json")

@@ -198,8 +198,9 @@ def assert_never_two_writable(settings: Settings, domain: str) -> None:
         assert legacy_fenced or commerce_fenced, (domain, effective)
 
 
-def stray_write_is_refused(settings: Settings) -> None:
-    """A writer that missed the switch writes to legacy's fenced `data` table: refused."""
+def stray_write_is_refused(settings: Settings, state: str = "writes_switched") -> None:
+    """A writer that missed the switch writes to legacy's fenced `data` table: refused, the
+    refusal naming the state the domain reached."""
     before = legacy(settings, "SELECT count(*) FROM shop.users")[0][0]
     with psycopg.connect(settings.source.dsn) as app:
         with pytest.raises(psycopg.Error) as caught:
@@ -210,7 +211,7 @@ def stray_write_is_refused(settings: Settings) -> None:
             )
         app.rollback()
     assert caught.value.sqlstate == "25006" and fence.is_fence_refusal(caught.value)
-    assert "data" in str(caught.value)
+    assert "data" in str(caught.value) and f"(state {state})" in str(caught.value)
     assert legacy(settings, "SELECT count(*) FROM shop.users")[0][0] == before
 
 
@@ -265,7 +266,7 @@ def test_lifecycle_of_one_domain(staged: Settings) -> None:
         )
         assert [r[0] for r in published] == ["listings", "sellers"]
         assert fences(staged, "data") == (True, False)  # legacy read-only for good
-        stray_write_is_refused(staged)
+        stray_write_is_refused(staged, "completed")
         assert router.wait_for("data", "completed", 2.0)
         assert router.write_database_for("data") == "commerce"
         report = status_report(staged, WEIGHTS, with_gates=False)
