@@ -10,8 +10,10 @@ gate            passes when                                               critic
 reads_soak      D has been ``reads_switched`` for ``min_reads_soak_minutes`` —
 writes_soak     D has been ``writes_switched`` for ``min_writes_soak_minutes`` —
 verify          as for switch-reads (:func:`control.gates.verify_gate`)   as for switch-reads
-forward_lag     no event of D's topic is left to apply (lag 0, re-measured —
-                for up to 3 s: heartbeats in flight are not a lag)
+forward_lag     at most ``max_apply_lag_events`` of D's topic left to apply —
+                (step 2 of switch-writes drains them to 0 behind the fence;
+                a live shop is never at 0 before it; re-measured for up
+                to 3 s: heartbeats in flight are not a lag)
 dead_letters    no open dead letter of D                                  —
 fences          the write fence of D is installed on legacy and commerce  not installed
 reverse_path    the reverse slot exists on commerce and the reverse       the slot is missing
@@ -144,15 +146,17 @@ def write_verify_gate(ev: WriteEvidence, limits: GateSettings) -> GateResult:
 
 def _zero_lag(name: str, lag: LagEvidence, limits: GateSettings, ev: WriteEvidence) -> GateResult:
     # The switch-reads gate with a limit of zero: every event must be applied.
-    result = apply_lag_gate(
-        replace(ev.as_reads(), lag=lag), replace(limits, max_apply_lag_events=0)
-    )
-    return replace(result, name=name)
+    return _lag(name, lag, replace(limits, max_apply_lag_events=0), ev)
+
+
+def _lag(name: str, lag: LagEvidence, limits: GateSettings, ev: WriteEvidence) -> GateResult:
+    return replace(apply_lag_gate(replace(ev.as_reads(), lag=lag), limits), name=name)
 
 
 def forward_lag_gate(ev: WriteEvidence, limits: GateSettings) -> GateResult:
-    """Every event of D's forward topic is applied to commerce."""
-    return _zero_lag("forward_lag", ev.forward_lag, limits, ev)
+    """D's forward lag is small enough that the drain behind the fence (step 2, which waits for
+    every event up to the fence LSN) keeps the write window short: the switch-reads limit."""
+    return _lag("forward_lag", ev.forward_lag, limits, ev)
 
 
 def reverse_lag_gate(ev: WriteEvidence, limits: GateSettings) -> GateResult:

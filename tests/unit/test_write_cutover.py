@@ -191,10 +191,13 @@ BREAKERS: dict[str, tuple[str, str, WriteEvidence, bool]] = {
         replace(healthy(), verify=VerifyEvidence(run_id=7, passed=False, age_s=1.0)),
         True,
     ),
-    "one event behind": (
+    "more behind than the switch-reads limit": (
         "switch_writes",
         "forward_lag",
-        replace(healthy(), forward_lag=LagEvidence(topic="t", partitions={0: 1}, total=1)),
+        replace(
+            healthy(),
+            forward_lag=LagEvidence(topic="t", partitions={0: 1001}, total=1001),
+        ),
         False,
     ),
     "open dead letter": (
