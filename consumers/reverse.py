@@ -28,7 +28,7 @@ keys renamed, and neither application changes them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,14 +137,27 @@ def write_sql(schema: str, op: ReverseOp) -> list[Statement]:
         return [_update(target, op, op.values)]
     values = {**dict(zip(key_cols, op.key, strict=True)), **op.values}
     non_key = {c: v for c, v in values.items() if c not in key_cols}
+    # A row legacy does not have yet also gets its legacy-only columns ([tables.X]
+    # reverse_insert): the update above never touches them.
+    created = {**values, **insert_only(tm, values)}
     insert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
         target,
-        sql.SQL(", ").join(map(sql.Identifier, values)),
-        sql.SQL(", ").join(sql.Placeholder() * len(values)),
+        sql.SQL(", ").join(map(sql.Identifier, created)),
+        sql.SQL(", ").join(sql.Placeholder() * len(created)),
         sql.SQL(", ").join(map(sql.Identifier, key_cols)),
     )
     first = [_update(target, op, non_key)] if non_key else []
-    return [*first, (insert, list(values.values()))]
+    return [*first, (insert, list(created.values()))]
+
+
+def insert_only(table: TableMapping, row: Mapping[str, object]) -> dict[str, object]:
+    """The ``reverse_insert`` values of a new legacy row (templates filled from ``row``)."""
+    return {
+        col: value.format_map({k: "" if v is None else v for k, v in row.items()})
+        if isinstance(value, str)
+        else value
+        for col, value in table.reverse_insert
+    }
 
 
 # ----------------------------------------------------------------------------------- the sink

@@ -13,7 +13,7 @@ import difflib
 import re
 import string
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import NoReturn
@@ -30,7 +30,7 @@ from cutover.mapping.model import (
     TableMapping,
     dotted,
 )
-from cutover.mapping.reverse import PredicateValue, ReverseDelete, ReverseRule
+from cutover.mapping.reverse import PredicateValue, ReverseDelete, ReverseRule, template_parts
 from cutover.mapping.toml_lines import LineIndex
 from cutover.mapping.transforms import Predicate, Rename
 
@@ -47,6 +47,7 @@ _TABLE_KEYS = (
     "sensitive",
     "delete_when",
     "reverse_delete",
+    "reverse_insert",
     "on_truncate",
     "columns",
 )
@@ -262,6 +263,7 @@ class Loader:
                     "reverse_delete, or add the delete_when it reverses",
                 )
             reverse_delete = self.load_reverse_delete((*key, "reverse_delete"), body, exclude)
+        reverse_insert = self.load_reverse_insert(key, body, exclude, primary_key, columns)
         on_truncate = self.string(
             (*key, "on_truncate"), body.get("on_truncate", "apply"), "what a TRUNCATE does"
         )
@@ -282,6 +284,7 @@ class Loader:
             sensitive=sensitive,
             delete_when=delete_when,
             reverse_delete=reverse_delete,
+            reverse_insert=reverse_insert,
             on_truncate=on_truncate,
         )
 
@@ -528,6 +531,41 @@ class Loader:
             self.not_excluded(exclude, (*at, "set"), col, "a reverse_delete column")
             pairs.append((col, self.predicate_values((*at, "set"), "equals", v)[0]))
         return ReverseDelete(tuple(pairs))
+
+    def load_reverse_insert(
+        self,
+        key: tuple[str, ...],
+        body: Mapping[str, object],
+        exclude: frozenset[str],
+        primary_key: Sequence[str],
+        columns: Sequence[ColumnMapping],
+    ) -> tuple[tuple[str, PredicateValue], ...]:
+        """``reverse_insert = { COLUMN = VALUE }``: what a legacy row created by the reverse
+        applier gets in the legacy-only columns commerce never holds (a NOT NULL social column
+        without a default). A string is a template over the legacy columns the row is written
+        with (its key and the mapped ones): ``handle = "buyer-{id}"``."""
+        if "reverse_insert" not in body:
+            return ()
+        at = (*key, "reverse_insert")
+        values = self.table(at, body["reverse_insert"], "legacy-only column = value")
+        known = {*primary_key, *(c for col in columns for c in col.source_columns())}
+        pairs: list[tuple[str, PredicateValue]] = []
+        for col, v in values.items():
+            if col not in exclude:
+                self.fail(
+                    (*at, col),
+                    "is not excluded: reverse_insert fills legacy-only (excluded) columns; a "
+                    "mapped column is written by the inverse mapping",
+                )
+            if isinstance(v, str):
+                self.check_template((*at, col), v)
+                for _literal, name in template_parts(v):
+                    if name is not None and name not in known:
+                        self.fail((*at, col), f"uses {{{name}}}, which the row is not written with")
+            elif isinstance(v, bool) or not isinstance(v, int):
+                self.fail((*at, col), f"must be a string template or an integer, not {v!r}")
+            pairs.append((col, v))
+        return tuple(pairs)
 
     def check_template(self, at: tuple[str, ...], template: str) -> None:
         try:

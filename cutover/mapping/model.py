@@ -114,6 +114,8 @@ class TableMapping:
     delete_when: Predicate | None = None
     #: What a commerce delete does to legacy (write cutover); None: not written in the file.
     reverse_delete: ReverseDelete | None = None
+    #: Legacy-only columns a row created by the reverse applier gets (templates or integers).
+    reverse_insert: tuple[tuple[str, PredicateValue], ...] = ()
     #: What a TRUNCATE of the source table does: "apply" (carried as a truncate event) or
     #: "stop" (the producer stops before it, naming the table and the resume command).
     on_truncate: str = "apply"

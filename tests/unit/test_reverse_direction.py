@@ -15,7 +15,7 @@ from consumers.reverse import LegacySink, claim_position, reverse_op, sink_facto
 from consumers.sink import Sink
 from cutover import direction
 from cutover.config import KafkaSettings, Settings, SourceSettings, TargetSettings
-from cutover.errors import UnmappableRow
+from cutover.errors import MappingError, UnmappableRow
 from cutover.mapping import aggregate_key, load_mapping
 from producers.init_checks import TableInfo
 from producers.init_reverse import _table_problems
@@ -119,6 +119,44 @@ def test_an_upsert_writes_the_mapped_legacy_columns_only() -> None:
     assert text.startswith('INSERT INTO "shop"."products" ("id", ')
     assert text.endswith('ON CONFLICT ("id") DO NOTHING')
     assert insert_params[0] == 5 and len(insert_params) == text.count("%s")
+
+
+def test_a_customer_created_on_commerce_gets_its_legacy_only_columns() -> None:
+    row = {
+        "customer_id": 77,
+        "display_name": "N",
+        "email": None,
+        "phone": None,
+        "created_at": None,
+        "updated_at": None,
+    }
+    change = Change("commerce", "customers", "c", 9, 0, 0, row, None, True, False)
+    op = reverse_op(SPEC.tables["users"], change)
+    (update, _params), (insert, insert_params) = write_sql("shop", op)
+    assert "handle" not in _text(update)  # an existing user keeps the handle it has
+    text = _text(insert)
+    assert '"handle"' in text and insert_params[-1] == "buyer-77"
+
+
+def test_reverse_insert_fills_only_excluded_columns_with_known_placeholders(
+    tmp_path: Path,
+) -> None:
+    base = SHOP.read_text()
+    for bad, why in (
+        ('reverse_insert = { handle = "buyer-{id}" }', None),
+        ('reverse_insert = { email = "x" }', "is not excluded"),
+        ('reverse_insert = { handle = "buyer-{nope}" }', "uses {nope}"),
+        ("reverse_insert = { handle = 1.5 }", "string template or an integer"),
+    ):
+        text = base.replace('reverse_insert = { handle = "buyer-{id}" }', bad)
+        path = tmp_path / "m.toml"
+        path.write_text(text)
+        if why is None:
+            load_mapping(path)
+            continue
+        with pytest.raises(MappingError) as info:
+            load_mapping(path)
+        assert why in str(info.value)
 
 
 def test_a_deleted_listing_marks_the_legacy_product() -> None:
