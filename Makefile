@@ -15,6 +15,7 @@ help:
 	@echo "make test    stack up, lint (ruff, mypy strict), unit + integration tests"
 	@echo "make up      start Kafka (KRaft) + legacy and commerce PostgreSQL 15 on 127.0.0.1"
 	@echo "             (BROKERS=3: a three-node Kafka cluster, replication factor 3)"
+	@echo "             (REGISTRY=1: and a Confluent-compatible schema registry, Apicurio)"
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
 
@@ -30,7 +31,7 @@ venv: $(VENV)/.installed
 # size (one node for a new stack); `make down` stops every node.
 BROKERS ?=
 up: venv
-	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS))
+	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS)) $(if $(REGISTRY),--registry)
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi
@@ -49,6 +50,8 @@ unit: venv
 integration: up
 	$(WITH_ENV) $(VENV)/bin/pytest tests/integration -q
 
+# The registry tests need the schema registry: `make test` starts it (built once, ~18 s).
+test: REGISTRY := 1
 test: up lint
 	$(WITH_ENV) $(VENV)/bin/pytest tests -q -m "not quarantine"
 

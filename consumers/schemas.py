@@ -3,7 +3,8 @@
 Every writer schema the producer uses is published to ``<prefix>.schemas`` (key = fingerprint
 hex, value = schema JSON). The consumer reads the topic from the beginning at start, and again
 (from where it stopped) when a message names a fingerprint it does not know: only a fingerprint
-still unknown after that refresh is a poison message.
+still unknown after that refresh is a poison message. Confluent-framed messages (a schema
+registry is configured) name a registry id instead, resolved through :mod:`cutover.registry`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cutover.errors import DecodeError, KafkaError
 from cutover.kafka import consumer
 from cutover.kafka import translate as kafka_error
 from cutover.logging import get_logger
+from cutover.registry import with_registry
 
 
 def log() -> FilteringBoundLogger:
@@ -43,6 +45,8 @@ class SchemaReader:
         # The producer publishes these schemas too; knowing them locally costs nothing.
         self.store.add(heartbeat_schema())
         self.store.add(truncate_schema())
+        # Confluent-framed messages name registry ids: resolved there (None: no registry).
+        with_registry(self.store, kafka)
         self.timeout_s = timeout_s
         self._next: dict[int, int] = {}
         # A group id is required by the client; nothing is ever committed under it.

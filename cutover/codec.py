@@ -6,6 +6,13 @@ canonical form, then the Avro binary body. Every writer schema is also published
 schemas topic (key = fingerprint in hex, value = the schema JSON), so any consumer can decode any
 message it finds (:class:`SchemaStore`).
 
+With a schema registry configured (``[kafka] schema_registry_url``, :mod:`cutover.registry`) the
+values are in the **Confluent wire format** instead: the byte ``00``, the 4-byte big-endian schema
+id the registry gave the writer schema, then the same Avro binary body. Readers tell the two apart
+by the first bytes (:func:`framing`: ``C3 01`` single-object, ``00`` Confluent), so a topic may
+change format without being rewritten; :class:`SchemaStore` resolves Confluent ids through the
+registry (each id once).
+
 Per source table the codec builds a Debezium-shaped envelope (template ``schemas/envelope.avsc``,
 fields described in :mod:`cutover.envelope`)
 whose ``Value`` record has one nullable field per published column. Column types map to Avro as:
@@ -38,20 +45,24 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 import schemas
 from cutover import envelope as env
-from cutover.errors import DecodeError, SchemaIncompatible, UnknownSchema
+from cutover.errors import ConfigError, DecodeError, SchemaIncompatible, UnknownSchema
 
 MAGIC: Final = b"\xc3\x01"
 HEADER_SIZE: Final = 10
 _FP = struct.Struct("<Q")
+CONFLUENT_MAGIC: Final = b"\x00"
+CONFLUENT_HEADER_SIZE: Final = 5
+_ID = struct.Struct(">I")
+Framing = Literal["single-object", "confluent"]
 
 # PostgreSQL type OIDs (pg_type.h) the codec knows how to carry exactly.
 _AVRO_BY_OID: Final[dict[int, Any]] = {
@@ -197,6 +208,32 @@ def encode(schema: WriterSchema, record: Mapping[str, Any]) -> bytes:
     return out.getvalue()
 
 
+def confluent_header(schema_id: int) -> bytes:
+    """The 5-byte Confluent wire-format header of a registry schema id."""
+    return CONFLUENT_MAGIC + _ID.pack(schema_id)
+
+
+def framing(data: bytes) -> Framing:
+    """Which framing a message value uses, by its first bytes; DecodeError if neither."""
+    if len(data) >= HEADER_SIZE and data[:2] == MAGIC:
+        return "single-object"
+    if len(data) >= CONFLUENT_HEADER_SIZE and data[:1] == CONFLUENT_MAGIC:
+        return "confluent"
+    head = data[:2].hex() or "nothing"
+    raise DecodeError(
+        f"not an Avro message: expected magic c301 (single-object) or 00 (Confluent), "
+        f"found {head} ({len(data)} bytes)"
+    )
+
+
+def read_schema_id(data: bytes) -> int:
+    """The registry schema id of a Confluent-framed message."""
+    if len(data) < CONFLUENT_HEADER_SIZE or data[:1] != CONFLUENT_MAGIC:
+        raise DecodeError(f"not a Confluent-framed message ({len(data)} bytes)")
+    schema_id: int = _ID.unpack_from(data, 1)[0]
+    return schema_id
+
+
 def read_fingerprint(data: bytes) -> int:
     """The writer fingerprint of a single-object encoded message; DecodeError if it is not one."""
     if len(data) < HEADER_SIZE or data[:2] != MAGIC:
@@ -210,10 +247,13 @@ def read_fingerprint(data: bytes) -> int:
 
 
 class SchemaStore:
-    """Writer schemas by fingerprint: what was registered here or read from the schemas topic."""
+    """Writer schemas by fingerprint (what was registered here or read from the schemas topic)
+    and by registry id (resolved on first sight through ``resolve``: id -> schema JSON)."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolve: Callable[[int], str] | None = None) -> None:
         self._by_fp: dict[int, WriterSchema] = {}
+        self._by_id: dict[int, WriterSchema] = {}
+        self.resolve = resolve
 
     def add(self, schema: Mapping[str, Any] | WriterSchema) -> WriterSchema:
         ws = schema if isinstance(schema, WriterSchema) else writer_schema(schema)
@@ -235,14 +275,33 @@ class SchemaStore:
     def __len__(self) -> int:
         return len(self._by_fp)
 
-    def decode(self, data: bytes) -> tuple[WriterSchema, dict[str, Any]]:
-        """Decode a single-object message; UnknownSchema if its fingerprint is not known."""
-        fp = read_fingerprint(data)
-        ws = self._by_fp.get(fp)
+    def by_id(self, schema_id: int) -> WriterSchema:
+        """The writer schema of a registry id, asked of the registry once."""
+        ws = self._by_id.get(schema_id)
         if ws is None:
-            raise UnknownSchema(fp)
+            if self.resolve is None:
+                # Not a poison message: this reader lacks the registry's address. Stop (exit 2).
+                raise ConfigError(
+                    f"a Confluent-framed message (schema id {schema_id}) needs the schema "
+                    "registry: set [kafka] schema_registry_url or CUTOVER_SCHEMA_REGISTRY_URL"
+                )
+            ws = self.add_json(self.resolve(schema_id))
+            self._by_id[schema_id] = ws
+        return ws
+
+    def decode(self, data: bytes) -> tuple[WriterSchema, dict[str, Any]]:
+        """Decode a message of either framing (:func:`framing`); UnknownSchema if its
+        single-object fingerprint is not known."""
+        if framing(data) == "confluent":
+            ws, offset = self.by_id(read_schema_id(data)), CONFLUENT_HEADER_SIZE
+        else:
+            fp = read_fingerprint(data)
+            found = self._by_fp.get(fp)
+            if found is None:
+                raise UnknownSchema(fp)
+            ws, offset = found, HEADER_SIZE
         try:
-            record = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), ws.parsed, None)
+            record = schemaless_reader(io.BytesIO(data[offset:]), ws.parsed, None)
         except Exception as exc:  # fastavro raises many kinds for corrupt bodies
             raise DecodeError(
                 f"corrupt Avro body for schema {ws.name} ({ws.fingerprint_hex}): "

@@ -4,7 +4,7 @@ Sources, later ones winning:
 
 1. the TOML file (``--config``, else ``$CUTOVER_CONFIG``, else ``./cutover.toml``);
 2. the environment: ``CUTOVER_SOURCE_DSN``, ``CUTOVER_TARGET_DSN``, ``CUTOVER_KAFKA_BOOTSTRAP``,
-   ``CUTOVER_TOPIC_PREFIX``.
+   ``CUTOVER_TOPIC_PREFIX``, ``CUTOVER_SCHEMA_REGISTRY_URL``, ``CUTOVER_SCHEMA_REGISTRY_PASSWORD``.
 
 Nothing below the entry point reads the environment: :func:`load_settings` takes it as an
 argument. Unknown keys are errors (a typo must not silently fall back to a default). Relative
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from cutover.errors import ConfigError, redact_dsn, register_dsn
+from cutover.errors import ConfigError, redact_dsn, register_dsn, register_secret
 
 ENV_PREFIX = "CUTOVER_"
 
@@ -62,10 +62,17 @@ class KafkaSettings:
     # replicas must hold an event before it counts as delivered. Unset: 2 when the replication
     # factor is 3 or more, else the broker's default (cutover.kafka.min_insync_replicas).
     min_insync_replicas: int | None = None
+    # Set: messages are Confluent-framed, schemas registered there (cutover.registry).
     schema_registry_url: str | None = None
     # The largest message: the domain and DLQ topics' max.message.bytes and the producers'
     # message.max.bytes, both set from this one number (an event over it is a dead letter).
     max_message_bytes: int = 4 * 1024 * 1024
+    schema_registry_user: str | None = None
+    schema_registry_password: str | None = field(default=None, repr=False)
+    # TLS: a CA bundle to trust, and a client certificate + key for mutual TLS.
+    schema_registry_ca: str | None = None
+    schema_registry_cert: str | None = None
+    schema_registry_key: str | None = None
     producer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     consumer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
@@ -258,6 +265,8 @@ def load_settings(
         "CUTOVER_TARGET_DSN": ("target", "dsn"),
         "CUTOVER_KAFKA_BOOTSTRAP": ("kafka", "bootstrap"),
         "CUTOVER_TOPIC_PREFIX": ("kafka", "topic_prefix"),
+        "CUTOVER_SCHEMA_REGISTRY_URL": ("kafka", "schema_registry_url"),
+        "CUTOVER_SCHEMA_REGISTRY_PASSWORD": ("kafka", "schema_registry_password"),
     }.items():
         if environ.get(var):
             env_over[section][key] = environ[var]
@@ -278,6 +287,7 @@ def load_settings(
     # that libpq echoes when it cannot parse the DSN.
     register_dsn(sections["source"].dsn)
     register_dsn(sections["target"].dsn)
+    _register_registry_secrets(sections["kafka"])
     return Settings(
         source=sections["source"],
         target=sections["target"],
@@ -289,6 +299,16 @@ def load_settings(
         metrics_port=port,
         config_path=config_path.resolve() if config_path.exists() else None,
     )
+
+
+def _register_registry_secrets(kafka: KafkaSettings) -> None:
+    """The registry's password (setting or in its URL) is masked like the DSN passwords."""
+    if kafka.schema_registry_password:
+        register_secret(kafka.schema_registry_password)
+    if kafka.schema_registry_url:
+        register_dsn(kafka.schema_registry_url)
+    if kafka.schema_registry_password and not kafka.schema_registry_user:
+        raise ConfigError("[kafka] schema_registry_password needs schema_registry_user")
 
 
 def _table(raw: Mapping[str, Any], name: str, path: Path) -> dict[str, Any]:
@@ -303,6 +323,10 @@ def describe(settings: Settings) -> dict[str, Any]:
     out = dataclasses.asdict(settings)
     out["source"]["dsn"] = redact_dsn(settings.source.dsn)
     out["target"]["dsn"] = redact_dsn(settings.target.dsn)
+    if settings.kafka.schema_registry_url:
+        out["kafka"]["schema_registry_url"] = redact_dsn(settings.kafka.schema_registry_url)
+    if settings.kafka.schema_registry_password:
+        out["kafka"]["schema_registry_password"] = "***"
     out["mapping_path"] = str(settings.mapping_path)
     out["config_path"] = str(settings.config_path) if settings.config_path else None
     return out

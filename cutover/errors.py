@@ -112,6 +112,13 @@ def register_dsn(dsn: str) -> None:
             _SECRETS.update(p for p in pieces if len(p) >= _MIN_FRAGMENT)
 
 
+def register_secret(secret: str) -> None:
+    """Remember a secret that is not in a DSN (the schema registry's password): masked alike."""
+    if len(secret) >= _MIN_FRAGMENT:
+        _SECRETS.add(secret)
+        _SECRETS.add(urllib.parse.quote(secret, safe=""))
+
+
 def has_secret(text: str) -> bool:
     """True if ``text`` contains a registered password (or a fragment of one)."""
     return any(secret in text for secret in _SECRETS)
@@ -266,6 +273,19 @@ class SchemaIncompatible(RuntimeFailure):
     def __init__(self, table: str, problem: str) -> None:
         self.table = table
         super().__init__(f"incompatible schema change of {table}: {problem}")
+
+
+class SchemaRegistryError(RuntimeFailure):
+    """The schema registry is unreachable or refused a request; carries its HTTP status and
+    error code when it answered (a refused incompatible schema: 409)."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, error_code: int | None = None
+    ) -> None:
+        self.status = status
+        self.error_code = error_code
+        suffix = f" (HTTP {status}, error code {error_code})" if status is not None else ""
+        super().__init__(f"schema registry: {message}{suffix}")
 
 
 class _Redacted:

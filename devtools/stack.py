@@ -17,6 +17,8 @@ processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make d
   Without ``--brokers`` a stack keeps its size (one node for a new one); another size, asked
   for while Kafka is stopped, formats Kafka afresh (its topics are lost; PostgreSQL is kept).
 * ``down`` stops everything ``up`` started and checks that no process is left.
+* With ``--registry`` (``make up REGISTRY=1``, ``make test``), a Confluent-compatible schema
+  registry too (:mod:`devtools.registry_stack`); its URL is ``CUTOVER_SCHEMA_REGISTRY_URL``.
 
 The state of a stack (ports, pids, password) lives in ``<dir>/state.json``.
 """
@@ -421,7 +423,12 @@ def _wait(what: str, probe: object, deadline: float) -> None:
         time.sleep(0.25)
 
 
-STACK_VARS = ("CUTOVER_SOURCE_DSN", "CUTOVER_TARGET_DSN", "CUTOVER_KAFKA_BOOTSTRAP")
+STACK_VARS = (
+    "CUTOVER_SOURCE_DSN",
+    "CUTOVER_TARGET_DSN",
+    "CUTOVER_KAFKA_BOOTSTRAP",
+    "CUTOVER_SCHEMA_REGISTRY_URL",
+)
 
 
 def read_env(
@@ -457,9 +464,12 @@ def _save_state(root: Path, state: StackState) -> None:
 
 
 def write_env(root: Path, state: StackState) -> Path:
+    from devtools import registry_stack
+
     path = root / "env"
     tmp = root / "env.tmp"
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in state.env().items()))
+    variables = {**state.env(), **registry_stack.env(root)}
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
     tmp.chmod(0o600)
     tmp.replace(path)
     return path
@@ -498,9 +508,12 @@ def _start_kafka_nodes(root: Path, state: StackState, libs: Path) -> None:
     _say(f"kafka starting on {bootstrap} (pid {', '.join(map(str, state.kafka_pids()))})")
 
 
-def up(root: Path, cache: Path, brokers: int | None = None) -> StackState:
+def up(
+    root: Path, cache: Path, brokers: int | None = None, *, registry: bool = False
+) -> StackState:
     """Start (or reuse) the stack in ``root``; return its state once every server answers.
-    ``brokers``: the size of the Kafka cluster (None: the stack's own, 1 for a new one)."""
+    ``brokers``: the size of the Kafka cluster (None: the stack's own, 1 for a new one).
+    With ``registry``, the schema registry too (:mod:`devtools.registry_stack`)."""
     t0 = time.monotonic()
     ensure_prerequisites()
     root.mkdir(parents=True, exist_ok=True)
@@ -548,6 +561,10 @@ def up(root: Path, cache: Path, brokers: int | None = None) -> StackState:
         if not _pid_alive(pid):
             log = kafka_cluster.node_dir(root, node) / "stdout.log"
             raise StackError(f"Kafka node {node} exited during start-up; see {log}")
+    if registry:
+        from devtools import registry_stack
+
+        registry_stack.start(root, cache)
     env_path = write_env(root, state)
     _say(f"ready in {time.monotonic() - t0:.1f} s; environment in {env_path}")
     return state
@@ -571,7 +588,11 @@ def _stop_pids(pids: Sequence[int], timeout: float = 30.0) -> None:
 
 def down(root: Path) -> list[str]:
     """Stop everything ``up`` started in ``root``; return what was stopped."""
+    from devtools import registry_stack
+
     stopped: list[str] = []
+    if (what := registry_stack.stop(root)) is not None:
+        stopped.append(what)
     state = load_state(root)
     alive = [p for p in (state.kafka_pids() if state else []) if p is not None and _pid_alive(p)]
     _stop_pids(alive)
@@ -613,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "PostgreSQL 15 clusters) as plain processes on 127.0.0.1.",
     )
     parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--registry", action="store_true", help="up: start the schema registry too")
     parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="stack folder")
     parser.add_argument(
         "--cache", type=Path, default=REPO / ".stack-cache", help="Kafka jar cache folder"
@@ -627,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root: Path = args.dir.resolve()
     try:
         if args.action == "up":
-            up(root, args.cache.resolve(), args.brokers)
+            up(root, args.cache.resolve(), args.brokers, registry=args.registry)
         elif args.action == "down":
             stopped = down(root)
             _say("stopped " + (", ".join(stopped) if stopped else "nothing (was not running)"))

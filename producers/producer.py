@@ -79,6 +79,7 @@ from producers.events import (
 )
 from producers.fast_avro import encoder_for
 from producers.pgoutput import lsn_to_str
+from producers.registry import framing_for
 from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
 from producers.snapshot_runner import SnapshotRunner
 from producers.truncates import Carry
@@ -291,6 +292,10 @@ class CdcProducer:
         db = str(self.ctl.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
         self.kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
         self._domain_partitions = self._partitions()
+        # A schema registry configured: Confluent-framed values (producers.registry).
+        framing = framing_for(settings, self.mapping, self.stop)
+        if framing is not None:
+            self._hb_schema = framing.heartbeat(self._hb_schema)
         self._publish_schema_ws(self._hb_schema)
         # Rows the envelope cannot carry are withheld as dead letters (producers.row_letters).
         self.letters = row_letters.LetterBox(settings, self.store, self.kafka)
@@ -303,7 +308,7 @@ class CdcProducer:
             on_schema=self._on_schema,
             known_columns=self._persisted,
             clock_ms=lambda: time.time_ns() // 1_000_000,
-            encoder_factory=encoder_for,
+            encoder_factory=encoder_for if framing is None else framing.encoder_factory,
             on_letter=self.letters.reject,
             max_event_bytes=settings.kafka.max_message_bytes - row_letters.SIZE_MARGIN,
             carry_truncates=self.options.carry_truncates,

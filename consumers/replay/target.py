@@ -44,6 +44,7 @@ from cutover.config import Settings
 from cutover.errors import DatabaseError, UsageError, redact_dsn
 from cutover.logging import get_logger
 from cutover.mapping import load_mapping
+from cutover.registry import with_registry
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -82,7 +83,7 @@ def play_to_target(
         )
         source = _FileSource(
             selected(replay, filters, summary),
-            Decoder(replay.schema_store()),
+            Decoder(with_registry(replay.schema_store(), settings.kafka)),
             pacer=Pacer(rate),
             batch_max=batch_max,
             summary=summary,
