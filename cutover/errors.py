@@ -280,10 +280,17 @@ class SchemaRegistryError(RuntimeFailure):
     error code when it answered (a refused incompatible schema: 409)."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, error_code: int | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_code: int | None = None,
+        reason: str | None = None,
     ) -> None:
         self.status = status
         self.error_code = error_code
+        # The registry's own words (its "message"), when it answered.
+        self.reason = reason
         suffix = f" (HTTP {status}, error code {error_code})" if status is not None else ""
         super().__init__(f"schema registry: {message}{suffix}")
 

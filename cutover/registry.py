@@ -79,7 +79,10 @@ def client_config(kafka: KafkaSettings) -> dict[str, Any]:
 def _translate(exc: Exception, doing: str) -> SchemaRegistryError:
     if isinstance(exc, ClientError):
         return SchemaRegistryError(
-            f"{doing}: {exc.error_message}", status=exc.http_status_code, error_code=exc.error_code
+            f"{doing}: {exc.error_message}",
+            status=exc.http_status_code,
+            error_code=exc.error_code,
+            reason=str(exc.error_message),
         )
     return SchemaRegistryError(f"{doing}: unreachable ({type(exc).__name__}: {exc})")
 

@@ -71,7 +71,7 @@ class ConfluentFraming:
             raise SchemaIncompatible(
                 table,
                 f"the schema registry at {self.registry.url} refused the new writer schema "
-                f"under subject {subject}: {exc.message}. Revert the change, or "
+                f"under subject {subject}: {exc.reason} (HTTP {exc.status}). Revert the change, or "
                 "re-snapshot the table under a new topic prefix",
             ) from None
 
