@@ -293,7 +293,7 @@ class CdcProducer:
         self.kafka = kafka_io.KafkaOut(settings.kafka, client_id=f"cutover-producer-{src.slot}")
         self._domain_partitions = self._partitions()
         # A schema registry configured: Confluent-framed values (producers.registry).
-        framing = framing_for(settings, self.mapping, self.stop)
+        framing = framing_for(settings, self.mapping, self.direction.topic, self.stop)
         if framing is not None:
             self._hb_schema = framing.heartbeat(self._hb_schema)
         self._publish_schema_ws(self._hb_schema)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 
 from cutover import codec
 from cutover.config import Settings
@@ -42,7 +43,11 @@ class ConfluentFraming:
     """Registers writer schemas and builds Confluent-framed encoders for them."""
 
     def __init__(
-        self, settings: Settings, mapping: MappingSpec, stop: threading.Event | None = None
+        self,
+        settings: Settings,
+        mapping: MappingSpec,
+        topic_for: Callable[[str], str],
+        stop: threading.Event | None = None,
     ) -> None:
         self.registry = Registry(settings.kafka, stop=stop)
         # Writer schema namespace -> (qualified table, topic): the encoder factory is given the
@@ -50,7 +55,7 @@ class ConfluentFraming:
         self._tables = {
             _namespace(mapping.source_schema, table): (
                 f"{mapping.source_schema}.{table}",
-                settings.kafka.topic(tm.domain),
+                topic_for(tm.domain),
             )
             for table, tm in mapping.tables.items()
         }
@@ -88,9 +93,13 @@ class ConfluentFraming:
 
 
 def framing_for(
-    settings: Settings, mapping: MappingSpec, stop: threading.Event | None = None
+    settings: Settings,
+    mapping: MappingSpec,
+    topic_for: Callable[[str], str],
+    stop: threading.Event | None = None,
 ) -> ConfluentFraming | None:
-    """The producer's Confluent framing if a schema registry is configured, else None."""
+    """The producer's Confluent framing if a schema registry is configured, else None;
+    ``topic_for`` names the topic of a domain (either direction, :mod:`cutover.direction`)."""
     if not settings.kafka.schema_registry_url:
         return None
-    return ConfluentFraming(settings, mapping, stop)
+    return ConfluentFraming(settings, mapping, topic_for, stop)
