@@ -28,15 +28,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
-
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError as ClientError
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from cutover.codec import SchemaStore
 from cutover.config import KafkaSettings
 from cutover.errors import SchemaRegistryError
 from cutover.logging import get_logger
+
+if TYPE_CHECKING:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
 
 COMPATIBILITY: Final = "BACKWARD"
 HEARTBEAT_SUBJECT: Final = "cutover.Heartbeat"
@@ -77,6 +77,8 @@ def client_config(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 def _translate(exc: Exception, doing: str) -> SchemaRegistryError:
+    from confluent_kafka.schema_registry.error import SchemaRegistryError as ClientError
+
     if isinstance(exc, ClientError):
         return SchemaRegistryError(
             f"{doing}: {exc.error_message}",
@@ -88,6 +90,8 @@ def _translate(exc: Exception, doing: str) -> SchemaRegistryError:
 
 
 def _unavailable(exc: Exception) -> bool:
+    from confluent_kafka.schema_registry.error import SchemaRegistryError as ClientError
+
     if isinstance(exc, ClientError):
         return exc.http_status_code in _UNAVAILABLE
     # httpx's transport errors (connection refused, timeouts) and OSError: not an answer.
@@ -105,6 +109,10 @@ class Registry:
         max_wait_s: float | None = None,
         client: SchemaRegistryClient | None = None,
     ) -> None:
+        # Imported here, not at module level: the client (httpx, authlib, ...) costs ~0.4 s
+        # of CPU to import, which every command would pay, with or without a registry.
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
         self.url = kafka.schema_registry_url or ""
         self.client = client or SchemaRegistryClient(client_config(kafka))
         self.stop = stop or threading.Event()
@@ -145,6 +153,8 @@ class Registry:
     def register(self, subject: str, schema_json: str, *, compatibility: bool = True) -> int:
         """Register ``schema_json`` under ``subject``; its id (cached by the client). An
         incompatible schema raises :class:`SchemaRegistryError` with the registry's reason."""
+        from confluent_kafka.schema_registry import Schema
+
         schema = Schema(schema_json, "AVRO")
         schema_id: int = self.call(
             f"registering a schema under subject {subject}",
