@@ -8,8 +8,8 @@ writer schema is registered under a subject:
   e.g. ``shop.payment-cutover.shop.orders.Envelope``), with the subject's compatibility set to
   BACKWARD, so an ADD COLUMN registers the next version and an incompatible change is refused by
   the registry itself;
-* ``cutover.Heartbeat`` for the heartbeat records every domain topic also carries
-  (RecordNameStrategy).
+* ``cutover.Heartbeat`` and ``cutover.Truncate`` for the heartbeat and truncate records every
+  domain topic also carries alike (RecordNameStrategy).
 
 Not TopicNameStrategy (``<topic>-value``): a domain topic carries several tables (orders,
 order_items, ... on ``<prefix>.payment``) and heartbeats, records of different names, and a

@@ -61,11 +61,12 @@ class ConfluentFraming:
         }
 
     def schema_id(self, writer: codec.WriterSchema) -> int:
-        """Register ``writer`` under its topic's subject; its registry id."""
+        """Register ``writer`` under its subject; its registry id. A table's envelope: its
+        topic's subject; a record every topic carries alike (``cutover.Truncate``): its name."""
         namespace = writer.name.rsplit(".", 1)[0]
         found = self._tables.get(namespace)
         if found is None:
-            raise SchemaRegistryError(f"no mapped table has the writer schema {writer.name}")
+            return self.registry.register(writer.name, writer.json)
         table, topic = found
         subject = subject_for(topic, writer.name)
         try:

@@ -36,6 +36,7 @@ from tests.integration.conftest import REPO, skip_or_fail
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 pytestmark = pytest.mark.integration
+TRUNCATE_SUBJECT = "cutover.Truncate"
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +68,7 @@ def _subjects(url: str, prefix: str) -> dict[str, list[int]]:
     """Every subject of the scenario's topics (and the heartbeat's) with its versions."""
     out = {}
     for subject in _get(url, "/subjects"):
-        if subject.startswith(f"{prefix}.") or subject == HEARTBEAT_SUBJECT:
+        if subject.startswith(f"{prefix}.") or subject in (HEARTBEAT_SUBJECT, TRUNCATE_SUBJECT):
             out[subject] = _get(url, f"/subjects/{urllib.parse.quote(subject)}/versions")
     return out
 
@@ -141,14 +142,19 @@ def test_pipeline_with_registry_ends_equal_and_a_foreign_reader_decodes_everythi
         assert "cutover.Heartbeat" in kinds
         assert len(changes(ours)) > 300
 
-        # One subject per table (on its domain topic) plus the heartbeat's, each at version 1,
+        # One subject per table (on its domain topic) plus the heartbeat's and the truncate
+        # record's (registered at start, though no TRUNCATE happened), each at version 1,
         # every table subject at BACKWARD.
         mapping = load_mapping(MAPPING)
         expected = {
             _envelope_subject(scenario.prefix, tm.domain, table): [1]
             for table, tm in mapping.tables.items()
         }
-        assert _subjects(registry_url, scenario.prefix) == {**expected, HEARTBEAT_SUBJECT: [1]}
+        assert _subjects(registry_url, scenario.prefix) == {
+            **expected,
+            HEARTBEAT_SUBJECT: [1],
+            TRUNCATE_SUBJECT: [1],
+        }
         for subject in expected:
             config = _get(registry_url, f"/config/{urllib.parse.quote(subject)}")
             assert config["compatibilityLevel"] == "BACKWARD"
