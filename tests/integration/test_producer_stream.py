@@ -262,6 +262,9 @@ def test_incompatible_type_change_stops_without_advancing(scenario: Scenario) ->
         pub = psycopg.sql.Identifier(scenario.publication)
         with conn.transaction():
             conn.execute(psycopg.sql.SQL("ALTER PUBLICATION {} DROP TABLE shop.users").format(pub))
+            # The write fence's UPDATE OF trigger names the mapped columns of shop.users (the
+            # narrowed fence): it goes too while the type changes; `cutover init` puts it back.
+            conn.execute("DROP TRIGGER IF EXISTS cutover_write_fence_update ON shop.users")
             conn.execute("ALTER TABLE shop.users ALTER COLUMN phone TYPE integer USING NULL")
             conn.execute(
                 psycopg.sql.SQL(
