@@ -12,12 +12,9 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from cutover.mapping.model import Invariant, Side, TableMapping
-
-if TYPE_CHECKING:
-    from cutover.mapping.loader import Loader
+from cutover.mapping.reader import Reader
 
 _INVARIANT_KEYS = ("side", "description", "tables", "query")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -25,7 +22,7 @@ _SIDES: tuple[Side, ...] = ("target", "source")
 
 
 def load_invariants(
-    loader: Loader,
+    loader: Reader,
     doc: Mapping[str, object],
     tables: Mapping[str, TableMapping],
     source_schema: str,
@@ -52,7 +49,7 @@ def load_invariants(
 
 
 def _load_one(
-    loader: Loader,
+    loader: Reader,
     name: str,
     *,
     raw: object,
@@ -104,7 +101,7 @@ def _load_one(
 
 
 def _check_placeholders(
-    loader: Loader, at: tuple[str, ...], query: str, names: tuple[str, ...]
+    loader: Reader, at: tuple[str, ...], query: str, names: tuple[str, ...]
 ) -> None:
     try:
         used = {n for _, n, _, _ in string.Formatter().parse(query) if n is not None}

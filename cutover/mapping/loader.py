@@ -16,7 +16,6 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NoReturn
 
 from cutover.errors import MappingError
 from cutover.mapping.invariants import load_invariants
@@ -30,8 +29,8 @@ from cutover.mapping.model import (
     TableMapping,
     dotted,
 )
+from cutover.mapping.reader import Reader, describe
 from cutover.mapping.reverse import PredicateValue, ReverseDelete, ReverseRule, template_parts
-from cutover.mapping.toml_lines import LineIndex
 from cutover.mapping.transforms import Predicate, Rename
 
 MAX_MINOR_UNITS = 6
@@ -57,91 +56,8 @@ _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
 
 
-class Loader:
+class Loader(Reader):
     """Turns the parsed TOML document into a MappingSpec, or raises MappingError."""
-
-    def __init__(self, text: str, path: str) -> None:
-        self.text = text
-        self.path = path
-        self._lines: LineIndex | None = None
-
-    def fail(
-        self, key: tuple[str, ...], problem: str, *, line_of: tuple[str, ...] | None = None
-    ) -> NoReturn:
-        """Raise MappingError for ``key``, at the line of ``line_of`` (default: of ``key``)."""
-        where = f"{dotted(key)}: " if key else ""
-        line = self.line_of(key if line_of is None else line_of)
-        raise MappingError(self.path, f"{where}{problem}", line)
-
-    def line_of(self, key: tuple[str, ...]) -> int | None:
-        """The line of ``key`` in the file (the index is built on first use: errors are rare)."""
-        if self._lines is None:
-            self._lines = LineIndex(self.text)
-        return self._lines.line_of(key)
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    def check_keys(
-        self, key: tuple[str, ...], table: Mapping[str, object], known: tuple[str, ...], what: str
-    ) -> None:
-        for name in table:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                hint = f'; did you mean "{close[0]}"?' if close else ""
-                self.fail(
-                    key,
-                    f'unknown {what} key "{name}"{hint} (known: {", ".join(known)})',
-                    line_of=(*key, name),
-                )
-
-    def table(self, key: tuple[str, ...], value: object, hint: str) -> dict[str, object]:
-        if not isinstance(value, dict):
-            self.fail(key, f"must be a table ({hint}), not {_describe(value)}")
-        return value
-
-    def string(self, key: tuple[str, ...], value: object, hint: str) -> str:
-        if not isinstance(value, str) or not value:
-            self.fail(key, f"must be a non-empty string ({hint}), not {_describe(value)}")
-        return value
-
-    def required(
-        self, key: tuple[str, ...], table: Mapping[str, object], name: str, hint: str
-    ) -> object:
-        if name not in table:
-            self.fail((*key, name), f'missing required key "{name}"; add {hint}')
-        return table[name]
-
-    def names(self, key: tuple[str, ...], value: object, hint: str) -> tuple[str, ...]:
-        if not isinstance(value, list):
-            self.fail(key, f"must be an array of column names ({hint}), not {_describe(value)}")
-        out: list[str] = []
-        for item in value:
-            if not isinstance(item, str) or not item:
-                self.fail(key, f"must hold non-empty column names, not {_describe(item)}")
-            if item in out:
-                self.fail(key, f'lists "{item}" twice; list each column once')
-            out.append(item)
-        return tuple(out)
-
-    def predicate_values(
-        self, key: tuple[str, ...], op: str, value: object
-    ) -> tuple[PredicateValue, ...]:
-        if op == "equals":
-            items: list[object] = [value]
-        elif isinstance(value, list) and value:
-            items = value
-        else:
-            self.fail((*key, op), f"`in` needs a non-empty array of values, not {_describe(value)}")
-        out: list[PredicateValue] = []
-        for item in items:
-            if not isinstance(item, str | int):  # bool is an int
-                self.fail(
-                    (*key, op),
-                    f"compares with strings, integers or booleans, not {_describe(item)}; "
-                    "floats cannot be compared exactly",
-                )
-            out.append(item)
-        return tuple(out)
 
     # -- the document -------------------------------------------------------------------------
 
@@ -408,7 +324,7 @@ class Loader:
             self.fail(
                 at,
                 f'must be a source column name or an inline table like {{ from = "col", ... }}, '
-                f"not {_describe(entry)}",
+                f"not {describe(entry)}",
             )
         self.check_keys(at, entry, _COLUMN_KEYS, "transform")
         transforms = [k for k in TRANSFORM_KEYS if k in entry]
@@ -436,7 +352,7 @@ class Loader:
                 )
             template = entry["template"]
             if not isinstance(template, str):
-                self.fail((*at, "template"), f"must be a string, not {_describe(template)}")
+                self.fail((*at, "template"), f"must be a string, not {describe(template)}")
             self.check_template((*at, "template"), template)
             return ColumnMapping(target, "template", template=template)
         source = self.string(
@@ -449,21 +365,21 @@ class Loader:
         value = entry[kind]
         if kind == "upper":
             if value is not True:
-                self.fail((*at, "upper"), f"takes `upper = true` only, not {_describe(value)}")
+                self.fail((*at, "upper"), f"takes `upper = true` only, not {describe(value)}")
             return ColumnMapping(target, "upper", source=source)
         if kind == "enum":
             if not isinstance(value, dict) or not value:
                 self.fail(
                     (*at, "enum"),
                     "needs a non-empty table of source value = target value, "
-                    f'e.g. {{ active = "ACTIVE" }}, not {_describe(value)}',
+                    f'e.g. {{ active = "ACTIVE" }}, not {describe(value)}',
                 )
             pairs: list[tuple[str, str]] = []
             for k, v in value.items():
                 if not isinstance(v, str):
                     self.fail(
                         (*at, "enum"),
-                        f'maps "{k}" to {_describe(v)}; enum values must be strings',
+                        f'maps "{k}" to {describe(v)}; enum values must be strings',
                     )
                 pairs.append((k, v))
             return ColumnMapping(target, "enum", source=source, enum=tuple(pairs))
@@ -487,7 +403,7 @@ class Loader:
         """The explicit inverse of a column entry (its meaning is checked by the round trip)."""
         if column.kind == "upper":
             if raw != "lower":
-                self.fail(at, f'the reverse of upper is `reverse = "lower"`, not {_describe(raw)}')
+                self.fail(at, f'the reverse of upper is `reverse = "lower"`, not {describe(raw)}')
             return ReverseRule(lower=True)
         if column.kind not in ("enum", "predicate", "template"):
             self.fail(at, f"a {column.kind} column is inverted automatically; remove `reverse`")
@@ -511,7 +427,7 @@ class Loader:
             if column.kind == "predicate" and k not in ("true", "false"):
                 self.fail(at, f'has key "{k}"; a predicate\'s reverse has keys true and false')
             if not isinstance(v, str | int) or (column.kind == "enum" and not isinstance(v, str)):
-                self.fail(at, f'maps "{k}" to {_describe(v)}; write the legacy value')
+                self.fail(at, f'maps "{k}" to {describe(v)}; write the legacy value')
             pairs.append((k == "true" if column.kind == "predicate" else k, v))
         return ReverseRule(pairs=tuple(pairs))
 
@@ -582,12 +498,6 @@ class Loader:
                 )
             if spec or conversion:
                 self.fail(at, f"placeholder {{{name}}} takes no format spec or conversion")
-
-
-def _describe(value: object) -> str:
-    kinds = {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}
-    kind = kinds.get(type(value), type(value).__name__)
-    return f"{kind} {value!r}" if not isinstance(value, dict | list) else kind
 
 
 def parse_mapping(text: str, path: str = "<mapping>") -> MappingSpec:
