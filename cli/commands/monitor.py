@@ -113,6 +113,14 @@ def _bytes(value: int | None) -> str:
 
 def render(report: MonitorReport, *, partitions: bool = True) -> Group:
     """The report as rich renderables (also used by tests)."""
+    parts: list[Any] = [_domains_table(report)]
+    if partitions:
+        parts.append(_partitions_table(report))
+    parts.append(_source_grid(report))
+    return Group(*parts)
+
+
+def _domains_table(report: MonitorReport) -> Table:
     domains = Table(title=f"apply group {report.group_id}", title_justify="left")
     for col in ("domain", "topic", "end", "lag", "applied lag", "msg/s", "p50", "p99",
                 "DLQ open", "heartbeat"):  # fmt: skip
@@ -134,23 +142,28 @@ def render(report: MonitorReport, *, partitions: bool = True) -> Group:
             Text(str(t.dead_letters_open), style="red" if t.dead_letters_open else ""),
             _secs(t.heartbeat_applied_age_s),
         )
-    parts: list[Any] = [domains]
-    if partitions:
-        table = Table(title="partitions", title_justify="left")
-        for col in ("topic [partition]", "end offset", "committed (kafka)", "lag",
-                    "applied (db)", "applied lag"):  # fmt: skip
-            table.add_column(col, justify="left" if col.startswith("topic") else "right")
-        for t in report.topics:
-            for p in t.partitions:
-                table.add_row(
-                    f"{t.topic} [{p.partition}]",
-                    _num(p.end_offset),
-                    _num(p.committed_offset),
-                    _num(p.lag),
-                    _num(p.applied_offset),
-                    _num(p.applied_lag),
-                )
-        parts.append(table)
+    return domains
+
+
+def _partitions_table(report: MonitorReport) -> Table:
+    table = Table(title="partitions", title_justify="left")
+    for col in ("topic [partition]", "end offset", "committed (kafka)", "lag",
+                "applied (db)", "applied lag"):  # fmt: skip
+        table.add_column(col, justify="left" if col.startswith("topic") else "right")
+    for t in report.topics:
+        for p in t.partitions:
+            table.add_row(
+                f"{t.topic} [{p.partition}]",
+                _num(p.end_offset),
+                _num(p.committed_offset),
+                _num(p.lag),
+                _num(p.applied_offset),
+                _num(p.applied_lag),
+            )
+    return table
+
+
+def _source_grid(report: MonitorReport) -> Table:
     source = Table.grid(padding=(0, 2))
     source.add_column(style="bold")
     source.add_column()
@@ -191,5 +204,4 @@ def render(report: MonitorReport, *, partitions: bool = True) -> Group:
     for error in [*(t.error for t in report.topics if t.error), *report.errors]:
         source.add_row(Text("error", style="red"), error)
     source.add_row("taken at", report.taken_at.strftime("%Y-%m-%d %H:%M:%S UTC"))
-    parts.append(source)
-    return Group(*parts)
+    return source
