@@ -193,6 +193,9 @@ class ApplyConsumer:
     def _start(self) -> None:
         self._connect()
         self._check_control_tables()
+        warning = pg.superuser_warning(self.engine.db.conn, "cutover apply")
+        if warning is not None:
+            log().warning("apply.superuser", problem=warning)
         self._schemas = SchemaReader(self.settings.kafka, self.group)
         self._schemas.refresh()
         self._decoder = Decoder(self._schemas.store, self._schemas.refresh)

@@ -144,6 +144,22 @@ class GateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RoleSettings:
+    """The least-privilege database roles ``cutover init --print-grants`` prints (cutover.grants).
+
+    Names only: passwords are never part of the config's grants (set them with ``\\password``).
+    """
+
+    producer: str = "cutover_producer"
+    applier: str = "cutover_applier"
+    reverse_applier: str = "cutover_reverse_applier"
+    sre: str = "cutover_sre"
+    # NOLOGIN role owning commerce's control tables: the commands create and migrate them on
+    # first use (CREATE TABLE/INDEX IF NOT EXISTS needs the owner), so the SRE role is a member.
+    control_owner: str = "cutover_control"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a command needs, resolved once."""
 
@@ -154,6 +170,7 @@ class Settings:
     apply: ApplySettings = ApplySettings()
     gates: GateSettings = GateSettings()
     reverse: ReverseSettings = ReverseSettings()
+    roles: RoleSettings = RoleSettings()
     metrics_port: int | None = None
     config_path: Path | None = None
 
@@ -165,6 +182,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "apply": ApplySettings,
     "gates": GateSettings,
     "reverse": ReverseSettings,
+    "roles": RoleSettings,
 }
 # Settings that may be 0 (every other number must be positive).
 _ZERO_ALLOWED = frozenset({"min_reads_soak_minutes", "min_writes_soak_minutes"})
@@ -295,6 +313,7 @@ def load_settings(
         apply=sections["apply"],
         gates=sections["gates"],
         reverse=sections["reverse"],
+        roles=sections["roles"],
         mapping_path=(base / mapping_file).resolve(),
         metrics_port=port,
         config_path=config_path.resolve() if config_path.exists() else None,

@@ -50,3 +50,22 @@ def connect(
         )
     except psycopg.Error as exc:
         raise translate(exc, doing, side) from None
+
+
+def superuser_warning(conn: Conn, component: str) -> str | None:
+    """A warning with the fix when ``conn``'s role is a superuser (None when it is not).
+
+    Not a refusal: a sandbox may run as one. In production each component runs as its own
+    least-privilege role (``cutover init --print-grants``), so a bug or a wrong mapping cannot
+    read a social column or write a table outside its part.
+    """
+    row = conn.execute(
+        "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if row is None or not row[1]:
+        return None
+    return (
+        f"{component} connects as {row[0]}, a superuser: it could read excluded columns and "
+        "write any table; run it as its own least-privilege role (cutover init --print-grants "
+        "prints the roles and grants; [roles] names them)"
+    )

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import psycopg
 
-from cutover import kafka
+from cutover import kafka, pg
 from cutover.config import KafkaSettings, Settings
 from cutover.errors import ConfigError
 from cutover.mapping import MappingSpec, TableMapping
@@ -221,6 +221,12 @@ def preflight_server(conn: Conn, settings: Settings, report: InitReport) -> None
         report.warnings.append(
             f"no free WAL sender (max_wal_senders = {max_senders}); not needed by cutover, "
             "but standbys and pg_basebackup will fail"
+        )
+    warning = pg.superuser_warning(conn, "cutover init")
+    if warning is not None:
+        # init may run as an administrator; the long-running components should not.
+        report.warnings.append(
+            warning + " (init may, once; produce, apply and the commands should not)"
         )
     role = conn.execute(
         "SELECT rolname, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"

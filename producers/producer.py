@@ -282,6 +282,9 @@ class CdcProducer:
                 "database) are missing: run `cutover init`"
                 + (" --reverse" if self.direction.reverse else "")
             )
+        warning = pg.superuser_warning(self.ctl, "cutover produce")
+        if warning is not None:
+            self.log.warning("producer.superuser", problem=warning)
         acquire_producer_lock(self.ctl, src.slot)
         status = check_slot(self.store, src.slot, log=self.log)
         self._position = status.confirmed

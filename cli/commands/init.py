@@ -41,6 +41,11 @@ keys and replica identity), the producer's control tables in commerce, the [reve
 publication (every mapped commerce table, key and mapped columns) and slot, the topics
 <prefix>.reverse.<domain>, and the reverse appliers' control tables in legacy ([reverse]
 control_schema). Its entries are prefixed "reverse: ".
+
+With --print-grants, print the least-privilege roles and grants for the configured mapping as
+SQL (one part per database, after a "-- @database legacy|commerce" line), connect to nothing
+and change nothing. Run each part as an administrator in its database after cutover init;
+passwords are not included (set them with psql \\password ROLE). Role names: [roles].
 """
 
 
@@ -73,8 +78,25 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also prepare the reverse path (commerce -> legacy) of the write cutover",
     )
+    parser.add_argument(
+        "--print-grants",
+        action="store_true",
+        help="print the least-privilege roles and grants ([roles]) as SQL for both databases; "
+        "executes nothing",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
+
+
+def _print_grants(context: Context) -> int:
+    from cutover import grants
+    from cutover.mapping import load_mapping
+
+    settings = context.settings
+    mapping = load_mapping(settings.mapping_path)
+    databases = (grants.database_of(settings.source.dsn), grants.database_of(settings.target.dsn))
+    print(grants.render(grants.grant_scripts(settings, mapping, databases)), end="")
+    return 0
 
 
 def run(args: argparse.Namespace, context: Context) -> int:
@@ -82,6 +104,8 @@ def run(args: argparse.Namespace, context: Context) -> int:
     from cutover.mapping import load_mapping
     from producers.init import run_init
 
+    if args.print_grants:
+        return _print_grants(context)
     report = run_init(
         context.settings,
         target_ddl=args.target_ddl,

@@ -113,9 +113,17 @@ class ControlStore:
         try:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [_DDL_LOCK])
-                self.conn.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
-                )
+                # Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database
+                # even when the schema exists, which a least-privilege role lacks (cutover.grants).
+                found = self.conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema]
+                ).fetchone()
+                if found is None:
+                    self.conn.execute(
+                        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                            sql.Identifier(self.schema)
+                        )
+                    )
                 self.conn.execute(
                     sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema))
                 )
