@@ -16,6 +16,7 @@ help:
 	@echo "make up      start Kafka (KRaft) + legacy and commerce PostgreSQL 15 on 127.0.0.1"
 	@echo "             (BROKERS=3: a three-node Kafka cluster, replication factor 3)"
 	@echo "             (REGISTRY=1: and a Confluent-compatible schema registry, Apicurio)"
+	@echo "             (SECURE=1: PostgreSQL over TLS only, DSNs with sslmode=verify-full)"
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
 
@@ -31,7 +32,7 @@ venv: $(VENV)/.installed
 # size (one node for a new stack); `make down` stops every node.
 BROKERS ?=
 up: venv
-	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS)) $(if $(REGISTRY),--registry)
+	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS)) $(if $(REGISTRY),--registry) $(if $(SECURE),--secure)
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi

@@ -49,7 +49,17 @@ def connect(
             dsn, autocommit=autocommit, application_name=application_name, **kwargs
         )
     except psycopg.Error as exc:
-        raise translate(exc, doing, side) from None
+        error = translate(exc, doing, side)
+        if "SSL error" in error.message or "certificate" in error.message:
+            # libpq's own words ("invalid padding", "unable to get local issuer") rarely say
+            # what to check.
+            error = DatabaseError(
+                f"{error.message}; TLS: the server's certificate must be signed by the CA in "
+                "sslrootcert and, with sslmode=verify-full, name the host the DSN connects to",
+                side=side,
+                sqlstate=error.sqlstate,
+            )
+        raise error from None
 
 
 def superuser_warning(conn: Conn, component: str) -> str | None:

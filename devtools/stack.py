@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cutover.errors import CutoverError, PrerequisiteMissing, StackError
-from devtools import kafka_cluster
+from devtools import kafka_cluster, pg_security, tls
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("CUTOVER_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -67,6 +68,9 @@ class StackState:
     more_pids: list[int | None] = field(default_factory=list)
     #: One id for every node of a cluster (a single node gets a new one at each format).
     cluster_id: str | None = None
+    #: The secured stack's CA certificate (--secure): PostgreSQL speaks TLS only, the DSNs
+    #: check the server against it (devtools/pg_security.py).
+    ca_cert: str | None = None
 
     def node_ports(self) -> list[tuple[int, int]]:
         """(broker port, controller port) of every Kafka node, node 1 first."""
@@ -84,7 +88,8 @@ class StackState:
     def env(self) -> dict[str, str]:
         # URL form: no spaces, so `.stack/env` can be sourced by a shell as it is.
         def dsn(port: int, db: str) -> str:
-            return f"postgresql://cutover:{self.password}@127.0.0.1:{port}/{db}"
+            url = f"postgresql://cutover:{self.password}@127.0.0.1:{port}/{db}"
+            return f"{url}?{pg_security.client_params(Path(self.ca_cert))}" if self.ca_cert else url
 
         return {
             "CUTOVER_SOURCE_DSN": dsn(self.legacy_port, "legacy"),
@@ -442,7 +447,8 @@ def read_env(
         for line in path.read_text().splitlines():
             key, sep, value = line.partition("=")
             if sep and not key.lstrip().startswith("#"):
-                env[key.strip()] = value.strip()
+                value = value.strip()
+                env[key.strip()] = shlex.split(value)[0] if value.startswith("'") else value
     for key in STACK_VARS:
         if environ and environ.get(key):
             env[key] = environ[key]
@@ -469,7 +475,8 @@ def write_env(root: Path, state: StackState) -> Path:
     path = root / "env"
     tmp = root / "env.tmp"
     variables = {**state.env(), **registry_stack.env(root)}
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
+    # Quoted where a shell would split it (the secured DSNs' "&"): the file is sourced.
+    tmp.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in variables.items()))
     tmp.chmod(0o600)
     tmp.replace(path)
     return path
@@ -508,12 +515,26 @@ def _start_kafka_nodes(root: Path, state: StackState, libs: Path) -> None:
     _say(f"kafka starting on {bootstrap} (pid {', '.join(map(str, state.kafka_pids()))})")
 
 
+def _stack_ca(root: Path) -> tls.CertificateAuthority:
+    """The secured stack's CA in ``<root>/tls``, made on first use (both halves share it)."""
+    folder = root / "tls"
+    ca = tls.CertificateAuthority(cert=folder / "ca.crt", key=folder / "ca.key")
+    return ca if ca.cert.exists() and ca.key.exists() else tls.make_ca(folder)
+
+
 def up(
-    root: Path, cache: Path, brokers: int | None = None, *, registry: bool = False
+    root: Path,
+    cache: Path,
+    brokers: int | None = None,
+    *,
+    registry: bool = False,
+    secure: bool = False,
 ) -> StackState:
     """Start (or reuse) the stack in ``root``; return its state once every server answers.
     ``brokers``: the size of the Kafka cluster (None: the stack's own, 1 for a new one).
-    With ``registry``, the schema registry too (:mod:`devtools.registry_stack`)."""
+    With ``registry``, the schema registry too (:mod:`devtools.registry_stack`); with
+    ``secure``, PostgreSQL over TLS only (:mod:`devtools.pg_security`), set up while a cluster
+    is stopped."""
     t0 = time.monotonic()
     ensure_prerequisites()
     root.mkdir(parents=True, exist_ok=True)
@@ -551,6 +572,10 @@ def up(
         ("commerce", state.commerce_port, _LOGICAL_SETTINGS),
     ):
         _init_cluster(root, name, port, state.password, extra)
+        if secure and not _pg_pid(root, name):
+            pg_security.secure_cluster(root / "pg" / name, _stack_ca(root))
+            state.ca_cert = str(root / "tls" / "ca.crt")
+            _save_state(root, state)
         _start_pg(root, name)
         _wait(f"PostgreSQL {name} on port {port}", lambda p=port: _pg_ready(
             p, state.password, "postgres"), deadline)  # fmt: skip
@@ -635,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--registry", action="store_true", help="up: start the schema registry too")
+    parser.add_argument(
+        "--secure", action="store_true", help="up: PostgreSQL over TLS only (sslmode=verify-full)"
+    )
     parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="stack folder")
     parser.add_argument(
         "--cache", type=Path, default=REPO / ".stack-cache", help="Kafka jar cache folder"
@@ -649,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root: Path = args.dir.resolve()
     try:
         if args.action == "up":
-            up(root, args.cache.resolve(), args.brokers, registry=args.registry)
+            up(root, args.cache.resolve(), args.brokers, registry=args.registry, secure=args.secure)
         elif args.action == "down":
             stopped = down(root)
             _say("stopped " + (", ".join(stopped) if stopped else "nothing (was not running)"))

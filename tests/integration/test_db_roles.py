@@ -1,15 +1,19 @@
 """Least-privilege database roles (issue 15): the grants `cutover init --print-grants` prints,
 applied by an administrator on scratch databases, are enough to run the pipeline as those roles
 (produce as the producer, apply as the applier, verify/status/switch-reads as the SRE) and no
-more: the producer cannot read a social column, the applier cannot write legacy."""
+more: the producer cannot read a social column, the applier cannot write legacy. And PostgreSQL
+over TLS as the secured stack sets it up (devtools/pg_security.py): verify-full against the
+stack's CA connects, another CA or plaintext is refused."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +23,9 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cutover import grants
+from cutover import grants, pg
+from cutover.errors import DatabaseError
+from devtools import pg_security, stack, tls
 from devtools.harness import Scenario, init, stop
 from devtools.workload import prefill
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
@@ -161,3 +167,52 @@ def test_pipeline_runs_as_the_printed_roles_and_no_further(
     # The role passwords never appear in anything the commands printed or logged.
     for password in passwords.values():
         assert not any(password in out for out in outputs)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[tuple[str, tls.CertificateAuthority, Path]]:
+    """A private PostgreSQL cluster secured as `make up SECURE=1` does (the shared stack may be
+    plaintext): (its admin DSN without TLS settings, the stack CA, the base folder)."""
+    base = Path(tempfile.mkdtemp(prefix="cutover-pgtls-"))
+    base.chmod(0o755)  # the cluster runs as postgres when we are root
+    root = base / "stack"
+    root.mkdir()
+    root.chmod(0o755)
+    password, port = secrets.token_urlsafe(12), stack._free_port()
+    stack._init_cluster(root, "legacy", port, password, {})
+    ca = tls.make_ca(root / "tls")
+    pg_security.secure_cluster(root / "pg" / "legacy", ca)
+    pg_security.secure_cluster(root / "pg" / "legacy", ca)  # idempotent: nothing changes
+    stack._start_pg(root, "legacy")
+    try:
+        yield f"postgresql://cutover:{password}@127.0.0.1:{port}/postgres", ca, base
+    finally:
+        stack._pg_ctl(root, "legacy", "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tls_verify_full_against_the_stack_ca(
+    tls_cluster: tuple[str, tls.CertificateAuthority, Path],
+) -> None:
+    dsn, ca, base = tls_cluster
+    key = base / "stack" / "pg" / "legacy" / f"{pg_security.SERVER_NAME}.key"
+    assert key.stat().st_mode & 0o077 == 0  # readable by the database user only
+    for host in ("127.0.0.1", "localhost"):  # both names are in the certificate
+        secured = f"{dsn.replace('127.0.0.1', host)}?{pg_security.client_params(ca.cert)}"
+        with pg.connect(secured, side="source", application_name="tls test") as conn:
+            row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert row.fetchone() == (True,)
+    # Another CA (here a stack made again: same name, other key): the client refuses the
+    # server, and says what to check (the password stays masked).
+    wrong = tls.make_ca(base / "other")
+    with pytest.raises(DatabaseError) as refused:
+        pg.connect(f"{dsn}?{pg_security.client_params(wrong.cert)}", side="source",
+                   application_name="tls test")  # fmt: skip
+    assert "SSL error" in refused.value.message
+    assert "signed by the CA in sslrootcert" in refused.value.message
+    password = conninfo_to_dict(dsn)["password"]
+    assert isinstance(password, str) and password not in refused.value.message
+    # Plaintext TCP is refused by the server.
+    with pytest.raises(DatabaseError) as plain:
+        pg.connect(f"{dsn}?sslmode=disable", side="source", application_name="tls test")
+    assert "no encryption" in plain.value.message
