@@ -17,6 +17,7 @@ help:
 	@echo "             (BROKERS=3: a three-node Kafka cluster, replication factor 3)"
 	@echo "             (REGISTRY=1: and a Confluent-compatible schema registry, Apicurio)"
 	@echo "             (SECURE=1: PostgreSQL over TLS only, DSNs with sslmode=verify-full)"
+	@echo "             (PROMETHEUS=1: and Prometheus scraping produce/apply, ops/ alert rules)"
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
 
@@ -32,7 +33,7 @@ venv: $(VENV)/.installed
 # size (one node for a new stack); `make down` stops every node.
 BROKERS ?=
 up: venv
-	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS)) $(if $(REGISTRY),--registry) $(if $(SECURE),--secure)
+	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS)) $(if $(REGISTRY),--registry) $(if $(SECURE),--secure) $(if $(PROMETHEUS),--prometheus)
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi

@@ -63,7 +63,7 @@ from consumers.letters import DlqPublisher, RecordLetters
 from consumers.reverse import sink_factory
 from consumers.schemas import SchemaReader
 from consumers.sink import Sink
-from cutover import kafka, pg
+from cutover import kafka, metrics, pg
 from cutover.config import Settings
 from cutover.control_store.offsets import NEW_ROW_OFFSET
 from cutover.direction import Direction, forward
@@ -164,6 +164,7 @@ class ApplyConsumer:
         self._schemas: SchemaReader | None = None
         self._decoder: Decoder | None = None
         self._last_message = time.monotonic()
+        self._lag_reported = 0.0
 
     @property
     def summary(self) -> ApplySummary:
@@ -246,8 +247,28 @@ class ApplyConsumer:
         if self._db_broken:
             raise DatabaseError("connection lost", side="target")
         self._ingest(msgs)
+        self._report_lag()
         plan = self._plan()
         return Batch(plan, commit=not self._streaming)
+
+    def _report_lag(self) -> None:
+        """``cutover_apply_lag_messages`` of every owned partition, once a second: the end offset
+        librdkafka last saw (cached from fetch responses: no broker round trip) minus the next
+        offset to apply. Unknown until the partition was fetched once (not reported as 0)."""
+        now = time.monotonic()
+        if now - self._lag_reported < 1.0:
+            return
+        self._lag_reported = now
+        for (topic, partition), part in list(self._parts.items()):
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            if high >= 0:
+                applied = part.committed if part.committed is not None else max(low, 0)
+                metrics.set_apply_lag(topic, partition, high - applied)
 
     def _on_kafka_error(self, err: RdKafkaError) -> None:
         log().warning("apply.kafka_error", error=err.str(), code=err.name(), fatal=err.fatal())
@@ -386,6 +407,7 @@ class ApplyConsumer:
                 self._abandon_tx("partitions revoked during a long transaction")
                 self._need_reseek |= keep
             for tp in tps:
+                metrics.drop_apply_lag(*tp)  # another member's to report now
                 self._parts.pop(tp, None)
                 self._streaming.discard(tp)
                 self._paused.discard(tp)

@@ -30,6 +30,7 @@ cutover_heartbeat_age_seconds            gauge      domain              :func:`h
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -46,6 +47,7 @@ __all__ = [
     "batch_applied",
     "dead_letter",
     "delivery_failed",
+    "drop_apply_lag",
     "events_produced",
     "heartbeat_seen",
     "heartbeat_sent",
@@ -235,6 +237,12 @@ def truncate_applied(table: str, count: int = 1) -> None:
 def set_apply_lag(topic: str, partition: int, lag: int) -> None:
     """The apply consumer: end offset − position of an assigned partition."""
     APPLY_LAG.labels(topic, str(partition)).set(max(0, lag))
+
+
+def drop_apply_lag(topic: str, partition: int) -> None:
+    """The apply consumer: a partition was revoked or lost; its lag is no longer ours."""
+    with contextlib.suppress(KeyError):
+        APPLY_LAG.remove(topic, str(partition))
 
 
 def heartbeat_seen(domain: str, ts_ms: int) -> None:

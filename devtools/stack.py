@@ -19,6 +19,8 @@ processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make d
 * ``down`` stops everything ``up`` started and checks that no process is left.
 * With ``--registry`` (``make up REGISTRY=1``, ``make test``), a Confluent-compatible schema
   registry too (:mod:`devtools.registry_stack`); its URL is ``CUTOVER_SCHEMA_REGISTRY_URL``.
+* With ``--prometheus`` (``make up PROMETHEUS=1``), a Prometheus scraping the processes listed in
+  its targets folder (:mod:`devtools.prometheus_stack`); its URL is ``CUTOVER_PROMETHEUS_URL``.
 
 The state of a stack (ports, pids, password) lives in ``<dir>/state.json``.
 """
@@ -105,6 +107,7 @@ _APT_PACKAGES = {
     "java": "openjdk-17-jre-headless",
     "mvn": "maven",
     "initdb": "postgresql-15",
+    "prometheus": "prometheus",
 }
 
 
@@ -470,11 +473,11 @@ def _save_state(root: Path, state: StackState) -> None:
 
 
 def write_env(root: Path, state: StackState) -> Path:
-    from devtools import registry_stack
+    from devtools import prometheus_stack, registry_stack
 
     path = root / "env"
     tmp = root / "env.tmp"
-    variables = {**state.env(), **registry_stack.env(root)}
+    variables = {**state.env(), **registry_stack.env(root), **prometheus_stack.env(root)}
     # Quoted where a shell would split it (the secured DSNs' "&"): the file is sourced.
     tmp.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in variables.items()))
     tmp.chmod(0o600)
@@ -529,12 +532,13 @@ def up(
     *,
     registry: bool = False,
     secure: bool = False,
+    prometheus: bool = False,
 ) -> StackState:
     """Start (or reuse) the stack in ``root``; return its state once every server answers.
     ``brokers``: the size of the Kafka cluster (None: the stack's own, 1 for a new one).
     With ``registry``, the schema registry too (:mod:`devtools.registry_stack`); with
     ``secure``, PostgreSQL over TLS only (:mod:`devtools.pg_security`), set up while a cluster
-    is stopped."""
+    is stopped; with ``prometheus``, Prometheus (:mod:`devtools.prometheus_stack`)."""
     t0 = time.monotonic()
     ensure_prerequisites()
     root.mkdir(parents=True, exist_ok=True)
@@ -590,6 +594,10 @@ def up(
         from devtools import registry_stack
 
         registry_stack.start(root, cache)
+    if prometheus:
+        from devtools import prometheus_stack
+
+        prometheus_stack.start(root)
     env_path = write_env(root, state)
     _say(f"ready in {time.monotonic() - t0:.1f} s; environment in {env_path}")
     return state
@@ -613,11 +621,12 @@ def _stop_pids(pids: Sequence[int], timeout: float = 30.0) -> None:
 
 def down(root: Path) -> list[str]:
     """Stop everything ``up`` started in ``root``; return what was stopped."""
-    from devtools import registry_stack
+    from devtools import prometheus_stack, registry_stack
 
     stopped: list[str] = []
-    if (what := registry_stack.stop(root)) is not None:
-        stopped.append(what)
+    for what in (registry_stack.stop(root), prometheus_stack.stop(root)):
+        if what is not None:
+            stopped.append(what)
     state = load_state(root)
     alive = [p for p in (state.kafka_pids() if state else []) if p is not None and _pid_alive(p)]
     _stop_pids(alive)
@@ -663,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--secure", action="store_true", help="up: PostgreSQL over TLS only (sslmode=verify-full)"
     )
+    parser.add_argument("--prometheus", action="store_true", help="up: start Prometheus too")
     parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="stack folder")
     parser.add_argument(
         "--cache", type=Path, default=REPO / ".stack-cache", help="Kafka jar cache folder"
@@ -677,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root: Path = args.dir.resolve()
     try:
         if args.action == "up":
-            up(root, args.cache.resolve(), args.brokers, registry=args.registry, secure=args.secure)
+            up(root, args.cache.resolve(), args.brokers, registry=args.registry,
+               secure=args.secure, prometheus=args.prometheus)  # fmt: skip
         elif args.action == "down":
             stopped = down(root)
             _say("stopped " + (", ".join(stopped) if stopped else "nothing (was not running)"))

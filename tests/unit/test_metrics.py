@@ -60,6 +60,15 @@ def test_gauges() -> None:
     assert value("cutover_slot_advanced_lsn") == 0x16B3748
     metrics.set_apply_lag("shop.payment", 2, 17)
     assert value("cutover_apply_lag_messages", topic="shop.payment", partition="2") == 17
+    # A revoked partition's lag is gone (not frozen at its last value), and dropping twice is fine.
+    metrics.drop_apply_lag("shop.payment", 2)
+    metrics.drop_apply_lag("shop.payment", 2)
+    assert (
+        REGISTRY.get_sample_value(
+            "cutover_apply_lag_messages", {"topic": "shop.payment", "partition": "2"}
+        )
+        is None
+    )
     metrics.heartbeat_seen("merchant", int(time.time() * 1000) - 5000)
     age = value("cutover_heartbeat_age_seconds", domain="merchant")
     assert 4.5 < age < 30
