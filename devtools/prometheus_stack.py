@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cutover.errors import CutoverError, StackError
-from devtools.stack import _free_port, _pid_alive, _say, _stop_pids, ensure_prerequisites
+from devtools import sidecar
+from devtools.stack import _free_port, _pid_alive, _say, ensure_prerequisites
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "ops" / "prometheus-alerts.yml"
@@ -47,13 +47,9 @@ def _state_path(root: Path) -> Path:
     return root / "prometheus.json"
 
 
-def load(root: Path) -> dict[str, int | None] | None:
+def load(root: Path) -> sidecar.State | None:
     """Prometheus' port and pid, or None if this stack never ran one."""
-    try:
-        state = json.loads(_state_path(root).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
+    return sidecar.load(_state_path(root))
 
 
 def targets_dir(root: Path) -> Path:
@@ -113,37 +109,21 @@ def start(root: Path) -> str:
         start_new_session=True,  # survive `make up` returning; `down` stops it by pid
     )  # fmt: skip
     state["pid"] = proc.pid
-    tmp = root / "prometheus.json.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(_state_path(root))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready(port):
-        if proc.poll() is not None:
-            raise StackError(f"prometheus exited during start-up; see {out.name}")
-        if time.monotonic() > deadline:
-            raise StackError(f"prometheus did not answer within {READY_TIMEOUT_S:.0f} s")
-        time.sleep(0.25)
+    sidecar.save(_state_path(root), state)
+    sidecar.wait_ready(proc, lambda: ready(port), READY_TIMEOUT_S, "prometheus", out.name)
     _say(f"prometheus ready on {url(port)} (pid {proc.pid}), targets in {targets_dir(root)}")
     return url(port)
 
 
 def stop(root: Path) -> str | None:
     """Stop the Prometheus of the stack in ``root``; what was stopped (None: nothing ran)."""
-    state = load(root)
-    pid = state.get("pid") if state else None
-    if not _pid_alive(pid):
-        return None
-    assert pid is not None
-    _stop_pids([pid])
-    return f"prometheus (pid {pid})"
+    return sidecar.stop(_state_path(root), "prometheus")
 
 
 def env(root: Path) -> dict[str, str]:
     """``CUTOVER_PROMETHEUS_URL`` and ``_TARGETS`` if this stack's Prometheus runs, else nothing."""
-    state = load(root)
-    if state and state.get("port") and _pid_alive(state.get("pid")):
-        return {ENV_URL: url(int(state["port"] or 0)), ENV_TARGETS: str(targets_dir(root))}
-    return {}
+    port = sidecar.running_port(_state_path(root))
+    return {ENV_URL: url(port), ENV_TARGETS: str(targets_dir(root))} if port else {}
 
 
 def _target_file(folder: Path, job: str, name: str) -> Path:

@@ -16,17 +16,16 @@ Its state (port, pid) lives in ``<dir>/registry.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from cutover.errors import StackError
-from devtools.stack import _free_port, _pid_alive, _say, _stop_pids, ensure_prerequisites
+from devtools import sidecar
+from devtools.stack import _free_port, _pid_alive, _say, ensure_prerequisites
 
 REPO = Path(__file__).resolve().parents[1]
 POM_DIR = REPO / "stack" / "registry"
@@ -80,19 +79,9 @@ def _state_path(root: Path) -> Path:
     return root / "registry.json"
 
 
-def load(root: Path) -> dict[str, int | None] | None:
+def load(root: Path) -> sidecar.State | None:
     """The registry's port and pid, or None if this stack never ran one."""
-    try:
-        state = json.loads(_state_path(root).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _save(root: Path, state: dict[str, int | None]) -> None:
-    tmp = root / "registry.json.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(_state_path(root))
+    return sidecar.load(_state_path(root))
 
 
 def url(port: int) -> str:
@@ -147,32 +136,18 @@ def start(root: Path, cache: Path) -> str:
         start_new_session=True,  # survive `make up` returning; `down` stops it by pid
     )
     state["pid"] = proc.pid
-    _save(root, state)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready(port):
-        if proc.poll() is not None:
-            raise StackError(f"the schema registry exited during start-up; see {out.name}")
-        if time.monotonic() > deadline:
-            raise StackError(f"the schema registry did not answer within {READY_TIMEOUT_S:.0f} s")
-        time.sleep(0.25)
+    sidecar.save(_state_path(root), state)
+    sidecar.wait_ready(proc, lambda: ready(port), READY_TIMEOUT_S, "the schema registry", out.name)
     _say(f"schema registry ready on {url(port)} (pid {proc.pid})")
     return url(port)
 
 
 def stop(root: Path) -> str | None:
     """Stop the registry of the stack in ``root``; what was stopped (None: nothing ran)."""
-    state = load(root)
-    pid = state.get("pid") if state else None
-    if not _pid_alive(pid):
-        return None
-    assert pid is not None
-    _stop_pids([pid])
-    return f"schema registry (pid {pid})"
+    return sidecar.stop(_state_path(root), "schema registry")
 
 
 def env(root: Path) -> dict[str, str]:
     """``CUTOVER_SCHEMA_REGISTRY_URL`` if this stack's registry runs, else nothing."""
-    state = load(root)
-    if state and state.get("port") and _pid_alive(state.get("pid")):
-        return {ENV_VAR: url(int(state["port"] or 0))}
-    return {}
+    port = sidecar.running_port(_state_path(root))
+    return {ENV_VAR: url(port)} if port else {}

@@ -1,0 +1,64 @@
+"""What the stack's optional servers (:mod:`devtools.registry_stack`,
+:mod:`devtools.prometheus_stack`) share: each keeps its port and pid in a JSON file of the stack
+folder, runs as a plain process started in its own session, answers a readiness probe, and is
+stopped by pid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cutover.errors import StackError
+from devtools.stack import _pid_alive, _stop_pids
+
+State = dict[str, int | None]
+
+
+def load(path: Path) -> State | None:
+    """The server's port and pid, or None if this stack never ran one."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def save(path: Path, state: State) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+
+
+def running_port(path: Path) -> int | None:
+    """The port of the server whose state is in ``path`` if its process lives, else None."""
+    state = load(path)
+    if state and state.get("port") and _pid_alive(state.get("pid")):
+        return int(state["port"] or 0)
+    return None
+
+
+def stop(path: Path, what: str) -> str | None:
+    """Stop the server whose state is in ``path``; what was stopped (None: nothing ran)."""
+    state = load(path)
+    pid = state.get("pid") if state else None
+    if not _pid_alive(pid):
+        return None
+    assert pid is not None
+    _stop_pids([pid])
+    return f"{what} (pid {pid})"
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, what: str, log: str
+) -> None:
+    """Poll ``ready`` until it says yes; StackError if the process exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited during start-up; see {log}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} did not answer within {timeout:.0f} s")
+        time.sleep(0.25)
