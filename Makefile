@@ -53,9 +53,18 @@ integration: up
 	$(WITH_ENV) $(VENV)/bin/pytest tests/integration -q
 
 # The registry tests need the schema registry: `make test` starts it (built once, ~18 s).
+# Most tests wait on Kafka and PostgreSQL, so TEST_WORKERS pytest-xdist workers share the stack
+# (each test has its own databases, topics, slots, groups). --dist loadgroup keeps an
+# xdist_group on one worker (tests/integration/conftest.py). The `serial` tests stop a server of
+# the shared stack, so they run alone afterwards; both runs always run, either failing fails.
+TEST_WORKERS ?= 2
 test: REGISTRY := 1
 test: up lint
-	$(WITH_ENV) $(VENV)/bin/pytest tests -q -m "not quarantine"
+	$(WITH_ENV) rc=0; \
+	$(VENV)/bin/pytest tests -q -m "not quarantine and not serial" \
+	  -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
+	$(VENV)/bin/pytest tests -q -m "serial and not quarantine" $(PYTEST_ARGS) || rc=$$?; \
+	exit $$rc
 
 demo: up
 	$(WITH_ENV) bash examples/shop/demo.sh

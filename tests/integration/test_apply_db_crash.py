@@ -35,7 +35,8 @@ from devtools.apply_support import (
 )
 from tests.integration.conftest import skip_or_fail
 
-pytestmark = pytest.mark.integration
+# serial: the commerce cluster it stops is the one every other test uses (make test, Makefile).
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 PG_CTL = "/usr/lib/postgresql/15/bin/pg_ctl"
 DATA = REPO / ".stack" / "pg" / "commerce"

@@ -39,7 +39,8 @@ from tests.integration.faults_support import (
 )
 from tests.integration.shop_compare import compare
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
+# One worker runs the private stacks one after the other: two at once overload 2 cores.
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.xdist_group("private_stack")]
 
 
 # --------------------------------------------------------------------------- fixtures

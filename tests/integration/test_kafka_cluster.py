@@ -46,7 +46,8 @@ from tests.integration.faults_support import (
 )
 from tests.integration.test_faults_e2e import finish, settle
 
-pytestmark = pytest.mark.integration
+# One worker runs the private stacks one after the other: two at once overload 2 cores.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("private_stack")]
 
 REPLICATED = {"replication_factor": 3, "min_insync_replicas": 2}
 

@@ -227,6 +227,7 @@ def test_added_column_is_version_2_and_a_refused_change_stops_with_the_registry_
     assert _subjects(registry_url, scenario.prefix)[users] == [1, 2]
 
 
+@pytest.mark.serial  # stops the shared stack's registry, which parallel tests may be using
 def test_registry_down_holds_the_slot_then_resumes_losing_nothing(
     scenario: Scenario, registry_url: str, stack_env: dict[str, str]
 ) -> None:

@@ -17,6 +17,9 @@ from devtools import stack
 
 REPO = Path(__file__).resolve().parents[2]
 
+# One worker runs the private stacks one after the other: two at once overload 2 cores.
+pytestmark = pytest.mark.xdist_group("private_stack")
+
 
 def _stack(action: str, root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
