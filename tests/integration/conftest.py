@@ -75,21 +75,3 @@ def commerce(fresh_commerce: str) -> str:
     with psycopg.connect(fresh_commerce, autocommit=True) as conn:
         ControlStore(conn, "cutover").ensure("consumer")
     return fresh_commerce
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the groups into node id suffixes
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep a module's tests on one xdist worker when the module has module-scoped fixtures.
-
-    ``make test`` runs ``--dist loadgroup``: tests without a group go to any worker, so a
-    module-scoped fixture (a private stack, a shared scenario) would be set up once per worker.
-    Such a module becomes a group of its own unless it names one (``xdist_group``).
-    """
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        module = item.nodeid.split("::", 1)[0]
-        info = getattr(item, "_fixtureinfo", None)
-        defs = [d for ds in info.name2fixturedefs.values() for d in ds] if info else []
-        if any(d.scope != "function" and d.baseid == module for d in defs):
-            item.add_marker(pytest.mark.xdist_group(module))
