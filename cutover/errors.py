@@ -65,6 +65,8 @@ __all__ = [
     "register_dsn",
 ]
 
+# The words after an unquoted password up to the next key=value (or the end).
+_UNQUOTED_TAIL = re.compile(r"((?:\s+[^\s=]+(?=\s|$))*)")
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 # Up to the last "@" of the line that a host follows: a password may itself hold "@", ":",
 # quotes or spaces. (Masking too much of a line is the safe side.)
@@ -99,6 +101,12 @@ def dsn_passwords(dsn: str) -> set[str]:
         value = match.group(2)
         if value.startswith("'") and value.endswith("'") and len(value) >= 2:
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        else:
+            # An unquoted password with a space ("password=abc def") is cut by libpq at the
+            # space; the words up to the next key=value are still the user's secret.
+            tail = _UNQUOTED_TAIL.match(dsn, match.end())
+            if tail and tail.group(1):
+                found.add(f"{value}{tail.group(1)}")
         found.add(value)
     return {p for p in found if p}
 
