@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CUTOVER := $(VENV)/bin/cutover
 STACK_ENV := .stack/env
-PY_DIRS := cutover producers consumers schemas control cli devtools tests bench
+PY_DIRS := cutover producers consumers schemas control cli console devtools tests bench
 # Export the local stack's CUTOVER_* variables to every recipe that needs them.
 WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
 

@@ -37,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "audit",
     "monitor",
     "replay",
+    "console",
 )
 
 # Commands that live outside the product: the dev tools plug ``cutover workload`` in when they

@@ -63,6 +63,7 @@ __all__ = [
     "WriteEvidence",
     "collect_write",
     "evaluate_write",
+    "reverse_lag",
     "write_gates",
 ]
 
@@ -252,7 +253,8 @@ def _fences(settings: Settings, legacy: Conn, commerce: Conn, domain: str) -> Fe
     return FenceEvidence(legacy=domain in on_legacy, commerce=domain in on_commerce)
 
 
-def _reverse_lag(settings: Settings, legacy: Conn, domain: str, consumer: Any) -> LagEvidence:
+def reverse_lag(settings: Settings, legacy: Conn, domain: str, consumer: Any) -> LagEvidence:
+    """Events of ``domain``'s reverse topic not yet applied into legacy (one measurement)."""
     topic = settings.kafka.reverse_topic(domain)
     store = ControlStore(legacy, settings.reverse.control_schema, "source")
     try:
@@ -316,7 +318,7 @@ def collect_write(settings: Settings, domain: str) -> WriteEvidence:
             dead_letters=dead_letter_evidence(settings, commerce, domain),
             fences=fences,
             reverse=reverse_path(settings, commerce),
-            reverse_lag=_settled(lambda: _reverse_lag(settings, legacy, domain, consumer)),
+            reverse_lag=_settled(lambda: reverse_lag(settings, legacy, domain, consumer)),
         )
     finally:
         consumer.close()

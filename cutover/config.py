@@ -4,7 +4,8 @@ Sources, later ones winning:
 
 1. the TOML file (``--config``, else ``$CUTOVER_CONFIG``, else ``./cutover.toml``);
 2. the environment: ``CUTOVER_SOURCE_DSN``, ``CUTOVER_TARGET_DSN``, ``CUTOVER_KAFKA_BOOTSTRAP``,
-   ``CUTOVER_TOPIC_PREFIX``, ``CUTOVER_SCHEMA_REGISTRY_URL``, ``CUTOVER_SCHEMA_REGISTRY_PASSWORD``.
+   ``CUTOVER_TOPIC_PREFIX``, ``CUTOVER_SCHEMA_REGISTRY_URL``, ``CUTOVER_SCHEMA_REGISTRY_PASSWORD``,
+   ``CUTOVER_CONSOLE_SECRET`` (the web console's session secret).
 
 Nothing below the entry point reads the environment: :func:`load_settings` takes it as an
 argument. Unknown keys are errors (a typo must not silently fall back to a default). Relative
@@ -160,6 +161,32 @@ class RoleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleUser:
+    """One login of the web console: a password HASH (``cutover console hash-password``)."""
+
+    name: str
+    role: Literal["viewer", "operator"]
+    password_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """The web console (``cutover console``, docs/CONSOLE.md): its users and session secret.
+
+    The secret signs the session cookies: ``CUTOVER_CONSOLE_SECRET`` or the file
+    ``session_secret_file`` (read when the console starts, never logged).
+    """
+
+    users: tuple[ConsoleUser, ...] = ()
+    session_secret_file: Path | None = None
+    session_secret: str | None = field(default=None, repr=False)
+    session_max_age_s: int = 8 * 3600
+    # Failed logins allowed per user and per client address within the window (then 429).
+    max_failed_logins: int = 5
+    failed_login_window_s: int = 300
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a command needs, resolved once."""
 
@@ -173,7 +200,10 @@ class Settings:
     roles: RoleSettings = RoleSettings()
     metrics_port: int | None = None
     config_path: Path | None = None
+    console: ConsoleSettings = ConsoleSettings()
 
+
+FIELD_ROLE = "Literal['viewer', 'operator']"
 
 _SECTION_TYPES: dict[str, type[Any]] = {
     "source": SourceSettings,
@@ -186,7 +216,8 @@ _SECTION_TYPES: dict[str, type[Any]] = {
 }
 # Settings that may be 0 (every other number must be positive).
 _ZERO_ALLOWED = frozenset({"min_reads_soak_minutes", "min_writes_soak_minutes"})
-_TOP_KEYS = {*_SECTION_TYPES, "mapping", "metrics"}
+_TOP_KEYS = {*_SECTION_TYPES, "mapping", "metrics", "console"}
+_CONSOLE_NUMBERS = ("session_max_age_s", "max_failed_logins", "failed_login_window_s")
 
 
 def _check_type(section: str, key: str, value: Any, expected: str) -> Any:
@@ -317,6 +348,40 @@ def load_settings(
         mapping_path=(base / mapping_file).resolve(),
         metrics_port=port,
         config_path=config_path.resolve() if config_path.exists() else None,
+        console=_console(_table(raw, "console", config_path), base, environ),
+    )
+
+
+def _console(raw: Mapping[str, Any], base: Path, environ: Mapping[str, str]) -> ConsoleSettings:
+    """``[console]``: numbers, the secret file, and ``[console.users.NAME]`` role + hash."""
+    known = {"users", "session_secret_file", *_CONSOLE_NUMBERS}
+    if unknown := set(raw) - known:
+        raise ConfigError(
+            f"unknown setting [console] {sorted(unknown)[0]}; known settings: "
+            + ", ".join(sorted(known))
+        )
+    numbers = {k: _check_type("console", k, raw[k], "int") for k in _CONSOLE_NUMBERS if k in raw}
+    users: list[ConsoleUser] = []
+    for name, user in _table(raw, "users", base).items():
+        if not isinstance(user, dict) or set(user) != {"role", "password_hash"}:
+            raise ConfigError(
+                f"[console.users.{name}] takes role and password_hash (make the hash with "
+                "`cutover console hash-password`)"
+            )
+        role = _check_type(f"console.users.{name}", "role", user["role"], FIELD_ROLE)
+        digest = _check_type(f"console.users.{name}", "password_hash", user["password_hash"], "str")
+        users.append(ConsoleUser(name, role, digest))
+    secret_file = raw.get("session_secret_file")
+    if secret_file is not None and not isinstance(secret_file, str):
+        raise ConfigError("[console] session_secret_file must be a path string")
+    secret = environ.get("CUTOVER_CONSOLE_SECRET") or None
+    if secret:
+        register_secret(secret)
+    return ConsoleSettings(
+        users=tuple(users),
+        session_secret_file=None if secret_file is None else (base / secret_file).resolve(),
+        session_secret=secret,
+        **numbers,
     )
 
 
@@ -346,6 +411,11 @@ def describe(settings: Settings) -> dict[str, Any]:
         out["kafka"]["schema_registry_url"] = redact_dsn(settings.kafka.schema_registry_url)
     if settings.kafka.schema_registry_password:
         out["kafka"]["schema_registry_password"] = "***"
+    console = out["console"]
+    console["session_secret"] = "***" if settings.console.session_secret else None
+    console["session_secret_file"] = str(settings.console.session_secret_file or "") or None
+    for user in console["users"]:
+        user["password_hash"] = "***"
     out["mapping_path"] = str(settings.mapping_path)
     out["config_path"] = str(settings.config_path) if settings.config_path else None
     return out

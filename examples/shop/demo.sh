@@ -45,6 +45,16 @@ $CUTOVER --log-json produce >"$LOGS/produce.log" 2>&1 & pids+=($!)
 $CUTOVER --log-json apply >"$LOGS/apply-1.log" 2>&1 & pids+=($!)
 $CUTOVER --log-json apply >"$LOGS/apply-2.log" 2>&1 & pids+=($!)
 echo "producer pid ${pids[0]}, consumers ${pids[1]} ${pids[2]}"
+# The web console (docs/CONSOLE.md) watches along: a one-off operator login for this run.
+CONSOLE_PORT=${DEMO_CONSOLE_PORT:-$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+CONSOLE_PASSWORD=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(12))')
+CUTOVER_CONSOLE_SECRET=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(32))')
+export CUTOVER_CONSOLE_SECRET
+sed "s#^file = \"mapping.toml\"#file = \"$PWD/examples/shop/mapping.toml\"#" "$CUTOVER_CONFIG" >"$LOGS/console.toml"
+printf '[console.users.demo]\nrole = "operator"\npassword_hash = "%s"\n' \
+  "$(printf '%s\n' "$CONSOLE_PASSWORD" | $CUTOVER console hash-password)" >>"$LOGS/console.toml"
+$CUTOVER --config "$LOGS/console.toml" --log-json console --port "$CONSOLE_PORT" >"$LOGS/console.log" 2>&1 & pids+=($!)
+echo "web console: http://127.0.0.1:$CONSOLE_PORT/ (user demo, password $CONSOLE_PASSWORD) while the demo runs"
 
 step "4. The shop keeps selling: $RATE transactions/s for $DURATION s while the snapshot and stream run"
 $CUTOVER workload --rate "$RATE" --duration "$DURATION" --seed 8
@@ -118,4 +128,4 @@ $CUTOVER status
 step "15. The audit trail"
 $CUTOVER audit
 
-step "Done. Producers and consumers are stopped; the stack keeps running (make down stops it)."
+step "Done. Producers, consumers and the console are stopped; the stack keeps running (make down stops it)."
