@@ -299,3 +299,37 @@ def test_operator_needs_csrf_and_confirmation(client: TestClient) -> None:
     assert wrong.status_code == 400 and "type the domain name" in wrong.text
     unknown = client.post("/actions/drop/payment/dry-run", data={"csrf_token": token})
     assert unknown.status_code == 404
+
+
+# ------------------------------------------------------------------ the CLI command
+
+
+def test_cli_hash_password_reads_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from cli.main import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret pass\n"))
+    assert main(["console", "hash-password"]) == 0
+    digest = capsys.readouterr().out.strip()
+    assert verify_password(digest, "s3cret pass")
+    assert "s3cret pass" not in digest
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["console", "hash-password"]) == 2
+
+
+def test_session_secret_from_env_or_file(tmp_path: Path) -> None:
+    from cli.commands.console import session_secret
+
+    path = _config(tmp_path, '[console]\nsession_secret_file = "s.txt"\n')
+    with pytest.raises(ConfigError, match="No such file"):
+        session_secret(load_settings(path, {}))  # the file is missing
+    (tmp_path / "s.txt").write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 32"):
+        session_secret(load_settings(path, {}))
+    (tmp_path / "s.txt").write_text("f" * 40 + "\n")
+    assert session_secret(load_settings(path, {})) == "f" * 40
+    env = {"CUTOVER_CONSOLE_SECRET": SECRET}
+    assert session_secret(load_settings(path, env)) == SECRET  # the environment wins
