@@ -8,7 +8,7 @@ PY_DIRS := cutover producers consumers schemas control cli console devtools test
 # Export the local stack's CUTOVER_* variables to every recipe that needs them.
 WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
 
-.PHONY: help venv up down status test unit integration lint demo bench clean
+.PHONY: help venv up down status test unit integration lint demo bench bench-vs-debezium clean
 
 help:
 	@echo "make demo    stack up, load the reference shop, prefill, a short workload, a summary"
@@ -20,6 +20,7 @@ help:
 	@echo "             (PROMETHEUS=1: and Prometheus scraping produce/apply, ops/ alert rules)"
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
+	@echo "make bench-vs-debezium [N=1000000]   cutover produce vs Debezium, same WAL backlog"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +81,12 @@ bench: up
 	$(WITH_ENV) $(PY) -m bench.verify_throughput
 	$(WITH_ENV) $(PY) -m bench.replay_throughput
 	$(PY) -m bench.report
+
+# cutover produce against Debezium 3.6.1 (Kafka Connect 4.1.1, jars fetched with Maven on first
+# use): N synthetic changes (default 1,000,000); not part of `make bench` nor `make test`.
+N ?= 1000000
+bench-vs-debezium: up
+	$(WITH_ENV) $(PY) -m bench.vs_debezium $(N)
 
 clean: down
 	rm -rf .stack

@@ -34,6 +34,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -98,6 +100,23 @@ def _wait_metrics(ports: list[int], timeout: float = 60) -> None:
                 time.sleep(0.5)
 
 
+def _wait_snapshots(source_dsn: str, slot: str, timeout: float) -> None:
+    """Until every snapshot request of the slot is done (legacy ``cutover.snapshot_requests``)."""
+    deadline = time.monotonic() + timeout
+    query = (
+        "SELECT count(*) FILTER (WHERE status <> 'done'), count(*)"
+        " FROM cutover.snapshot_requests WHERE slot_name = %s"
+    )
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute(query, (slot,)).fetchone()
+            if row is not None and row[1] > 0 and row[0] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit("the initial snapshot did not finish in time")
+            time.sleep(0.5)
+
+
 def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any]:
     env = stack_env()
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -114,8 +133,10 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
         procs.append(_start(sc, "produce", "produce"))
         try:
             _wait_metrics(ports)
-            time.sleep(5)  # the initial snapshot of the prefill starts
-            _wait_applied(sc, 600)  # ... and is applied: only streamed changes are measured
+            # The initial snapshot of the prefill must be finished and applied: only streamed
+            # changes are measured (a snapshot chunk in flight holds the checkpoints back).
+            _wait_snapshots(source, sc.slot, 600)
+            _wait_applied(sc, 600)
             duration = warmup + window + 5
             report: dict[str, Any] = {}
             writer = threading.Thread(
@@ -147,7 +168,13 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
     return {
         "benchmark": "cdc_latency",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        # The 1-minute load average at the end: on a shared 2-core machine it says how much of
+        # the latency is waiting for a CPU rather than the pipeline's cadence.
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_1m": round(os.getloadavg()[0], 1),
+        },
         "path": "legacy COMMIT -> cutover produce -> Kafka -> 2 x cutover apply -> commerce COMMIT",
         "asked_tx_per_s": rate,
         "workload_committed_tx": workload.committed if workload else None,

@@ -151,6 +151,10 @@ def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
     return pg.translate(exc, doing, "source")
 
 
+def _ms_since(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)
+
+
 def _crash(point: str) -> None:
     """Kill this process like ``kill -9`` would (no flush, no atexit, no finally)."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -206,6 +210,7 @@ class CdcProducer:
         self._position = 0
         self._checkpointed_commits = 0
         self._domain_partitions: dict[str, int] = {}
+        self._timings: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -389,13 +394,19 @@ class CdcProducer:
             " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')"
         )
         publication = '"' + src.publication.replace('"', '""') + '"'
+        self._timings["_t0"] = time.monotonic()
         try:
             with reader.cursor(name="cutover_peek", binary=True) as cur:
                 cur.itersize = _ITERSIZE
                 cur.execute(query, (src.slot, limit, publication))
                 stopping = False
+                first = True
                 while not stopping:
                     batch = cur.fetchmany(_ITERSIZE)
+                    if first:
+                        # The first fetch runs the peek (decoding into a tuplestore): its time.
+                        self._timings["peek_ms"] = _ms_since(self._timings.pop("_t0", 0.0))
+                        first = False
                     if not batch:
                         break
                     for (data,) in batch:
@@ -440,11 +451,14 @@ class CdcProducer:
         if self.options.crash_at == "after_produce_before_ack":
             _crash("after_produce_before_ack")
         # (3) flush and check every delivery; KafkaError propagates: no advance.
+        t0 = time.monotonic()
         try:
             self.kafka.flush()
         except KafkaError:
             metrics.delivery_failed()
             raise
+        self._timings["flush_ms"] = _ms_since(t0)
+        t0 = time.monotonic()
         self.letters.resolve(stream.cleared)  # their full images are acknowledged
         stream.cleared.clear()
         for topic, count in stream.events_by_topic.items():
@@ -460,6 +474,8 @@ class CdcProducer:
         )
         if self.options.crash_at == "after_ack_before_advance":
             _crash("after_ack_before_advance")
+        self._timings["record_ms"] = _ms_since(t0)
+        t0 = time.monotonic()
         # (5) advance the slot to the end of the last acknowledged commit.
         try:
             self.ctl.execute(
@@ -470,6 +486,7 @@ class CdcProducer:
             raise pg.translate(
                 exc, f"advancing slot {self.settings.source.slot}", self.direction.capture_side
             ) from None
+        self._timings["advance_ms"] = _ms_since(t0)
         events = stream.events - self.report.events
         txs = stream.transactions - self._checkpointed_commits
         echoes = stream.echo_dropped - self.report.echo_dropped
@@ -496,6 +513,8 @@ class CdcProducer:
             echo_dropped=echoes,
             lsn=lsn_to_str(lsn),
             peak_rss_mb=round(_peak_rss_kb() / 1024, 1),
+            # Where a cycle's time goes (bench/cdc_latency.py reads these).
+            **{k: v for k, v in self._timings.items() if not k.startswith("_")},
         )
         # (6) heartbeats, at most one round per interval.
         now = time.monotonic()
