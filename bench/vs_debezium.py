@@ -25,6 +25,7 @@ Prints ``RATIO cutover/debezium = X (A ev/s, B ev/s, N=...)`` and a table; write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -200,6 +201,14 @@ def _create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
                 altered.result(30)
 
 
+def _drop_topics(bootstrap: str, topics: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    for fut in AdminClient({"bootstrap.servers": bootstrap}).delete_topics(topics).values():
+        with contextlib.suppress(Exception):  # never created: nothing to drop
+            fut.result(30)
+
+
 def _read_back(bootstrap: str, topics: list[str]) -> Count:
     from confluent_kafka import Consumer, TopicPartition
 
@@ -222,6 +231,8 @@ def _read_back(bootstrap: str, topics: list[str]) -> Count:
                 if msg.error() is not None:
                     left -= 1  # partition EOF
                     continue
+                if ("cutover.kind", b"heartbeat") in (msg.headers() or ()):
+                    continue  # our idle heartbeats are not changes
                 yield msg.timestamp()
 
     try:
@@ -393,6 +404,7 @@ def run(n: int) -> dict[str, Any]:
         finally:
             with psycopg.connect(sc.source_dsn, autocommit=True) as conn:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            _drop_topics(sc.bootstrap, [f"dbz{sc.tag}.{t}" for t in published[0]])
     result = {
         "benchmark": "vs_debezium",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
