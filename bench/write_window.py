@@ -119,7 +119,28 @@ def find_window_ms(doc: Any) -> float | None:
     return None
 
 
-def switch(config: Path | None, command: str, domain: str) -> float:
+def find_steps_ms(doc: Any) -> dict[str, float]:
+    """``detail.steps_ms`` of the command's JSON: ms from the fence to the end of each step."""
+    detail = doc.get("detail") if isinstance(doc, dict) else None
+    steps = detail.get("steps_ms") if isinstance(detail, dict) else None
+    if not isinstance(steps, dict):
+        return {}
+    return {str(k): float(v) for k, v in steps.items() if isinstance(v, int | float)}
+
+
+def step_durations(steps_ms: dict[str, float]) -> dict[str, float]:
+    """Each step's own share of the window: its end minus the previous step's end (the fence
+    itself ends at 0, when ``fenced_at`` is taken)."""
+    out: dict[str, float] = {}
+    previous = 0.0
+    for step, at in sorted(steps_ms.items(), key=lambda kv: kv[1]):
+        out[step] = at - previous
+        previous = at
+    return out
+
+
+def switch(config: Path | None, command: str, domain: str) -> tuple[float, dict[str, float]]:
+    """Run one command; its window (ms) and each step's share of it (ms)."""
     done = _cli(config, command, domain, "--yes", "--json")
     if done.returncode != 0:
         raise BenchError(
@@ -127,12 +148,13 @@ def switch(config: Path | None, command: str, domain: str) -> float:
             f"{(done.stderr or done.stdout).strip()[-500:]}"
         )
     try:
-        window = find_window_ms(json.loads(done.stdout))
+        doc = json.loads(done.stdout)
     except ValueError:
-        window = None
+        doc = None
+    window = find_window_ms(doc)
     if window is None:
         raise BenchError(f"`cutover {command} {domain} --json` printed no window_ms")
-    return window
+    return window, step_durations(find_steps_ms(doc))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -235,6 +257,9 @@ def bench(
     domains = list(mapping.domains)
     preflight(config, settings, mapping)
     windows: dict[str, dict[str, list[float]]] = {d: {c: [] for c in COMMANDS} for d in domains}
+    steps: dict[str, dict[str, list[dict[str, float]]]] = {
+        d: {c: [] for c in COMMANDS} for d in domains
+    }
     with _scratch(settings.source.dsn, "legacy.sql", f"bench_ww_{uuid.uuid4().hex[:6]}") as oracle:
         clone_shop(settings.source.dsn, oracle)
         router = ReadRouter(settings, domains).start()
@@ -259,10 +284,13 @@ def bench(
                     for command in COMMANDS:
                         if "error" in result:
                             raise BenchError(f"the workload failed: {result['error']}")
-                        ms = switch(config, command, domain)
+                        ms, shares = switch(config, command, domain)
                         windows[domain][command].append(ms)
+                        steps[domain][command].append(shares)
+                        parts = ", ".join(f"{k} {v:.0f}" for k, v in shares.items())
                         print(
-                            f"[{i + 1}/{repeats}] {command} {domain}: {ms:.0f} ms", file=sys.stderr
+                            f"[{i + 1}/{repeats}] {command} {domain}: {ms:.0f} ms ({parts})",
+                            file=sys.stderr,
                         )
                         time.sleep(settle_s)
         finally:
@@ -275,7 +303,23 @@ def bench(
         oracle_result = oracle_check(
             settings, mapping, oracle, report, seed=seed, catch_up_s=catch_up_s
         )
-    return _result(windows, report, oracle_result, rate=rate, repeats=repeats, seed=seed)
+    result = _result(windows, report, oracle_result, rate=rate, repeats=repeats, seed=seed)
+    for d, by_command in steps.items():
+        for c, runs in by_command.items():
+            result["domains"][d][c]["steps_ms"] = step_figures(runs)
+    return result
+
+
+def step_figures(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """p50/p99 of each step's share of the window over the runs, in the steps' order."""
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    return {
+        name: {
+            "p50_ms": percentile([r[name] for r in runs if name in r], 50),
+            "p99_ms": percentile([r[name] for r in runs if name in r], 99),
+        }
+        for name in names
+    }
 
 
 def _result(
@@ -333,6 +377,15 @@ def markdown(result: dict[str, Any]) -> str:
             cells = [figures[k] for k in ("p50_ms", "p99_ms", "max_ms")]
             text = " | ".join("–" if v is None else f"{v:,.0f}" for v in cells)
             lines.append(f"| {domain} | {command} | {text} |")
+    lines += ["", "Each step's share of the window (p50 / p99 ms):", ""]
+    for domain, by_command in result["domains"].items():
+        for command, figures in by_command.items():
+            shares = figures.get("steps_ms") or {}
+            text = ", ".join(
+                f"{name} {f['p50_ms'] or 0:,.0f} / {f['p99_ms'] or 0:,.0f}"
+                for name, f in shares.items()
+            )
+            lines.append(f"* {domain} {command}: {text or '–'}")
     wl, oracle = result["workload"], result["oracle"]
     lines += [
         "",

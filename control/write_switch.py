@@ -34,7 +34,8 @@ After the publication :meth:`WriteSteps.after_publish` measures the write-unavai
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -82,6 +83,8 @@ _T = TypeVar("_T")
 LEGACY_FENCE_SCHEMA = LEGACY_SCHEMA
 #: How long step 2 waits for the appliers to pass the fence LSN before it gives up (undoing).
 DRAIN_TIMEOUT_S = 60.0
+#: How often step 2 re-reads the appliers' positions while the fence is up.
+DRAIN_POLL_S = 0.025
 
 Tables = dict[str, list[tuple[str, str]]]
 
@@ -278,6 +281,7 @@ class WriteSteps:
     def after_publish(self, conn: Conn, ctx: StepContext) -> dict[str, Any]:
         """The write-unavailability window: from the fence going up to the publication; the
         fenced side's refusals then name the state reached, not the in-flight one."""
+        published = time.time()  # the window ends here: relabelling the fence is not part of it
         fenced_side = self._commerce if ctx.action == "rollback_writes" else self._legacy
         with fenced_side() as side_conn:
             schema, side = self._where(side_conn)
@@ -285,18 +289,27 @@ class WriteSteps:
         out = dict(self.detail)
         fenced_at = out.get("fenced_at")
         if isinstance(fenced_at, int | float):
-            out["window_ms"] = round((time.time() - fenced_at) * 1000)
+            out["window_ms"] = round((published - fenced_at) * 1000)
+            out["steps_ms"] = {**out.get("steps_ms", {}), "published": out["window_ms"]}
         return out
 
     def _step(
         self, conn: Conn, ctx: StepContext, step: str, detail: Mapping[str, Any] | None = None
     ) -> None:
-        """Record that ``step`` is done (and what it found); the crash point after it."""
+        """Record that ``step`` is done (and what it found, and when: ``steps_ms``, ms since the
+        fence went up, the bench's per-step breakdown of the window); the crash point after it."""
         self.detail.update(detail or {})
+        recorded = dict(detail or {})
+        fenced_at = self.detail.get("fenced_at")
+        if isinstance(fenced_at, int | float):
+            # The whole map each time: the row merges step_detail shallowly (jsonb ||).
+            steps = dict(self.detail.get("steps_ms") or {})
+            steps[step] = _since_ms(fenced_at)
+            self.detail["steps_ms"] = recorded["steps_ms"] = steps
         schema = self.settings.target.control_schema
         try:
             with conn.transaction():
-                record_step(conn, schema, ctx.transition_id, step, detail or {})
+                record_step(conn, schema, ctx.transition_id, step, recorded)
         except psycopg.Error as exc:
             raise pg.translate(exc, f"recording step {step} of {ctx.domain}", "target") from None
         log.info("cutover.write_step", domain=ctx.domain, action=ctx.action, step=step)
@@ -347,14 +360,18 @@ class WriteSteps:
 
     def _switch_writes(self, conn: Conn, ctx: StepContext) -> None:
         d = ctx.domain
-        with self._legacy() as legacy, self._commerce() as commerce:
+        with (
+            self._legacy() as legacy,
+            self._commerce() as commerce,
+            self._positions(legacy, commerce, d, reverse=False) as reader,
+        ):
             lsn = self._guarded(
                 "fence_legacy", lambda: self._close(legacy, d, SWITCHING_WRITES, ctx)
             )
             # A resume keeps the first fence time: the window is what writers felt.
             fenced_at = self.detail.get("fenced_at", time.time())
             self._step(conn, ctx, "fence_legacy", {"fence_lsn": lsn, "fenced_at": fenced_at})
-            self._guarded("drain_forward", lambda: self._drain(legacy, commerce, d, lsn, False))
+            self._guarded("drain_forward", lambda: self._drain(reader, d, lsn))
             self._step(conn, ctx, "drain_forward")
             self._verified(conn, ctx)
             start = self._guarded("reverse_ready", lambda: self._reverse_ready(commerce))
@@ -381,16 +398,25 @@ class WriteSteps:
                 self._guarded("open_legacy", lambda: self._open(legacy, d, READS_SWITCHED))
                 self._step(conn, ctx, "open_legacy")
                 return
-            lsn = self._guarded(
-                "fence_commerce", lambda: self._close(commerce, d, ROLLING_BACK_WRITES, ctx)
-            )
-            fenced_at = self.detail.get("fenced_at", time.time())
-            self._step(conn, ctx, "fence_commerce", {"fence_lsn": lsn, "fenced_at": fenced_at})
-            self._guarded("drain_reverse", lambda: self._drain(legacy, commerce, d, lsn, True))
-            self._step(conn, ctx, "drain_reverse")
-            self._verified(conn, ctx)
-            self._guarded("open_legacy", lambda: self._open(legacy, d, READS_SWITCHED))
-            self._step(conn, ctx, "open_legacy")
+            with self._positions(legacy, commerce, d, reverse=True) as reader:
+                self._rollback_fenced(conn, ctx, legacy, commerce, reader)
+
+    def _rollback_fenced(
+        self, conn: Conn, ctx: StepContext, legacy: Conn, commerce: Conn, reader: PositionReader
+    ) -> None:
+        """rollback-writes from writes_switched: fence commerce, drain the reverse stream into
+        legacy, verify, reopen legacy (the module doc)."""
+        d = ctx.domain
+        lsn = self._guarded(
+            "fence_commerce", lambda: self._close(commerce, d, ROLLING_BACK_WRITES, ctx)
+        )
+        fenced_at = self.detail.get("fenced_at", time.time())
+        self._step(conn, ctx, "fence_commerce", {"fence_lsn": lsn, "fenced_at": fenced_at})
+        self._guarded("drain_reverse", lambda: self._drain(reader, d, lsn))
+        self._step(conn, ctx, "drain_reverse")
+        self._verified(conn, ctx)
+        self._guarded("open_legacy", lambda: self._open(legacy, d, READS_SWITCHED))
+        self._step(conn, ctx, "open_legacy")
 
     # -- complete -----------------------------------------------------------------------------
 
@@ -478,21 +504,35 @@ class WriteSteps:
         report = run_verify(self.settings, self.mapping, domain=domain, actor=self.actor)
         return report.passed, report.run_id
 
-    def _drain(self, legacy: Conn, commerce: Conn, domain: str, lsn: int, reverse: bool) -> int:
-        """Wait until the appliers of ``domain`` (forward or reverse) applied up to ``lsn``."""
+    @contextmanager
+    def _positions(
+        self, legacy: Conn, commerce: Conn, domain: str, *, reverse: bool
+    ) -> Iterator[PositionReader]:
+        """The drain's position reader, made and read once BEFORE the fence: its Kafka consumer
+        (connection, metadata) is then warm and the drain's first poll inside the window costs
+        a poll, not a client start-up. A failure of this warm-up is the drain's own, found
+        again inside the window (the fence goes up either way; the drain decides)."""
         reader = PositionReader(self.settings, self.mapping, legacy, commerce, reverse=reverse)
-        deadline = time.monotonic() + self.drain_timeout_s
-        applied: int | None = None
         try:
-            while True:
-                applied = reader.applied(domain)
-                if applied is not None and applied >= lsn:
-                    return applied
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.1)
+            with suppress(CutoverError, psycopg.Error):
+                reader.applied(domain)
+            yield reader
         finally:
             reader.close()
+
+    def _drain(self, reader: PositionReader, domain: str, lsn: int) -> int:
+        """Wait until the appliers of ``domain`` (forward or reverse) applied up to ``lsn``."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        applied: int | None = None
+        while True:
+            applied = reader.applied(domain)
+            if applied is not None and applied >= lsn:
+                return applied
+            if time.monotonic() >= deadline:
+                break
+            # Short: the window waits for this poll, and a poll is a few indexed reads.
+            time.sleep(DRAIN_POLL_S)
+        reverse = reader.reverse
         which = "reverse" if reverse else "forward"
         run = "cutover apply --reverse" if reverse else "cutover apply"
         raise RuntimeFailure(
@@ -500,6 +540,10 @@ class WriteSteps:
             f"{self.drain_timeout_s:g} s (applied: {'none' if applied is None else _lsn(applied)})"
             f": is `{run}` running?"
         )
+
+
+def _since_ms(started: float) -> int:
+    return round((time.time() - started) * 1000)
 
 
 def _lsn(value: int) -> str:
