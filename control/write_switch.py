@@ -44,7 +44,8 @@ from psycopg import sql
 
 from control.machine import RULES, CrashForTest, StepContext
 from control.positions import PositionReader
-from control.verify import run_verify
+from control.verify import prepared_verifier, run_verify
+from control.verify_engine import Verifier
 from cutover import fence, pg
 from cutover.config import Settings
 from cutover.control_store import (
@@ -238,6 +239,7 @@ class WriteSteps:
         self.verify = verify or self._run_verify
         self.detail: dict[str, Any] = {}
         self._sides: dict[int, tuple[str, str]] = {}
+        self._verifier: Verifier | None = None
 
     # -- connections ------------------------------------------------------------------------
 
@@ -364,6 +366,7 @@ class WriteSteps:
             self._legacy() as legacy,
             self._commerce() as commerce,
             self._positions(legacy, commerce, d, reverse=False) as reader,
+            self._verify_ready(d),
         ):
             lsn = self._guarded(
                 "fence_legacy", lambda: self._close(legacy, d, SWITCHING_WRITES, ctx)
@@ -398,7 +401,10 @@ class WriteSteps:
                 self._guarded("open_legacy", lambda: self._open(legacy, d, READS_SWITCHED))
                 self._step(conn, ctx, "open_legacy")
                 return
-            with self._positions(legacy, commerce, d, reverse=True) as reader:
+            with (
+                self._positions(legacy, commerce, d, reverse=True) as reader,
+                self._verify_ready(d),
+            ):
                 self._rollback_fenced(conn, ctx, legacy, commerce, reader)
 
     def _rollback_fenced(
@@ -500,8 +506,24 @@ class WriteSteps:
             )
         self._step(conn, ctx, "verify", {"verify_run": run_id})
 
+    @contextmanager
+    def _verify_ready(self, domain: str) -> Iterator[None]:
+        """Step 3's verifier set up BEFORE the fence (:func:`control.verify.prepared_verifier`:
+        connections, Kafka client); the verify itself, every query of it, runs at step 3."""
+        if self.verify != self._run_verify:  # a test's own verify: nothing to prepare
+            yield
+            return
+        with prepared_verifier(self.settings, self.mapping, domain) as verifier:
+            self._verifier = verifier
+            try:
+                yield
+            finally:
+                self._verifier = None
+
     def _run_verify(self, domain: str) -> tuple[bool, int | None]:
-        report = run_verify(self.settings, self.mapping, domain=domain, actor=self.actor)
+        report = run_verify(
+            self.settings, self.mapping, domain=domain, actor=self.actor, verifier=self._verifier
+        )
         return report.passed, report.run_id
 
     @contextmanager
