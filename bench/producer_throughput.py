@@ -49,7 +49,8 @@ from devtools import harness  # noqa: E402
 from devtools.harness import Scenario  # noqa: E402
 from devtools.stack import read_env  # noqa: E402
 from devtools.workload import prefill, run_workload  # noqa: E402
-from producers.producer import ProducerOptions, run_producer  # noqa: E402
+from producers.producer import run_producer  # noqa: E402
+from producers.run_options import ProducerOptions  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "producer.json"
 LEGACY_SQL = REPO / "examples" / "shop" / "legacy.sql"

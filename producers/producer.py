@@ -43,11 +43,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Final
 
@@ -80,11 +78,14 @@ from producers.events import (
 from producers.fast_avro import encoder_for
 from producers.pgoutput import lsn_to_str
 from producers.registry import framing_for
+from producers.run_options import (
+    ProducerOptions,
+    ProducerReport,
+    peak_rss_kb,
+)
 from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
 from producers.snapshot_runner import SnapshotRunner
-from producers.truncates import Carry
 
-CRASH_POINTS: Final = ("after_produce_before_ack", "after_ack_before_advance")
 _ITERSIZE: Final = 5_000
 # Kafka heartbeats are rate-limited to the interval, with slack so that idle heartbeats, which
 # are themselves one interval apart, are not skipped every other time by timing jitter.
@@ -92,52 +93,6 @@ _HEARTBEAT_SLACK: Final = 0.8
 
 Conn = psycopg.Connection[Any]
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class ProducerOptions:
-    """Run-time choices, built once at the entry point (no environment reads below it)."""
-
-    crash_at: str | None = None  # CUTOVER_CRASH_AT: one of CRASH_POINTS
-    initial_snapshot: bool = True
-    exit_when_idle: bool = False  # stop once caught up and no snapshot is left (tests, bench)
-    max_runtime_s: float | None = None
-    catchup_factor: int = 8
-    idle_sleep_s: float = 0.2
-    producer_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    #: TRUNCATEs to carry although their table's policy is "stop" (the stop message's command).
-    carry_truncates: tuple[Carry, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
-            raise ConfigError(
-                f"CUTOVER_CRASH_AT={self.crash_at!r} is not a crash point; known: "
-                + ", ".join(CRASH_POINTS)
-            )
-
-
-def options_from_environ(environ: dict[str, str], **kwargs: Any) -> ProducerOptions:
-    """Options from the environment snapshot taken at the entry point."""
-    return ProducerOptions(crash_at=environ.get("CUTOVER_CRASH_AT") or None, **kwargs)
-
-
-@dataclass
-class ProducerReport:
-    events: int = 0
-    snapshot_rows: int = 0
-    transactions: int = 0
-    #: Transactions dropped because one of our appliers wrote them (no echo).
-    echo_dropped: int = 0
-    checkpoints: int = 0
-    position: int = 0
-    elapsed_s: float = 0.0
-    stopped_by: str = ""
-    peak_rss_kb: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["position"] = lsn_to_str(self.position)
-        return out
 
 
 def _version() -> str:
@@ -159,24 +114,6 @@ def _crash(point: str) -> None:
     """Kill this process like ``kill -9`` would (no flush, no atexit, no finally)."""
     os.kill(os.getpid(), signal.SIGKILL)
     os._exit(137)  # pragma: no cover - SIGKILL does not return
-
-
-def _peak_rss_kb() -> int:
-    """Peak resident memory of this process, in kB: ``VmHWM`` of /proc/self/status.
-
-    Not ``getrusage().ru_maxrss``: Linux carries it across fork+exec, so a producer started by a
-    big parent (a test runner) would report the parent's peak as its own.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 class CdcProducer:
@@ -266,7 +203,7 @@ class CdcProducer:
                 self._loop(reader, started)
             finally:
                 self.report.elapsed_s = time.monotonic() - started
-                self.report.peak_rss_kb = _peak_rss_kb()
+                self.report.peak_rss_kb = peak_rss_kb()
                 self.log.info(
                     "producer.stopped",
                     reason=self.report.stopped_by or "error",
@@ -512,7 +449,7 @@ class CdcProducer:
             txs=txs,
             echo_dropped=echoes,
             lsn=lsn_to_str(lsn),
-            peak_rss_mb=round(_peak_rss_kb() / 1024, 1),
+            peak_rss_mb=round(peak_rss_kb() / 1024, 1),
             # Where a cycle's time goes (bench/cdc_latency.py reads these).
             **{k: v for k, v in self._timings.items() if not k.startswith("_")},
         )

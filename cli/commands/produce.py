@@ -113,7 +113,8 @@ class _SnapshotBars:
 
 def run(args: argparse.Namespace, context: Context) -> int:
     from cutover import direction
-    from producers.producer import options_from_environ, run_producer
+    from producers.producer import run_producer
+    from producers.run_options import options_from_environ
     from producers.truncates import parse_carry
 
     options = options_from_environ(

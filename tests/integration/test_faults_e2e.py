@@ -23,7 +23,7 @@ import pytest
 
 from devtools.harness import changes
 from devtools.workload import ROLLBACK_MARKER, run_workload
-from producers.producer import CRASH_POINTS
+from producers.run_options import CRASH_POINTS
 from tests.integration.faults_support import (
     Pipeline,
     PrivateStack,

@@ -29,7 +29,7 @@ from producers.init_checks import (
     ri_index_name,
 )
 from producers.predicate import compile_filter
-from producers.producer import CRASH_POINTS, ProducerOptions, options_from_environ
+from producers.run_options import CRASH_POINTS, ProducerOptions, options_from_environ
 from producers.slot_safety import lock_keys
 from producers.snapshot import chunk_query, decode_row
 
