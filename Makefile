@@ -16,7 +16,8 @@ help:
 	@echo "make up      start Kafka (KRaft) + legacy and commerce PostgreSQL 15 on 127.0.0.1"
 	@echo "             (BROKERS=3: a three-node Kafka cluster, replication factor 3)"
 	@echo "             (REGISTRY=1: and a Confluent-compatible schema registry, Apicurio)"
-	@echo "             (SECURE=1: PostgreSQL over TLS only, DSNs with sslmode=verify-full)"
+	@echo "             (SECURE=1: PostgreSQL over TLS only, DSNs with sslmode=verify-full;"
+	@echo "             Kafka over TLS + SASL/SCRAM with per-component users and ACLs)"
 	@echo "             (PROMETHEUS=1: and Prometheus scraping produce/apply, ops/ alert rules)"
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
@@ -31,7 +32,8 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # BROKERS=3: a three-node KRaft cluster (devtools/kafka_cluster.py). Unset: the stack keeps its
-# size (one node for a new stack); `make down` stops every node.
+# size (one node for a new stack); `make down` stops every node. SECURE=1: TLS, SASL/SCRAM and
+# ACLs (devtools/kafka_security.py); unset, a stack keeps its mode (plaintext for a new one).
 BROKERS ?=
 up: venv
 	$(PY) -m devtools.stack up $(if $(BROKERS),--brokers $(BROKERS)) $(if $(REGISTRY),--registry) $(if $(SECURE),--secure) $(if $(PROMETHEUS),--prometheus)

@@ -5,7 +5,9 @@ Sources, later ones winning:
 1. the TOML file (``--config``, else ``$CUTOVER_CONFIG``, else ``./cutover.toml``);
 2. the environment: ``CUTOVER_SOURCE_DSN``, ``CUTOVER_TARGET_DSN``, ``CUTOVER_KAFKA_BOOTSTRAP``,
    ``CUTOVER_TOPIC_PREFIX``, ``CUTOVER_SCHEMA_REGISTRY_URL``, ``CUTOVER_SCHEMA_REGISTRY_PASSWORD``,
-   ``CUTOVER_CONSOLE_SECRET`` (the web console's session secret).
+   ``CUTOVER_CONSOLE_SECRET`` (the web console's session secret),
+   and the Kafka security settings (``CUTOVER_KAFKA_SECURITY_PROTOCOL``, ``..._SASL_USERNAME``,
+   ``..._SASL_PASSWORD``, ``..._SASL_PASSWORD_FILE``, ``CUTOVER_KAFKA_CA``, ...: ``_KAFKA_ENV``).
 
 Nothing below the entry point reads the environment: :func:`load_settings` takes it as an
 argument. Unknown keys are errors (a typo must not silently fall back to a default). Relative
@@ -74,6 +76,16 @@ class KafkaSettings:
     schema_registry_ca: str | None = None
     schema_registry_cert: str | None = None
     schema_registry_key: str | None = None
+    # Security of every Kafka client (cutover.kafka.connection_config; docs/CONFIGURATION.md).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    # The password, or a file holding it (read once at start-up, then kept in sasl_password).
+    sasl_password: str | None = field(default=None, repr=False)
+    sasl_password_file: str | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
     producer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     consumer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
@@ -316,6 +328,7 @@ def load_settings(
         "CUTOVER_TOPIC_PREFIX": ("kafka", "topic_prefix"),
         "CUTOVER_SCHEMA_REGISTRY_URL": ("kafka", "schema_registry_url"),
         "CUTOVER_SCHEMA_REGISTRY_PASSWORD": ("kafka", "schema_registry_password"),
+        **{var: ("kafka", key) for var, key in _KAFKA_ENV.items()},
     }.items():
         if environ.get(var):
             env_over[section][key] = environ[var]
@@ -328,6 +341,7 @@ def load_settings(
     if not isinstance(mapping_file, str) or set(mapping_raw) - {"file"}:
         raise ConfigError(f'[mapping] takes one setting, file = "PATH" (in {config_path})')
     base = config_path.parent if config_path.exists() else Path.cwd()
+    sections["kafka"] = kafka_security(sections["kafka"], base)
     metrics = _table(raw, "metrics", config_path)
     port = metrics.get("port")
     if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
@@ -395,6 +409,98 @@ def _register_registry_secrets(kafka: KafkaSettings) -> None:
         raise ConfigError("[kafka] schema_registry_password needs schema_registry_user")
 
 
+#: The environment variables of the Kafka security settings (each overrides its [kafka] key).
+_KAFKA_ENV = {
+    "CUTOVER_KAFKA_SECURITY_PROTOCOL": "security_protocol",
+    "CUTOVER_KAFKA_SASL_MECHANISM": "sasl_mechanism",
+    "CUTOVER_KAFKA_SASL_USERNAME": "sasl_username",
+    "CUTOVER_KAFKA_SASL_PASSWORD": "sasl_password",
+    "CUTOVER_KAFKA_SASL_PASSWORD_FILE": "sasl_password_file",
+    "CUTOVER_KAFKA_CA": "ssl_ca_location",
+    "CUTOVER_KAFKA_CERT": "ssl_certificate_location",
+    "CUTOVER_KAFKA_KEY": "ssl_key_location",
+}
+_FILE_SETTINGS = ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location")
+
+
+def _setting(key: str) -> str:
+    """How a user names ``[kafka] key``: the file setting and its environment variable."""
+    env = next((var for var, k in _KAFKA_ENV.items() if k == key), None)
+    return f"[kafka] {key}" + (f" (or {env})" if env else "")
+
+
+def _read_password_file(path: Path) -> str:
+    try:
+        password = path.read_text().strip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"{_setting('sasl_password_file')} = {path} cannot be read ({exc.strerror}): "
+            "point it at the file holding the Kafka user's password"
+        ) from None
+    if not password:
+        raise ConfigError(
+            f"{_setting('sasl_password_file')} = {path} is empty: write the password into it"
+        )
+    return password
+
+
+def kafka_security(kafka: KafkaSettings, base: Path) -> KafkaSettings:
+    """Check the [kafka] security settings, read the password file, register the password.
+
+    Every problem is a ConfigError naming the setting and the fix: a client that would
+    silently connect without the security the user asked for (a username with PLAINTEXT, a CA
+    that is not there) must not start.
+    """
+    sasl = kafka.security_protocol.startswith("SASL_")
+    tls = kafka.security_protocol.endswith("SSL")
+    resolved: dict[str, Any] = {}
+    for key in (*_FILE_SETTINGS, "sasl_password_file"):
+        value = getattr(kafka, key)
+        if value is None:
+            continue
+        if not tls and key in _FILE_SETTINGS:
+            raise ConfigError(
+                f"{_setting(key)} is set but [kafka] security_protocol is "
+                f"{kafka.security_protocol}: set security_protocol = SASL_SSL (or SSL) to use TLS"
+            )
+        path = base / value
+        if key in _FILE_SETTINGS and not path.is_file():
+            raise ConfigError(f"{_setting(key)} = {path}: no such file; fix the path")
+        resolved[key] = str(path)
+    if (kafka.ssl_certificate_location is None) != (kafka.ssl_key_location is None):
+        raise ConfigError(
+            "[kafka] ssl_certificate_location and ssl_key_location go together (mutual TLS): "
+            "set both or neither"
+        )
+    if kafka.sasl_password is not None and kafka.sasl_password_file is not None:
+        raise ConfigError(
+            f"both {_setting('sasl_password')} and {_setting('sasl_password_file')} are set: "
+            "keep one"
+        )
+    if "sasl_password_file" in resolved:
+        resolved["sasl_password"] = _read_password_file(Path(resolved["sasl_password_file"]))
+    password = resolved.get("sasl_password", kafka.sasl_password)
+    if not sasl and (kafka.sasl_username or password):
+        raise ConfigError(
+            f"a Kafka SASL user or password is set but [kafka] security_protocol is "
+            f"{kafka.security_protocol}: set security_protocol = SASL_SSL to log in with it"
+        )
+    if sasl and not (kafka.sasl_username and password):
+        missing = "sasl_username" if not kafka.sasl_username else "sasl_password_file"
+        raise ConfigError(
+            f"[kafka] security_protocol = {kafka.security_protocol} needs a user and its "
+            f"password: set {_setting(missing)}"
+        )
+    if password:
+        register_secret(password)
+    for table in (kafka.producer, kafka.consumer):
+        # Secrets passed through to librdkafka are masked alike.
+        for key in ("sasl.password", "ssl.key.password"):
+            if isinstance(table.get(key), str):
+                register_secret(str(table[key]))
+    return dataclasses.replace(kafka, **resolved) if resolved else kafka
+
+
 def _table(raw: Mapping[str, Any], name: str, path: Path) -> dict[str, Any]:
     value = raw.get(name, {})
     if not isinstance(value, dict):
@@ -416,6 +522,12 @@ def describe(settings: Settings) -> dict[str, Any]:
     console["session_secret_file"] = str(settings.console.session_secret_file or "") or None
     for user in console["users"]:
         user["password_hash"] = "***"
+    if settings.kafka.sasl_password:
+        out["kafka"]["sasl_password"] = "***"
+    for table in ("producer", "consumer"):
+        for key in ("sasl.password", "ssl.key.password"):
+            if key in out["kafka"][table]:
+                out["kafka"][table][key] = "***"
     out["mapping_path"] = str(settings.mapping_path)
     out["config_path"] = str(settings.config_path) if settings.config_path else None
     return out

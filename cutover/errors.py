@@ -234,6 +234,19 @@ class KafkaError(RuntimeFailure):
         super().__init__(f"kafka: {message}{suffix}")
 
 
+class KafkaAccessError(ConfigError):
+    """Kafka refused our principal: its login failed, or an ACL denies what it asked for.
+
+    A configuration problem (which user, which password, which ACLs), not a passing failure:
+    retrying cannot help, so it ends the process with the usage/config exit code.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.code = code
+        suffix = f" ({code})" if code else ""
+        super().__init__(f"kafka: {message}{suffix}")
+
+
 class DecodeError(RuntimeFailure):
     """Bytes that do not follow the protocol or encoding they claim (pgoutput, Avro)."""
 

@@ -6,11 +6,18 @@ Every librdkafka configuration the product builds comes from here, merged in one
                   <  the purpose's own settings (group id, client id, timeouts)
                   <  the mandatory settings of the purpose
 
+with the connection's security settings (``[kafka] security_protocol``, ``sasl_*``, ``ssl_*``:
+:func:`connection_config`) over the pass-through, in every client (producers, consumers, admin),
 so nothing a user or a caller passes can weaken what the code relies on: every producer carries
 data (change events, dead letters, replayed messages, control-topic states) and is idempotent with
 ``acks=all``; every consumer commits only what the code commits, reads only committed messages.
 A pass-through producer setting that would weaken delivery is refused outright (ConfigError): the
 same table feeds every producer, and silently overriding it would hide a misunderstanding.
+
+With SASL or TLS, the first client of a process checks the login (:func:`check_login`): a wrong
+password or an untrusted certificate ends the process with a message naming the user and the
+setting to fix, where librdkafka alone would retry forever. Kafka refusing an operation (an ACL)
+is a :class:`~cutover.errors.KafkaAccessError` (exit code 2), never retried.
 
 librdkafka's own log goes through structlog as ``kafka.client_log`` events, rate-limited, instead
 of raw ``%3|...|FAIL|`` lines on stderr (a dead broker repeats them several times a second).
@@ -18,6 +25,7 @@ of raw ``%3|...|FAIL|`` lines on stderr (a dead broker repeats them several time
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from cutover.config import KafkaSettings, Settings
-from cutover.errors import ConfigError, KafkaError
+from cutover.errors import ConfigError, KafkaAccessError, KafkaError
 from cutover.logging import get_logger
 
 ProducerPurpose = Literal["cdc", "dlq", "replay", "control"]
@@ -106,15 +114,106 @@ _CONSUMER_MANDATORY: Final[dict[ConsumerPurpose, dict[str, Any]]] = {
 }
 
 
-def translate(exc: BaseException, doing: str) -> KafkaError:
+#: librdkafka error names meaning Kafka refused the principal: no retry can help.
+_DENIED: Final = frozenset(
+    {
+        "TOPIC_AUTHORIZATION_FAILED",
+        "GROUP_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+    }
+)
+_LOGIN_FAILED: Final = frozenset({"_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED"})
+
+
+def refused(doing: str, detail: str, code: str | None) -> KafkaError | KafkaAccessError:
+    """Our error for a Kafka failure named ``code``: KafkaAccessError (with the fix) when Kafka
+    refused the principal, else KafkaError."""
+    if code in _DENIED:
+        return KafkaAccessError(
+            f"{doing}: {detail}: an ACL denies this to the Kafka user of this process "
+            "([kafka] sasl_username); run it as the component's own user, or grant that user "
+            "the right (kafka-acls --add), see docs/OPERATIONS.md",
+            code=code,
+        )
+    if code in _LOGIN_FAILED:
+        return KafkaAccessError(
+            f"{doing}: {detail}: check [kafka] sasl_username and sasl_password_file",
+            code=code,
+        )
+    return KafkaError(f"{doing}: {detail}", code=code)
+
+
+def translate(exc: BaseException, doing: str) -> KafkaError | KafkaAccessError:
     """The one translation of a confluent-kafka exception (or KafkaError value) into ours."""
     from confluent_kafka import KafkaError as RdKafkaError
     from confluent_kafka import KafkaException
 
     err: Any = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
     if isinstance(err, RdKafkaError):
-        return KafkaError(f"{doing}: {err.str()}", code=err.name())
+        return refused(doing, err.str(), err.name())
     return KafkaError(f"{doing}: {exc}")
+
+
+def connection_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """librdkafka's security settings from ``[kafka]`` (nothing for PLAINTEXT, so a
+    pass-through table's own security settings keep working as before)."""
+    conf: dict[str, Any] = {}
+    if kafka.security_protocol != "PLAINTEXT":
+        conf["security.protocol"] = kafka.security_protocol
+    if kafka.security_protocol.startswith("SASL_"):
+        conf["sasl.mechanism"] = kafka.sasl_mechanism
+        conf["sasl.username"] = kafka.sasl_username
+        conf["sasl.password"] = kafka.sasl_password
+    for key, value in (
+        ("ssl.ca.location", kafka.ssl_ca_location),
+        ("ssl.certificate.location", kafka.ssl_certificate_location),
+        ("ssl.key.location", kafka.ssl_key_location),
+    ):
+        if value is not None:
+            conf[key] = value
+    return conf
+
+
+_LOGINS_CHECKED: set[tuple[str, str | None, str]] = set()
+
+
+def check_login(kafka: KafkaSettings, timeout_s: float = 15.0) -> None:
+    """With SASL or TLS: KafkaAccessError naming the user and the fix if Kafka refuses the
+    login or the TLS handshake (librdkafka would retry that forever); once per process.
+    A broker that does not answer is not decided here: the clients' own retries handle it."""
+    key = (kafka.bootstrap, kafka.sasl_username, kafka.security_protocol)
+    if kafka.security_protocol == "PLAINTEXT" or key in _LOGINS_CHECKED:
+        return
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    errors: list[Any] = []
+    conf = {**admin_config(kafka), "error_cb": errors.append, "logger": client_logger()}
+    client = AdminClient(conf)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(KafkaException):
+            client.list_topics(timeout=1.0)
+            _LOGINS_CHECKED.add(key)
+            return
+        client.poll(0.1)
+        for err in errors:
+            if err.name() in _LOGIN_FAILED:
+                raise KafkaAccessError(
+                    f"{kafka.bootstrap} refused the login of user {kafka.sasl_username!r} "
+                    f"({kafka.sasl_mechanism}): wrong password or unknown user; fix "
+                    "[kafka] sasl_password_file (CUTOVER_KAFKA_SASL_PASSWORD_FILE) or "
+                    "sasl_password, or sasl_username",
+                    code=err.name(),
+                )
+            if err.name() == "_SSL":
+                raise KafkaAccessError(
+                    f"TLS with {kafka.bootstrap} failed: {err.str()}; check [kafka] "
+                    "ssl_ca_location (CUTOVER_KAFKA_CA): it must be the CA of the brokers' "
+                    "certificates",
+                    code=err.name(),
+                )
 
 
 def _check_producer_passthrough(user: Mapping[str, Any]) -> None:
@@ -146,6 +245,7 @@ def producer_config(
         # The one size limit ([kafka] max_message_bytes), as the topics have it (topic_specs).
         "message.max.bytes": message_max_bytes(kafka),
         **dict(kafka.producer),
+        **connection_config(kafka),
         **_PRODUCER_PURPOSE[purpose],
         **dict(extra or {}),
         **_PRODUCER_MANDATORY,
@@ -179,6 +279,7 @@ def consumer_config(
     conf: dict[str, Any] = {
         **_CONSUMER_DEFAULTS[purpose],
         **user,
+        **connection_config(kafka),
         **dict(extra or {}),
         **mandatory,
         "bootstrap.servers": kafka.bootstrap,
@@ -204,6 +305,7 @@ def producer(
     from confluent_kafka import KafkaException, Producer
 
     conf = _with_logger(producer_config(kafka, purpose, client_id=client_id, extra=extra))
+    check_login(kafka)
     try:
         return Producer(conf)
     except KafkaException as exc:
@@ -222,20 +324,28 @@ def consumer(
     from confluent_kafka import Consumer, KafkaException
 
     conf = consumer_config(kafka, purpose, group_id=group_id, client_id=client_id, extra=extra)
+    check_login(kafka)
     try:
         return Consumer(_with_logger(conf))
     except KafkaException as exc:
         raise translate(exc, f"creating the Kafka consumer ({purpose})") from None
 
 
+def admin_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """An admin client's settings: the connection's security over the pass-through's."""
+    # The producer table may carry connection settings (timeouts, its own SASL/TLS) the admin
+    # needs too; the delivery settings in it mean nothing to an admin client.
+    conf = {**dict(kafka.producer), **connection_config(kafka)}
+    return {**conf, "bootstrap.servers": kafka.bootstrap}
+
+
 def admin(kafka: KafkaSettings) -> Any:
-    """An AdminClient with the pass-through's connection settings (security, timeouts)."""
+    """An AdminClient with the connection settings (security, timeouts)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    # The producer table carries the connection settings (SASL, TLS) the admin needs too; the
-    # delivery settings in it mean nothing to an admin client and librdkafka ignores them.
-    conf = {**dict(kafka.producer), "bootstrap.servers": kafka.bootstrap}
+    conf = admin_config(kafka)
+    check_login(kafka)
     try:
         return AdminClient(_with_logger(conf))
     except KafkaException as exc:

@@ -17,6 +17,9 @@ processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make d
   Without ``--brokers`` a stack keeps its size (one node for a new one); another size, asked
   for while Kafka is stopped, formats Kafka afresh (its topics are lost; PostgreSQL is kept).
 * ``down`` stops everything ``up`` started and checks that no process is left.
+* With ``--secure`` (``make up SECURE=1``), Kafka takes only TLS + SASL/SCRAM clients, with
+  ACLs per component user (:mod:`devtools.kafka_security`); the env file names the CA and the
+  users' password files. Asked for while Kafka is stopped, it formats Kafka afresh.
 * With ``--registry`` (``make up REGISTRY=1``, ``make test``), a Confluent-compatible schema
   registry too (:mod:`devtools.registry_stack`); its URL is ``CUTOVER_SCHEMA_REGISTRY_URL``.
 * With ``--prometheus`` (``make up PROMETHEUS=1``), a Prometheus scraping the processes listed in
@@ -46,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cutover.errors import CutoverError, PrerequisiteMissing, StackError
-from devtools import kafka_cluster, pg_security, tls
+from devtools import kafka_cluster, kafka_security, pg_security, tls
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("CUTOVER_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -73,6 +76,8 @@ class StackState:
     #: The secured stack's CA certificate (--secure): PostgreSQL speaks TLS only, the DSNs
     #: check the server against it (devtools/pg_security.py).
     ca_cert: str | None = None
+    #: TLS + SASL/SCRAM + ACLs (devtools.kafka_security).
+    secure: bool = False
 
     def node_ports(self) -> list[tuple[int, int]]:
         """(broker port, controller port) of every Kafka node, node 1 first."""
@@ -267,9 +272,10 @@ def _start_kafka(state: StackState, root: Path, libs: Path, node: int = 1) -> in
     props = kdir / "server.properties"
     single = _kafka_properties(state, kdir / "data")
     cluster = state.brokers > 1
-    props.write_text(
-        kafka_cluster.node_properties(single, state.node_ports(), node) if cluster else single
-    )
+    text = kafka_cluster.node_properties(single, state.node_ports(), node) if cluster else single
+    # 0600: a secured node's properties hold the admin's password.
+    props.touch(mode=0o600)
+    props.write_text(kafka_security.node_properties(text, root) if state.secure else text)
     (kdir / "log4j2.properties").write_text(_LOG4J2.format(log=kdir / "server.log"))
     heap = kafka_cluster.CLUSTER_HEAP if cluster else KAFKA_HEAP
     java = [
@@ -278,9 +284,19 @@ def _start_kafka(state: StackState, root: Path, libs: Path, node: int = 1) -> in
         "-cp", f"{libs}/*",
     ]  # fmt: skip
     if not (kdir / "data" / "meta.properties").exists():
+        scram = kafka_security.format_args(root) if state.secure else []
         cluster_id = state.cluster_id or _new_cluster_id()
         done = subprocess.run(
-            [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+            [
+                *java,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+                *scram,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -298,11 +314,13 @@ def _start_kafka(state: StackState, root: Path, libs: Path, node: int = 1) -> in
     return proc.pid
 
 
-def _kafka_ready(bootstrap: str, brokers: int = 1) -> bool:
+def _kafka_ready(
+    bootstrap: str, brokers: int = 1, security: Mapping[str, str] | None = None
+) -> bool:
     """A metadata request answers and lists ``brokers`` brokers (every node registered)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **(security or {})})
     try:
         meta = admin.list_topics(timeout=2)
     except Exception:
@@ -478,6 +496,8 @@ def write_env(root: Path, state: StackState) -> Path:
     path = root / "env"
     tmp = root / "env.tmp"
     variables = {**state.env(), **registry_stack.env(root), **prometheus_stack.env(root)}
+    if state.secure:
+        variables.update(kafka_security.env(root))
     # Quoted where a shell would split it (the secured DSNs' "&"): the file is sourced.
     tmp.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in variables.items()))
     tmp.chmod(0o600)
@@ -501,11 +521,17 @@ def _set_brokers(root: Path, state: StackState, brokers: int) -> None:
     state.cluster_id = _new_cluster_id() if brokers > 1 else None
 
 
+def _admin_security(root: Path, state: StackState) -> dict[str, str]:
+    """The stack's own probes' connection settings: the admin user's on a secured stack."""
+    return kafka_security.client_config(root) if state.secure else {}
+
+
 def _start_kafka_nodes(root: Path, state: StackState, libs: Path) -> None:
     """Start every Kafka node that is not running (reuse a cluster that answers)."""
     bootstrap = state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
     pids = state.kafka_pids()
-    if all(_pid_alive(p) for p in pids) and _kafka_ready(bootstrap, state.brokers):
+    security = _admin_security(root, state)
+    if all(_pid_alive(p) for p in pids) and _kafka_ready(bootstrap, state.brokers, security):
         _say(f"kafka already running on {bootstrap} (pid {', '.join(map(str, pids))})")
         return
     for node, pid in enumerate(pids, 1):
@@ -531,14 +557,16 @@ def up(
     brokers: int | None = None,
     *,
     registry: bool = False,
-    secure: bool = False,
+    secure: bool | None = None,
     prometheus: bool = False,
 ) -> StackState:
     """Start (or reuse) the stack in ``root``; return its state once every server answers.
     ``brokers``: the size of the Kafka cluster (None: the stack's own, 1 for a new one).
     With ``registry``, the schema registry too (:mod:`devtools.registry_stack`); with
     ``secure``, PostgreSQL over TLS only (:mod:`devtools.pg_security`), set up while a cluster
-    is stopped; with ``prometheus``, Prometheus (:mod:`devtools.prometheus_stack`)."""
+    is stopped, and Kafka with TLS, SASL and ACLs (:mod:`devtools.kafka_security`; None: the
+    stack's own mode, plaintext for a new one); with ``prometheus``, Prometheus
+    (:mod:`devtools.prometheus_stack`)."""
     t0 = time.monotonic()
     ensure_prerequisites()
     root.mkdir(parents=True, exist_ok=True)
@@ -566,6 +594,12 @@ def up(
         _set_brokers(root, state, brokers)
         _save_state(root, state)
         _say(f"kafka will be formatted afresh as {brokers} node(s)")
+    if secure is not None and secure != state.secure:
+        _set_brokers(root, state, state.brokers)  # listeners and SCRAM users: a new format
+        state.secure = secure
+        _save_state(root, state)
+    if state.secure:  # the secured stack's hooks: Kafka's CA, certificates, users
+        kafka_security.prepare(root, _stack_ca(root))
     libs = kafka_libs(cache)
     # Three JVMs starting at once on a small machine take longer than one.
     deadline = time.monotonic() + READY_TIMEOUT_S * (1 if state.brokers == 1 else 2)
@@ -585,11 +619,15 @@ def up(
             p, state.password, "postgres"), deadline)  # fmt: skip
         _ensure_database(port, state.password, name)
         _say(f"postgresql {name} ready on 127.0.0.1:{port}")
-    _wait(f"Kafka on {bootstrap}", lambda: _kafka_ready(bootstrap, state.brokers), deadline)
+    security = _admin_security(root, state)
+    _wait(f"Kafka on {bootstrap}", lambda: _kafka_ready(
+        bootstrap, state.brokers, security), deadline)  # fmt: skip
     for node, pid in enumerate(state.kafka_pids(), 1):
         if not _pid_alive(pid):
             log = kafka_cluster.node_dir(root, node) / "stdout.log"
             raise StackError(f"Kafka node {node} exited during start-up; see {log}")
+    if state.secure:
+        kafka_security.grant(root, bootstrap)
     if registry:
         from devtools import registry_stack
 
@@ -670,7 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--registry", action="store_true", help="up: start the schema registry too")
     parser.add_argument(
-        "--secure", action="store_true", help="up: PostgreSQL over TLS only (sslmode=verify-full)"
+        "--secure",
+        action="store_true",
+        help="up: PostgreSQL over TLS only (sslmode=verify-full); Kafka with TLS, SASL/SCRAM "
+        "users and ACLs",
     )
     parser.add_argument("--prometheus", action="store_true", help="up: start Prometheus too")
     parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="stack folder")
@@ -687,8 +728,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     root: Path = args.dir.resolve()
     try:
         if args.action == "up":
+            secure = True if args.secure else None
             up(root, args.cache.resolve(), args.brokers, registry=args.registry,
-               secure=args.secure, prometheus=args.prometheus)  # fmt: skip
+               secure=secure, prometheus=args.prometheus)  # fmt: skip
         elif args.action == "down":
             stopped = down(root)
             _say("stopped " + (", ".join(stopped) if stopped else "nothing (was not running)"))

@@ -54,12 +54,15 @@ class KafkaOut:
         self.sent = 0
         self.failed = 0
         self.failures: list[str] = []
+        #: The librdkafka error name of the first failure: an ACL refusal is not retried.
+        self.failure_code: str | None = None
         self._since_poll = 0
 
     def _on_delivery(self, err: RdKafkaError | None, msg: Any) -> None:
         if err is None:  # only with delivery.report.only.error off; kept for safety
             return
         self.failed += 1
+        self.failure_code = self.failure_code or err.name()
         if len(self.failures) < _MAX_FAILURES_KEPT:
             self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err.str()} ({err.name()})")
 
@@ -120,7 +123,11 @@ class KafkaOut:
             remaining = self._producer.flush(1.0)
         if self.failed:
             detail = "; ".join(self.failures)
-            raise KafkaError(f"{self.failed} deliveries failed, the slot is not advanced: {detail}")
+            raise kafka.refused(
+                f"{self.failed} deliveries failed, the slot is not advanced",
+                detail,
+                self.failure_code,
+            )
         if remaining:
             raise KafkaError(
                 f"{remaining} messages not acknowledged within {limit:.0f} s; the slot is not "
