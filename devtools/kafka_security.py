@@ -49,6 +49,16 @@ APPLY_GROUPS: Final = "cutover-apply"
 TOOL_GROUPS: Final = "cutover-"
 
 
+#: The variables :func:`env` writes, besides the per-component users and password files.
+ENV_VARS: Final = (
+    "CUTOVER_KAFKA_SECURITY_PROTOCOL",
+    "CUTOVER_KAFKA_SASL_MECHANISM",
+    "CUTOVER_KAFKA_CA",
+    "CUTOVER_KAFKA_SASL_USERNAME",
+    "CUTOVER_KAFKA_SASL_PASSWORD_FILE",
+)
+
+
 def tls_dir(root: Path) -> Path:
     return root / "tls"
 

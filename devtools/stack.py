@@ -2,7 +2,7 @@
 ``--brokers 3``: :mod:`devtools.kafka_cluster`) and two PostgreSQL 15 clusters, run as plain
 processes on 127.0.0.1 (no Docker engine needed). Used by ``make up`` / ``make down``.
 
-``python -m devtools.stack up|down|status [--dir DIR] [--brokers 1|3]``
+``python -m devtools.stack up|down|status [--dir DIR] [--brokers 1|3] [--secure] [--registry]``
 
 * Kafka comes from the official jars on Maven Central (``stack/pom.xml``), copied with
   ``mvn dependency:copy-dependencies`` into a cache folder shared by all stacks of this checkout
@@ -454,6 +454,7 @@ STACK_VARS = (
     "CUTOVER_TARGET_DSN",
     "CUTOVER_KAFKA_BOOTSTRAP",
     "CUTOVER_SCHEMA_REGISTRY_URL",
+    *kafka_security.ENV_VARS,
 )
 
 

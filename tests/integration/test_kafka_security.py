@@ -61,7 +61,11 @@ class Secured:
 @pytest.fixture(scope="module")
 def secured() -> Iterator[Secured]:
     shared = stack.read_env(REPO / ".stack", os.environ)
-    if shared.get("CUTOVER_KAFKA_SECURITY_PROTOCOL") == "SASL_SSL":
+    # The environment wins over the env file (CUTOVER_KAFKA_SECURITY_PROTOCOL=PLAINTEXT: private).
+    protocol = os.environ.get(
+        "CUTOVER_KAFKA_SECURITY_PROTOCOL", shared.get("CUTOVER_KAFKA_SECURITY_PROTOCOL")
+    )
+    if protocol == "SASL_SSL":
         yield Secured(Path(shared["CUTOVER_KAFKA_CA"]).parents[1], stack.read_env(REPO / ".stack"))
         return
     base = Path(tempfile.mkdtemp(prefix="cutover-kafkasec-"))

@@ -150,3 +150,26 @@ def test_stack_acls_keep_the_producer_off_the_dead_letters() -> None:
     env = kafka_security.env(Path("/s"))
     assert env["CUTOVER_KAFKA_APPLIER_PASSWORD_FILE"] == "/s/secrets/applier"
     assert not [v for v in env.values() if "password=" in v]
+
+
+def test_a_secured_node_takes_only_sasl_ssl_and_mutual_tls(tmp_path: Path) -> None:
+    from devtools import kafka_cluster, stack
+
+    kafka_security.prepare(tmp_path)
+    assert oct((tmp_path / "secrets").stat().st_mode & 0o777) == "0o700"
+    for user in (kafka_security.ADMIN, *kafka_security.USERS):
+        assert kafka_security.secret_file(tmp_path, user).stat().st_mode & 0o077 == 0
+    state = stack.StackState(1, 2, 3, 4, "pw", brokers=3, more_ports=[[5, 6], [7, 8]])
+    single = stack._kafka_properties(state, tmp_path / "data")
+    for text in (single, kafka_cluster.node_properties(single, state.node_ports(), 2)):
+        props = dict(
+            line.split("=", 1)
+            for line in kafka_security.node_properties(text, tmp_path).splitlines()
+        )
+        assert "PLAINTEXT://" not in props["listeners"] + props["advertised.listeners"]
+        assert props["listener.security.protocol.map"] == "CONTROLLER:SSL,SASL_SSL:SASL_SSL"
+        assert props["listener.name.controller.ssl.client.auth"] == "required"
+        assert props["allow.everyone.if.no.acl.found"] == "false"
+        assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    scram = kafka_security.format_args(tmp_path)
+    assert scram.count("--add-scram") == 1 + len(kafka_security.USERS)
