@@ -602,8 +602,10 @@ def up(
     if state.secure:  # the secured stack's hooks: Kafka's CA, certificates, users
         kafka_security.prepare(root, _stack_ca(root))
     libs = kafka_libs(cache)
-    # Three JVMs starting at once on a small machine take longer than one.
-    deadline = time.monotonic() + READY_TIMEOUT_S * (1 if state.brokers == 1 else 2)
+    # Three JVMs starting at once on a small machine take longer than one; so does a secured
+    # node (its quorum and its brokers first meet over TLS).
+    slow = state.brokers > 1 or state.secure
+    deadline = time.monotonic() + READY_TIMEOUT_S * (2 if slow else 1)
     bootstrap = state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
     _start_kafka_nodes(root, state, libs)
     for name, port, extra in (

@@ -28,13 +28,13 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from cutover import kafka
 from cutover.config import KafkaSettings, load_settings
-from cutover.errors import KafkaAccessError
+from cutover.errors import KafkaAccessError, StackError
 from devtools import kafka_security, stack
 from devtools.harness import Scenario, open_scenario
 from devtools.scratch import scratch_database
 from devtools.workload import prefill
 from tests.integration.conftest import EXAMPLES
-from tests.integration.faults_support import CACHE, dump_database, wait_equal
+from tests.integration.faults_support import CACHE, dump_database, wait_equal, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESS_S = 120
@@ -72,7 +72,15 @@ def secured() -> Iterator[Secured]:
     base.chmod(0o755)  # the PostgreSQL clusters run as another user
     root = base / "stack"
     try:
-        stack.up(root, CACHE, secure=True)
+        try:
+            stack.up(root, CACHE, secure=True)
+        except StackError:
+            # A JVM starting on a loaded 2-core machine may take longer than up's deadline:
+            # wait for it (a second up would restart a lone broker that does not answer yet).
+            bootstrap = _bootstrap(root)
+            security = kafka_security.client_config(root)
+            wait_for(lambda: stack._kafka_ready(bootstrap, 1, security), 300, "secured Kafka")
+            stack.up(root, CACHE)
         yield Secured(root, stack.read_env(root))
     finally:
         try:
@@ -94,6 +102,12 @@ class Run:
         done = self.scenario.cli(*args, extra_env=env, timeout=PROCESS_S)
         self.outputs[name] = done.stdout + done.stderr
         return done
+
+
+def _bootstrap(root: Path) -> str:
+    state = stack.load_state(root)
+    assert state is not None, f"no stack in {root}"
+    return state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
 
 
 def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
