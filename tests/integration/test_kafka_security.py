@@ -80,7 +80,9 @@ def secured() -> Iterator[Secured]:
             bootstrap = _bootstrap(root)
             security = kafka_security.client_config(root)
             wait_for(lambda: stack._kafka_ready(bootstrap, 1, security), 300, "secured Kafka")
-            stack.up(root, CACHE)
+            # What up does once Kafka answers (another up could take a slow answer for none).
+            kafka_security.grant(root, bootstrap)
+            stack.write_env(root, _state(root))
         yield Secured(root, stack.read_env(root))
     finally:
         try:
@@ -104,10 +106,14 @@ class Run:
         return done
 
 
-def _bootstrap(root: Path) -> str:
+def _state(root: Path) -> stack.StackState:
     state = stack.load_state(root)
     assert state is not None, f"no stack in {root}"
-    return state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
+    return state
+
+
+def _bootstrap(root: Path) -> str:
+    return _state(root).env()["CUTOVER_KAFKA_BOOTSTRAP"]
 
 
 def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
