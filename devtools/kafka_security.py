@@ -3,8 +3,8 @@
 What :mod:`devtools.stack` asks of this module when a stack is secured:
 
 * :func:`prepare`: the brokers' certificate, from the stack's CA (:mod:`devtools.tls`; the one
-  PostgreSQL's TLS uses too) under ``<stack>/tls/``, and a password per SCRAM user, generated per stack (``secrets``), under
-  ``<stack>/secrets/`` (folder 0700, files 0600; never printed);
+  PostgreSQL's TLS uses too) under ``<stack>/tls/``, and a password per SCRAM user, generated
+  per stack (``secrets``), under ``<stack>/secrets/`` (folder 0700, files 0600; never printed);
 * :func:`format_args`: the users' SCRAM-SHA-512 credentials, added when the storage is formatted
   (KRaft keeps them in the metadata log, so they exist before the first client connects);
 * :func:`node_properties`: a node's ``server.properties`` made secure. Clients reach the brokers

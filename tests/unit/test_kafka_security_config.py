@@ -153,9 +153,9 @@ def test_stack_acls_keep_the_producer_off_the_dead_letters() -> None:
 
 
 def test_a_secured_node_takes_only_sasl_ssl_and_mutual_tls(tmp_path: Path) -> None:
-    from devtools import kafka_cluster, stack
+    from devtools import kafka_cluster, stack, tls
 
-    kafka_security.prepare(tmp_path)
+    kafka_security.prepare(tmp_path, tls.make_ca(tmp_path / "tls"))
     assert oct((tmp_path / "secrets").stat().st_mode & 0o777) == "0o700"
     for user in (kafka_security.ADMIN, *kafka_security.USERS):
         assert kafka_security.secret_file(tmp_path, user).stat().st_mode & 0o077 == 0
