@@ -7,6 +7,10 @@ of ``cutover.dead_letters`` are re-decoded with the current schemas and applied 
 mapping through the same sink (position guards included): an event older than what the commerce
 row holds is a successful no-op. Its dead-letter policy records a letter that fails again on the
 letter itself (it stays open with the new error) instead of making a new one.
+
+Both take a :class:`~cutover.direction.Direction` (``--reverse``): the reverse appliers keep their
+letters in legacy's ``[reverse] control_schema`` and retry through the legacy sink; the reverse
+producer's withheld rows are in commerce's control schema.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from consumers.batch import Entry
 from consumers.engine import ApplyEngine, Batch, Decoder, SimpleSource, Tx
 from consumers.letters import DeadLetter, DlqPublisher, PoisonHalt
+from consumers.reverse import sink_factory
 from consumers.schemas import SchemaReader
 from consumers.sink import Sink
 from cutover import pg
 from cutover.config import Settings
-from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters
+from cutover.control_store import ControlStore, dead_letters
+from cutover.direction import Direction, forward
 from cutover.envelope import lsn_to_str
 from cutover.errors import DatabaseError, DecodeError, UncarriableValue
 from cutover.logging import get_logger
@@ -91,14 +96,22 @@ class LetterRow:
         }
 
 
-def list_dead_letters(settings: Settings, status: str | None) -> list[LetterRow]:
-    """The appliers' dead letters (commerce), then the rows the producer withheld (legacy)."""
-    with pg.connect(settings.target.dsn, side="target", application_name="cutover dlq") as conn:
-        letters = dead_letters.list_rows(ControlStore(conn, settings.target.control_schema), status)
+def list_dead_letters(
+    settings: Settings, status: str | None, direction: Direction | None = None
+) -> list[LetterRow]:
+    """The appliers' dead letters (their database), then the rows the producer withheld (the
+    captured database), of ``direction`` (default forward)."""
+    way = direction or forward(settings)
+    applied = way.settings_for_apply(settings).target
+    with pg.connect(applied.dsn, side=way.apply_side, application_name="cutover dlq") as conn:
+        store = ControlStore(conn, applied.control_schema, way.apply_side)
+        letters = dead_letters.list_rows(store, status)
     rows = [LetterRow(*letter) for letter in letters]
     try:
-        with pg.connect(settings.source.dsn, side="source", application_name="cutover dlq") as conn:
-            store = ControlStore(conn, LEGACY_SCHEMA, "source")
+        with pg.connect(
+            way.capture.dsn, side=way.capture_side, application_name="cutover dlq"
+        ) as conn:
+            store = ControlStore(conn, way.producer_schema, way.capture_side)
             if store.exists(dead_letters.PRODUCER_TABLE):
                 produced = dead_letters.list_producer_rows(store, status)
                 rows.extend(_producer_row(p) for p in produced)
@@ -143,26 +156,35 @@ class RetryReport:
         }
 
 
-def retry_dead_letters(settings: Settings, letter_id: int | None) -> RetryReport:
-    """Re-drive open dead letters (one by id, or all) through decode, mapping and the sink.
+def retry_dead_letters(
+    settings: Settings, letter_id: int | None, direction: Direction | None = None
+) -> RetryReport:
+    """Re-drive open dead letters (one by id, or all) through decode, mapping and the sink of
+    ``direction``'s appliers (default forward).
 
     One database transaction: each letter that applies is marked 'retried'; one that fails again
     stays 'open' with its new error. Offsets are not touched (the consumers moved on long ago).
     """
+    way = direction or forward(settings)
+    applied = way.settings_for_apply(settings)
     mapping = load_mapping(settings.mapping_path)
-    reader = SchemaReader(settings.kafka, settings.apply.group_id)
+    reader = SchemaReader(settings.kafka, applied.apply.group_id)
     try:
         reader.refresh()
     finally:
         reader.close()
-    control = settings.target.control_schema
+    control = applied.target.control_schema
     source = _LetterSource(control, letter_id, Decoder(reader.store))
     engine = ApplyEngine(
         mapping,
-        connect=lambda: _connect(settings.target.dsn),
+        connect=lambda: pg.connect(
+            applied.target.dsn, side=way.apply_side, application_name="cutover dlq"
+        ),
         control_schema=control,
         letters=source,
-        domain_of={settings.kafka.topic(d): d for d in mapping.domains},
+        domain_of={way.topic(d): d for d in mapping.domains},
+        sink_factory=sink_factory(way),
+        side=way.apply_side,
     )
     sink = engine.connect()
     try:
@@ -171,10 +193,6 @@ def retry_dead_letters(settings: Settings, letter_id: int | None) -> RetryReport
     finally:
         engine.close()
     return source.report
-
-
-def _connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
-    return pg.connect(dsn, side="target", application_name="cutover dlq")
 
 
 Position = tuple[str, int, int]

@@ -49,6 +49,8 @@ class Scenario:
     apply_settings: Mapping[str, Any] = field(default_factory=dict)  # the [apply] section
     #: More ``[kafka]`` settings (e.g. replication_factor on a cluster).
     kafka_settings: Mapping[str, Any] = field(default_factory=dict)
+    #: The ``[gates]`` section (e.g. soak times 0 for a write-cutover test).
+    gate_settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -101,6 +103,8 @@ class Scenario:
             *(f'"{k}" = {_toml(v)}' for k, v in self.producer_settings.items()),
             "[apply]",
             *(f"{k} = {_toml(v)}" for k, v in self.apply_settings.items()),
+            "[gates]",
+            *(f"{k} = {_toml(v)}" for k, v in self.gate_settings.items()),
             "[mapping]",
             f'file = "{self.mapping}"',
         ]

@@ -4,6 +4,8 @@
 ``retry`` re-decodes the stored payloads with the current schemas and mapping and applies them
 through the apply path's sink (position guards included), marking each 'retried' on success and
 keeping it 'open' with the new error otherwise. Exit 1 when a retried letter failed again.
+``--reverse``: the reverse appliers' letters (commerce → legacy), kept in legacy's
+``[reverse] control_schema``, retried through the legacy sink.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consumers.dlq import list_dead_letters, retry_dead_letters
+from cutover import direction
 from cutover.errors import UsageError
 
 STATUSES = ("open", "retried", "resolved", "all")
@@ -36,6 +39,7 @@ def register(sub: Any) -> None:
     lister.add_argument(
         "--status", choices=STATUSES, default="all", help="only letters in this status"
     )
+    _add_reverse(lister)
     lister.set_defaults(handler=run_list)
     retry = actions.add_parser(
         "retry", help="re-apply open dead letters with the current mapping and data"
@@ -44,13 +48,24 @@ def register(sub: Any) -> None:
     which.add_argument("--id", type=int, help="the dead letter to retry")
     which.add_argument("--all", action="store_true", help="every open dead letter")
     retry.add_argument("--json", action="store_true", help="JSON for machines")
+    _add_reverse(retry)
     retry.set_defaults(handler=run_retry)
-    parser.set_defaults(handler=run_list, json=False, status="all")
+    parser.set_defaults(handler=run_list, json=False, status="all", reverse=False)
+
+
+def _add_reverse(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="the reverse appliers' letters (commerce -> legacy; in legacy's [reverse] "
+        "control_schema)",
+    )
 
 
 def run_list(args: argparse.Namespace, context: Any) -> int:
     status = None if args.status == "all" else args.status
-    letters = list_dead_letters(context.settings, status)
+    way = direction.of(context.settings, reverse_way=args.reverse)
+    letters = list_dead_letters(context.settings, status, way)
     if args.json:
         json.dump([letter.as_json() for letter in letters], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -78,7 +93,8 @@ def run_list(args: argparse.Namespace, context: Any) -> int:
 def run_retry(args: argparse.Namespace, context: Any) -> int:
     if args.id is not None and args.id <= 0:
         raise UsageError("--id takes a dead letter id from `cutover dlq list`")
-    report = retry_dead_letters(context.settings, None if args.all else args.id)
+    way = direction.of(context.settings, reverse_way=args.reverse)
+    report = retry_dead_letters(context.settings, None if args.all else args.id, way)
     if args.json:
         json.dump(report.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

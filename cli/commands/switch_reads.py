@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from rich.console import Console
 from rich.prompt import Confirm
 
 from control.audit import default_actor
+from control.machine import CrashPoint
 from control.state import (
     CommandOutcome,
+    CrashForTest,
     complete,
     rollback,
     rollback_writes,
@@ -53,6 +57,15 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", metavar="TEXT", help="why (required with --force; audited)")
     parser.add_argument("--actor", help="who, for the audit trail (default: the OS user)")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+
+def add_crash_hook(parser: argparse.ArgumentParser) -> None:
+    """Fault tests only, hidden from --help: ``--crash-at POINT`` makes the process SIGKILL
+    itself right after the named step of a write transition was recorded, so a test can kill -9
+    the real command at a deterministic step (polling for the step from outside races with it).
+    An option rather than an environment variable: nothing below the entry point reads one."""
+    points = get_args(get_args(CrashPoint)[0])
+    parser.add_argument("--crash-at", choices=points, help=argparse.SUPPRESS)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,7 +119,11 @@ def run_transition(args: argparse.Namespace, context: Context, command: str) -> 
             force=args.force,
             reason=args.reason,
             confirm=confirm,
+            crash_at=getattr(args, "crash_at", None),
         )
+    except CrashForTest:
+        os.kill(os.getpid(), signal.SIGKILL)  # --crash-at: die as kill -9 would, no clean-up
+        raise
     except GateRefused as exc:
         if args.json:
             print(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cli.commands.switch_reads import add_common, run_transition
+from cli.commands.switch_reads import add_common, add_crash_hook, run_transition
 
 if TYPE_CHECKING:
     from cli.main import Context
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(parser)
+    add_crash_hook(parser)
     parser.set_defaults(handler=run)
 
 
