@@ -368,9 +368,8 @@ class _Sides:
         """One transaction on ``side``; a planned rollback ends in ROLLBACK.
 
         Pipeline mode, as the plain workload: BEGIN, the statements and COMMIT go in one round
-        trip (on commerce, each read of a row to change is one more). After an error the server
-        holds a failed transaction block: it is rolled back before the error goes up, so the
-        connection is ready for the retry.
+        trip (on commerce, each read of a row to change is one more). After an error the
+        connection is dropped (:meth:`_discard`): the retry runs on a new one.
         """
         conn = self.connect(side)
         try:
@@ -384,9 +383,21 @@ class _Sides:
                         self.writer.apply(conn, text, params)
                 cur.execute("ROLLBACK" if op.rollback else "COMMIT")
         except psycopg.Error:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.execute("ROLLBACK")
+            self._discard(side)
             raise
+
+    def _discard(self, side: str) -> None:
+        """Drop ``side``'s connection after an error inside a pipeline; the next use reconnects.
+
+        Not a ROLLBACK on the same connection: the server skips every command queued after the
+        error, PREPAREs included, while psycopg's prepared-statement cache may still count them
+        as prepared, so a later batch would run a statement name the server never prepared
+        (SQLSTATE 26000, seen after a fence refusal under load). Errors are rare (a fence
+        refusal during a switch), so a new connection costs nothing that matters.
+        """
+        conn = self.conn.pop(side, None)
+        if conn is not None:
+            conn.close()
 
     def run_batch(self, ops: Sequence[w.Operation]) -> int:
         """Run ``ops`` on legacy, each its own transaction, in one pipeline (one round trip).
@@ -407,8 +418,7 @@ class _Sides:
                         cur.execute(text, params, prepare=True)
                     cur.execute("ROLLBACK" if op.rollback else "COMMIT")
         except psycopg.Error as exc:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.execute("ROLLBACK")
+            self._discard("legacy")
             if not fence.is_fence_refusal(exc):
                 raise
             # A transaction that ended has its last status (COMMIT or ROLLBACK) on its cursor;
