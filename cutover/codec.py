@@ -54,7 +54,13 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 import schemas
 from cutover import envelope as env
-from cutover.errors import ConfigError, DecodeError, SchemaIncompatible, UnknownSchema
+from cutover.errors import (
+    ConfigError,
+    DecodeError,
+    SchemaIncompatible,
+    SchemaRegistryError,
+    UnknownSchema,
+)
 
 MAGIC: Final = b"\xc3\x01"
 HEADER_SIZE: Final = 10
@@ -285,7 +291,13 @@ class SchemaStore:
                     f"a Confluent-framed message (schema id {schema_id}) needs the schema "
                     "registry: set [kafka] schema_registry_url or CUTOVER_SCHEMA_REGISTRY_URL"
                 )
-            ws = self.add_json(self.resolve(schema_id))
+            try:
+                text = self.resolve(schema_id)
+            except SchemaRegistryError as exc:
+                if exc.status != 404:
+                    raise  # unreachable or failing: not this message's fault, stop
+                raise UnknownSchema(schema_id=schema_id, reason=exc.reason or "") from None
+            ws = self.add_json(text)
             self._by_id[schema_id] = ws
         return ws
 

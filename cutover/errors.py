@@ -252,13 +252,22 @@ class DecodeError(RuntimeFailure):
 
 
 class UnknownSchema(DecodeError):
-    """A single-object message whose writer fingerprint is in no known schema."""
+    """A message whose writer schema is known nowhere: a single-object fingerprint in no known
+    schema, or a Confluent schema id the registry answered it does not have (poison, unlike
+    a registry that does not answer)."""
 
-    def __init__(self, fingerprint: int) -> None:
+    def __init__(
+        self, fingerprint: int | None = None, *, schema_id: int | None = None, reason: str = ""
+    ) -> None:
         self.fingerprint = fingerprint
-        super().__init__(
-            f"unknown Avro schema fingerprint {fingerprint:016x}: not in the schemas topic"
-        )
+        self.schema_id = schema_id
+        if schema_id is not None:
+            message = f"unknown schema id {schema_id}: not in the schema registry ({reason})"
+        else:
+            message = (
+                f"unknown Avro schema fingerprint {fingerprint or 0:016x}: not in the schemas topic"
+            )
+        super().__init__(message)
 
 
 class UncarriableValue(DecodeError):

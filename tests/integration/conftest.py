@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from cutover.control_store import ControlStore
+from devtools import registry_stack
 from devtools.scratch import scratch_database
 from devtools.stack import read_env
 
@@ -55,6 +56,15 @@ def target_dsn(stack_env: dict[str, str]) -> str:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(stack_env: dict[str, str]) -> str:
     return _need(stack_env, "CUTOVER_KAFKA_BOOTSTRAP")
+
+
+@pytest.fixture(scope="session")
+def registry_url(stack_env: dict[str, str]) -> str:
+    """The stack's schema registry (``make up REGISTRY=1``)."""
+    url = stack_env.get(registry_stack.ENV_VAR)
+    if not url:
+        skip_or_fail(f"{registry_stack.ENV_VAR} not set: run `make up REGISTRY=1` first")
+    return url
 
 
 @pytest.fixture

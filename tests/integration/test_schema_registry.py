@@ -32,19 +32,11 @@ from devtools import registry_stack
 from devtools.harness import MAPPING, Scenario, changes, init, open_scenario, stop
 from devtools.readback import decode_all, read_all, schema_store
 from devtools.workload import prefill, run_workload
-from tests.integration.conftest import REPO, skip_or_fail
+from tests.integration.conftest import REPO
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 pytestmark = pytest.mark.integration
 TRUNCATE_SUBJECT = "cutover.Truncate"
-
-
-@pytest.fixture(scope="session")
-def registry_url(stack_env: dict[str, str]) -> str:
-    url = stack_env.get(registry_stack.ENV_VAR)
-    if not url:
-        skip_or_fail(f"{registry_stack.ENV_VAR} not set: run `make up REGISTRY=1` first")
-    return url
 
 
 @pytest.fixture

@@ -14,7 +14,13 @@ import pytest
 from cutover import codec
 from cutover.codec import ColumnSpec, SchemaStore
 from cutover.config import describe, load_settings
-from cutover.errors import ConfigError, DecodeError, SchemaRegistryError, redact_dsn
+from cutover.errors import (
+    ConfigError,
+    DecodeError,
+    SchemaRegistryError,
+    UnknownSchema,
+    redact_dsn,
+)
 from cutover.registry import HEARTBEAT_SUBJECT, client_config, subject_for
 from producers.fast_avro import encoder_for
 
@@ -85,6 +91,24 @@ def test_confluent_message_without_registry_is_a_config_error_not_poison() -> No
     with pytest.raises(ConfigError, match="schema_registry_url") as info:
         SchemaStore().decode(_confluent(5))
     assert not isinstance(info.value, DecodeError)
+
+
+def test_id_the_registry_does_not_have_is_poison_but_an_outage_is_not() -> None:
+    def missing(schema_id: int) -> str:
+        raise SchemaRegistryError("no such id", status=404, error_code=40403, reason="not found")
+
+    # The registry answered it has no such schema: the message is poison (dead-lettered).
+    with pytest.raises(UnknownSchema, match=r"unknown schema id 5: .*not found") as info:
+        SchemaStore(missing).decode(_confluent(5))
+    assert info.value.schema_id == 5
+
+    def down(schema_id: int) -> str:
+        raise SchemaRegistryError("reading schema id: unreachable")
+
+    # No answer (or a failing registry) is not the message's fault: not a DecodeError, stop.
+    with pytest.raises(SchemaRegistryError) as outage:
+        SchemaStore(down).decode(_confluent(5))
+    assert not isinstance(outage.value, DecodeError)
 
 
 def test_corrupt_confluent_body_is_a_decode_error() -> None:
