@@ -53,12 +53,14 @@ def _count(dsn: str, schema: str, tables: tuple[str, ...]) -> int:
     return int(row[0]) if row else 0
 
 
-def _start(scenario: Scenario, name: str, *args: str) -> subprocess.Popen[bytes]:
+def _start(
+    scenario: Scenario, name: str, *args: str, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log = (scenario.workdir / f"{name}.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "cli.entry", "--config", str(scenario.config), "--log-json",
          *args],
-        env=scenario.env(), stdout=log, stderr=log,
+        env=scenario.env(extra_env), stdout=log, stderr=log,
     )  # fmt: skip
 
 

@@ -99,10 +99,13 @@ def scratch(admin_dsn: str, ddl: Path | None, prefix: str) -> Iterator[str]:
 
 
 @contextmanager
-def pipeline(env: dict[str, str], workdir: Path, **kwargs: Any) -> Iterator[Scenario]:
+def pipeline(
+    env: dict[str, str], workdir: Path, target_ddl: Path | None = None, **kwargs: Any
+) -> Iterator[Scenario]:
+    """An initialised scenario on scratch databases (commerce empty unless ``target_ddl``)."""
     with (
         scratch(env["CUTOVER_SOURCE_DSN"], LEGACY_SQL, "benchlegacy") as source,
-        scratch(env["CUTOVER_TARGET_DSN"], None, "benchcommerce") as target,
+        scratch(env["CUTOVER_TARGET_DSN"], target_ddl, "benchcommerce") as target,
         harness.open_scenario(
             source, target, env["CUTOVER_KAFKA_BOOTSTRAP"], workdir, **kwargs
         ) as scenario,

@@ -82,6 +82,12 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, float | None, bool]] = [
      True),
     ("replay play to sandbox DB", "replay", ("play_to_target", "events_per_s"), "events/s",
      None, True),
+    ("schema registry on: producer CPU per event, cost", "registry_overhead",
+     ("producer", "cost_percent"), "%", 5, False),
+    ("schema registry on: end-to-end CPU per event, cost", "registry_overhead",
+     ("end_to_end", "cost_percent"), "%", 5, False),
+    ("schema registry on: end-to-end events/s (median), cost", "registry_overhead",
+     ("end_to_end", "wall_cost_percent"), "%", None, False),
     # bench/write_window.py: not in `make bench` (needs a deployment with the write switch).
     ("write window p99, switch-writes (worst domain)", "write_window",
      ("summary", "switch_p99_ms"), "ms", 2000, False),
