@@ -261,7 +261,13 @@ class CdcProducer:
         self.stream.refused = self.letters.open_keys()
         self._publish_schema_ws(self.stream.truncate_writer)
         self.snapshots = SnapshotRunner(
-            settings, self.store, self.mapping, self.stream, log=self.log, progress=self.progress
+            settings,
+            self.store,
+            self.mapping,
+            self.stream,
+            log=self.log,
+            progress=self.progress,
+            watch_capture=self.direction.watch_capture,
         )
         if self.options.initial_snapshot and self.direction.snapshots:
             created = producer_state.ensure_initial_requests(

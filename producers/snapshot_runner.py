@@ -20,7 +20,7 @@ from cutover.control_store import ControlStore
 from cutover.control_store import producer as producer_state
 from cutover.errors import CutoverError
 from cutover.mapping import MappingSpec
-from producers import snapshot
+from producers import coverage, snapshot
 from producers.events import ChangeStream, ChunkWindow
 from producers.pgoutput import lsn_to_str
 
@@ -43,8 +43,10 @@ class SnapshotRunner:
         *,
         log: Any,
         progress: ProgressCallback | None = None,
+        watch_capture: bool = False,
     ) -> None:
         self.settings = settings
+        self.watch_capture = watch_capture
         self.store = store
         self.mapping = mapping
         self.stream = stream
@@ -96,6 +98,12 @@ class SnapshotRunner:
             self._fail_request(request, "table is not in the mapping")
             return
         schema = self.mapping.source_schema
+        if self.watch_capture:
+            # A table that left the publication while its snapshot waited is a capture loss,
+            # the same stop as mid-stream (exit 3, CAPTURE BLOCKED), not a usage error.
+            coverage.check_publication(
+                self.store.conn, self.settings.source.publication, self.mapping
+            )
         columns = snapshot.published_column_specs(
             self.store.conn, self.settings.source.publication, schema, tm.source_table
         )

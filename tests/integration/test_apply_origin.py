@@ -25,7 +25,8 @@ from devtools.apply_support import (
     settings_for,
 )
 
-pytestmark = pytest.mark.integration
+# The replication origin pool is cluster-wide: another test's appliers would hold some of it.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 T = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -25,6 +25,7 @@ import pytest
 from devtools import harness
 from devtools.harness import Scenario, changes, open_scenario
 from devtools.workload import prefill, run_workload
+from tests.integration.faults_support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -142,11 +143,21 @@ def test_sigterm_finishes_deliveries_advances_and_exits_0(
     writer = threading.Thread(
         target=run_workload,
         args=(under_test.source_dsn,),
-        kwargs={"rate": 1000, "duration": 5, "seed": 12},
+        kwargs={"rate": 1000, "duration": 8, "seed": 12},
     )
     proc = under_test.start_produce("--no-initial-snapshot")
     writer.start()
-    time.sleep(3)
+    # Mid-stream: once the producer delivered a batch (a fixed sleep lets a slow start under
+    # load take the signal before any delivery, and the check below then proves nothing).
+    wait_for(
+        lambda: any(
+            e["event"] == "producer.batch_delivered" and e.get("events", 0) > 0
+            for e in under_test.log_events()
+        ),
+        60,
+        "the producer's first delivered batch",
+        every=0.2,
+    )
     assert harness.stop(proc, signal.SIGTERM) == 0
     writer.join()
     confirmed, _ = under_test.slot_state()
