@@ -66,7 +66,9 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 def authenticate(users: Iterable[ConsoleUser], name: str, password: str) -> ConsoleUser | None:
     """The user ``name`` if ``password`` is theirs, else None."""
-    user = next((u for u in users if hmac.compare_digest(u.name, name)), None)
+    # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a no).
+    wanted = name.encode()
+    user = next((u for u in users if hmac.compare_digest(u.name.encode(), wanted)), None)
     if user is None:
         verify_password(_DUMMY_HASH, password)
         return None

@@ -49,6 +49,7 @@ def test_authenticate_names_and_passwords() -> None:
     assert authenticate(users, "ann", "pw-ann") == users[0]
     assert authenticate(users, "ann", "pw-bob") is None
     assert authenticate(users, "bob", "pw-ann") is None
+    assert authenticate(users, "änn", "pw-ann") is None  # a non-ASCII name is a no, not a crash
 
 
 def test_permissions() -> None:
