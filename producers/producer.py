@@ -430,6 +430,25 @@ class CdcProducer:
                 exc, f"advancing slot {self.settings.source.slot}", self.direction.capture_side
             ) from None
         self._timings["advance_ms"] = _ms_since(t0)
+        self._account(lsn)
+        # (6) heartbeats, at most one round per interval.
+        now = time.monotonic()
+        if (
+            now - self._last_kafka_hb
+            >= self.settings.source.heartbeat_interval_s * _HEARTBEAT_SLACK
+        ):
+            self._send_heartbeats(lsn)
+            self._last_kafka_hb = now
+        # (7) snapshot progress: the chunk rows are acknowledged and the slot is past the HW.
+        if stream.completed_chunks:
+            chunks = list(stream.completed_chunks)
+            stream.completed_chunks.clear()
+            for window in chunks:
+                self.snapshots.chunk_done(window)
+
+    def _account(self, lsn: int) -> None:
+        """After step 5: the report, metrics and log line of the checkpoint just taken."""
+        stream = self.stream
         events = stream.events - self.report.events
         txs = stream.transactions - self._checkpointed_commits
         echoes = stream.echo_dropped - self.report.echo_dropped
@@ -459,20 +478,6 @@ class CdcProducer:
             # Where a cycle's time goes (bench/cdc_latency.py reads these).
             **{k: v for k, v in self._timings.items() if not k.startswith("_")},
         )
-        # (6) heartbeats, at most one round per interval.
-        now = time.monotonic()
-        if (
-            now - self._last_kafka_hb
-            >= self.settings.source.heartbeat_interval_s * _HEARTBEAT_SLACK
-        ):
-            self._send_heartbeats(lsn)
-            self._last_kafka_hb = now
-        # (7) snapshot progress: the chunk rows are acknowledged and the slot is past the HW.
-        if stream.completed_chunks:
-            chunks = list(stream.completed_chunks)
-            stream.completed_chunks.clear()
-            for window in chunks:
-                self.snapshots.chunk_done(window)
 
     # -- heartbeats ----------------------------------------------------------------------------
 
