@@ -345,13 +345,7 @@ class WriteSteps:
         """Raise the fence of ``domain`` on ``conn``'s database; its fence LSN."""
         schema, side = self._where(conn)
         why = f"{ctx.action.replace('_', '-')} {ctx.transition_id}"
-        lsn = fence.raise_fence(conn, schema, domain, state=state, reason=why, side=side)
-        # A transactional logical message committed after the fence LSN: the producer reading
-        # this database checkpoints past it at once instead of at its next idle heartbeat (up
-        # to [source] heartbeat_interval_s later), which shortens step 2 and so the window.
-        # The producer ignores messages of prefixes it does not know.
-        conn.execute("SELECT pg_logical_emit_message(true, 'cutover.fence', %s)", [domain])
-        return lsn
+        return fence.raise_fence(conn, schema, domain, state=state, reason=why, side=side)
 
     def _open(self, conn: Conn, domain: str, state: str) -> None:
         """Lower the fence of ``domain`` on ``conn``'s database."""

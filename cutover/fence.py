@@ -10,20 +10,31 @@ Raising the fence waits for every writer the guard admitted before it (they hold
 the fence row), so the WAL position read after it, the *fence LSN*, is past every write the
 fenced side will ever take for the domain. The same code fences legacy (switch-writes) and
 commerce (rollback-writes): it is told which database and control schema to use.
+
+The fence is also in the WAL: raising and lowering emit a transactional logical message
+(prefix ``cutover.fence``, JSON ``{"domain": ..., "fenced": ...}``) in the transaction that
+flips the row, and log it in ``write_fence_log`` at the message's LSN. The producer reading the
+database drops a fenced domain's row changes from there on (:mod:`producers.events`): the only
+writes a raised fence admits are an applier's (not echoed anyway) and, on a table whose fence is
+narrowed, UPDATEs of columns commerce never holds. Those carry the whole row, whose mapped
+values may be older than what the other side holds by then; forwarding them could overwrite a
+newer value there.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
 from cutover import pg
+from cutover.envelope import lsn_to_str
 
 Conn = psycopg.Connection[Any]
 
@@ -34,6 +45,11 @@ FENCE_DETAIL_PREFIX = "cutover fence of domain "
 TRIGGER_NAME = "cutover_write_fence"
 #: The guard's UPDATE trigger on a table whose fence covers some columns only.
 UPDATE_TRIGGER_NAME = "cutover_write_fence_update"
+#: Prefix of the logical message a raise or lower emits in its transaction.
+FENCE_MESSAGE_PREFIX: Final = "cutover.fence"
+#: Prefix of the message committed after the fence LSN is read: the producer reading the
+#: database checkpoints past the fence LSN at once, not at its next idle heartbeat.
+FENCE_LSN_MESSAGE_PREFIX: Final = "cutover.fence.lsn"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +67,37 @@ class FenceState:
 def fence_ddl() -> str:
     """The text of ``cutover/fence.sql`` (unqualified names; run with search_path set)."""
     return resources.files("cutover").joinpath("fence.sql").read_text(encoding="utf-8")
+
+
+def fence_message(domain: str, fenced: bool) -> bytes:
+    """The content of a ``cutover.fence`` message (see :func:`parse_fence_message`)."""
+    return json.dumps({"domain": domain, "fenced": fenced}, sort_keys=True).encode()
+
+
+def parse_fence_message(content: bytes) -> tuple[str, bool] | None:
+    """(domain, fenced) of a ``cutover.fence`` message; None for content of another shape
+    (an older release's message carried the bare domain name after the fence LSN: no change)."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    domain, fenced = body.get("domain"), body.get("fenced")
+    if not isinstance(domain, str) or not isinstance(fenced, bool):
+        return None
+    return domain, fenced
+
+
+def _log(conn: Conn, schema: str, domain: str, fenced: bool) -> None:
+    """Emit the fence message in the open transaction and log it at the message's LSN."""
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (lsn, domain, fenced) "
+            "VALUES (pg_logical_emit_message(true, %s, %s::bytea), %s, %s)"
+        ).format(sql.Identifier(schema, "write_fence_log")),
+        [FENCE_MESSAGE_PREFIX, fence_message(domain, fenced), domain, fenced],
+    )
 
 
 def install(
@@ -127,8 +174,10 @@ def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str
 
     1. lock the domain's fence row FOR UPDATE: this waits until every transaction the guard
        admitted (each holds FOR SHARE on the row) has committed or rolled back;
-    2. mark it fenced and COMMIT: from here every new write is refused;
-    3. read the WAL insert position: every admitted write committed before it.
+    2. mark it fenced, emit the fence message (and log it) and COMMIT: from here every new
+       write is refused, and the producer reading this database drops the domain's changes;
+    3. read the WAL insert position: every admitted write committed before it; a message
+       committed after it lets the producer checkpoint past it at once.
     """
     table = sql.Identifier(schema, "write_fence")
     try:
@@ -147,6 +196,7 @@ def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str
                 ).format(table),
                 [state, reason, domain],
             )
+            _log(conn, schema, domain, True)
         with conn.transaction():
             lsn_row = conn.execute(
                 sql.SQL(
@@ -155,6 +205,9 @@ def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str
                 ).format(table),
                 [domain],
             ).fetchone()
+            conn.execute(
+                "SELECT pg_logical_emit_message(true, %s, %s)", [FENCE_LSN_MESSAGE_PREFIX, domain]
+            )
     except psycopg.Error as exc:
         raise pg.translate(exc, f"fencing domain {domain}", side) from None
     assert lsn_row is not None  # the row exists: it was locked above
@@ -162,7 +215,8 @@ def raise_fence(conn: Conn, schema: str, domain: str, *, state: str, reason: str
 
 
 def lower_fence(conn: Conn, schema: str, domain: str, *, state: str, side: str) -> None:
-    """Let writes to ``domain`` through again (idempotent)."""
+    """Let writes to ``domain`` through again (idempotent; the message is emitted and logged
+    each time, which changes nothing for a producer that already saw the fence down)."""
     try:
         with conn.transaction():
             conn.execute(
@@ -172,6 +226,7 @@ def lower_fence(conn: Conn, schema: str, domain: str, *, state: str, side: str) 
                 ).format(sql.Identifier(schema, "write_fence")),
                 [state, domain],
             )
+            _log(conn, schema, domain, False)
     except psycopg.Error as exc:
         raise pg.translate(exc, f"unfencing domain {domain}", side) from None
 
@@ -209,6 +264,30 @@ def fence_states(conn: Conn, schema: str, *, side: str) -> dict[str, FenceState]
         r[0]: FenceState(r[0], bool(r[1]), r[2], r[3], r[4], None if r[5] is None else int(r[5]))
         for r in rows
     }
+
+
+def fenced_at(conn: Conn, schema: str, lsn: int, *, side: str) -> frozenset[str]:
+    """The domains whose fence was raised at WAL position ``lsn`` (a slot's confirmed position):
+    the last logged raise or lower of each before it. Empty if the fence was never installed.
+
+    Exact at a transaction boundary: a fence transaction whose message is before ``lsn`` but
+    which commits after it can only have writes of fence-exempt kinds committed in between (the
+    raise waited for every admitted writer before emitting), and dropping those loses nothing.
+    """
+    try:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT DISTINCT ON (domain) domain, fenced FROM {} "
+                "WHERE lsn < %s::pg_lsn ORDER BY domain, lsn DESC"
+            ).format(sql.Identifier(schema, "write_fence_log")),
+            [lsn_to_str(lsn)],
+        ).fetchall()
+    except psycopg.errors.UndefinedTable:
+        conn.rollback()
+        return frozenset()
+    except psycopg.Error as exc:
+        raise pg.translate(exc, "reading the write fence log", side) from None
+    return frozenset(str(r[0]) for r in rows if r[1])
 
 
 def is_fence_refusal(exc: BaseException) -> bool:

@@ -19,6 +19,17 @@ CREATE TABLE IF NOT EXISTS write_fence (
     fence_lsn  pg_lsn
 );
 
+-- Every raise and lower, at the LSN of the logical message ('cutover.fence') its transaction
+-- emitted. The producer reading this database drops the domain's row changes between a raise
+-- and the next lower (WAL order); on restart it reads here which domains were fenced at its
+-- slot's position (docs/CUTOVER.md, "The fence in the stream").
+CREATE TABLE IF NOT EXISTS write_fence_log (
+    lsn    pg_lsn      PRIMARY KEY,
+    domain text        NOT NULL,
+    fenced boolean     NOT NULL,
+    at     timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE OR REPLACE FUNCTION write_fence_guard() RETURNS trigger
 LANGUAGE plpgsql AS $guard$
 DECLARE

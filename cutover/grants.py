@@ -43,6 +43,7 @@ from cutover.mapping import MappingSpec, TableMapping
 #: The line that opens each database's script (the part to run in that database).
 DATABASE_MARKER: Final = "-- @database "
 FENCE_TABLE: Final = "write_fence"
+FENCE_LOG_TABLE: Final = "write_fence_log"
 #: What an applier needs to mark its transactions with a replication origin (cutover.origin).
 ORIGIN_FUNCTIONS: Final = (
     "pg_replication_origin_create(text)",
@@ -156,15 +157,27 @@ def _execute(functions: Sequence[str], roles: Sequence[str]) -> list[sql.Composa
     ]
 
 
-def _fence(schema: str, roles: Sequence[str]) -> list[sql.Composable]:
-    """Raising/lowering a fence updates its row; the guard's check is open to every writer."""
+def _fence(schema: str, sre: str, producer: str) -> list[sql.Composable]:
+    """Raising/lowering a fence updates its row and logs it; the producer reading the database
+    reads the log at start; the guard's check is open to every writer."""
     fence = sql.SQL("GRANT SELECT, UPDATE ON TABLE {} TO {}").format(
-        sql.Identifier(schema, FENCE_TABLE), _ids(roles)
+        sql.Identifier(schema, FENCE_TABLE), sql.Identifier(sre)
+    )
+    log = sql.SQL("GRANT SELECT, INSERT ON TABLE {} TO {}").format(
+        sql.Identifier(schema, FENCE_LOG_TABLE), sql.Identifier(sre)
+    )
+    read = sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(
+        sql.Identifier(schema, FENCE_LOG_TABLE), sql.Identifier(producer)
     )
     public = sql.SQL("GRANT EXECUTE ON FUNCTION pg_catalog.{} TO PUBLIC").format(
         sql.SQL(ORIGIN_IS_SETUP)
     )
-    return [_if_table(schema, FENCE_TABLE, fence), public]
+    return [
+        _if_table(schema, FENCE_TABLE, fence),
+        _if_table(schema, FENCE_LOG_TABLE, log),
+        _if_table(schema, FENCE_LOG_TABLE, read),
+        public,
+    ]
 
 
 def legacy_script(settings: Settings, mapping: MappingSpec, database: str) -> Script:
@@ -203,7 +216,7 @@ def legacy_script(settings: Settings, mapping: MappingSpec, database: str) -> Sc
     out += _table_grant("SELECT", LEGACY_SCHEMA, PRODUCER_TABLES, [r.sre])
     out += _table_grant("SELECT", rev_schema, (*CONSUMER_TABLES, *REVERSE_TABLES), [r.sre])
     out += _execute(ORIGIN_FUNCTIONS, [r.reverse_applier])
-    out += _fence(LEGACY_SCHEMA, [r.sre])
+    out += _fence(LEGACY_SCHEMA, r.sre, r.producer)
     comment = (
         f"legacy database {database} ([source] dsn), as an administrator, after cutover init.\n"
         f"{r.producer}: replication slots, SELECT on the published columns of {src} only, its "
@@ -258,7 +271,7 @@ def commerce_script(settings: Settings, mapping: MappingSpec, database: str) -> 
     out += _table_grant("SELECT, INSERT, UPDATE, DELETE", ctl, owned, [r.applier])
     out += _table_grant("SELECT, INSERT, UPDATE, DELETE", ctl, PRODUCER_TABLES, [r.producer])
     out += _execute(ORIGIN_FUNCTIONS, [r.applier])
-    out += _fence(ctl, [r.sre])
+    out += _fence(ctl, r.sre, r.producer)
     comment = (
         f"commerce database {database} ([target] dsn), as an administrator, after cutover "
         f"init.\n{r.applier}: writes the mapped tables of {tgt} and the control tables ({ctl}), "

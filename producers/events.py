@@ -17,6 +17,11 @@ Rules implemented here and in the modules it uses (docs/ARCHITECTURE.md is the c
 * **No echo**: a transaction whose Origin message names one of our replication origins
   (:func:`cutover.origin.is_ours`: an applier of the other direction wrote it) produces no
   event; its Commit still counts, so the slot advances past it (``echo_dropped`` counts them).
+* **Fenced domains** (:mod:`cutover.fence`): between a ``cutover.fence`` message that raises a
+  domain's write fence on this database and the next that lowers it, the domain's row changes
+  are dropped (``fence_dropped`` counts them). The fence admits only appliers (not echoed anyway)
+  and, where it is narrowed, UPDATEs of columns the other side never holds, whose whole-row
+  image could carry mapped values older than the other side's by then.
 * **TRUNCATE** (:mod:`producers.truncates`): per table, a ``cutover.Truncate`` record to every
   partition of its topic through the hold-back (so in commit order in each partition), all
   copies at one position; or a stop before it, per the table's ``on_truncate``.
@@ -40,6 +45,7 @@ from cutover import envelope as env
 from cutover.codec import ColumnSpec, WriterSchema
 from cutover.envelope import HEARTBEAT_KEY, heartbeat_record
 from cutover.errors import DecodeError, UncarriableValue, UnmappableRow
+from cutover.fence import FENCE_MESSAGE_PREFIX, parse_fence_message
 from cutover.mapping import MappingSpec, TableMapping
 from cutover.origin import is_ours
 from cutover.values import UNCHANGED
@@ -123,6 +129,9 @@ class ChangeStream:
     * ``on_message(message, tx)``: a logical message other than our watermarks;
     * ``on_letter(letter)``: a row was withheld (:mod:`producers.row_letters`).
 
+    ``fenced_domains`` are the domains whose write fence was up at the stream's start position
+    (:func:`cutover.fence.fenced_at`); ``fenced`` follows the fence messages from there.
+
     ``refused`` holds (table, row key) of the withheld rows still open; a later full image of
     one is delivered normally and listed in ``cleared`` (table, row key, LSN) for the producer
     to resolve once it is acknowledged.
@@ -144,6 +153,7 @@ class ChangeStream:
         on_letter: Callable[[row_letters.RowLetter], None] | None = None,
         max_event_bytes: int | None = None,
         carry_truncates: Collection[truncates.Carry] = (),
+        fenced_domains: Collection[str] = (),
     ) -> None:
         self._mapping = mapping
         self._source = source
@@ -159,6 +169,7 @@ class ChangeStream:
         self.refused: set[tuple[str, str]] = set()
         self.cleared: list[tuple[str, str, int]] = []
         self._carry = frozenset(carry_truncates)
+        self.fenced: set[str] = set(fenced_domains)
         # The producer publishes this schema at start, before any event can use it.
         self.truncate_writer = codec.writer_schema(codec.truncate_schema())
         factory = encoder_factory or (lambda ws: lambda rec: codec.encode(ws, rec))
@@ -186,6 +197,8 @@ class ChangeStream:
         self.transactions = 0
         #: Transactions dropped because an applier of the other direction wrote them.
         self.echo_dropped = 0
+        #: Row changes dropped because their domain's write fence was up (see module doc).
+        self.fence_dropped = 0
         self.changes_in_batch = 0
         self.last_commit_end_lsn: int | None = None
 
@@ -356,6 +369,9 @@ class ChangeStream:
             self._drop_from_windows(route, old, new)
         if self._echo:
             return
+        if self.fenced and route.mapping.domain in self.fenced:
+            self.fence_dropped += 1
+            return
         keyed = new if new is not None else old
         assert keyed is not None
         key, partition = route.key_of(keyed)
@@ -518,6 +534,15 @@ class ChangeStream:
                 window.fail()
                 self._remove_window(window)
                 self.completed_chunks.append(window)
+            return
+        if prefix == FENCE_MESSAGE_PREFIX:
+            fence = parse_fence_message(msg.content)
+            if fence is not None:
+                domain, fenced = fence
+                if fenced:
+                    self.fenced.add(domain)
+                else:
+                    self.fenced.discard(domain)
             return
         if self._on_message is not None:
             self._on_message(msg, self.tx)

@@ -52,7 +52,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import codec, metrics, pg, shutdown
+from cutover import codec, fence, metrics, pg, shutdown
 from cutover.config import Settings
 from cutover.control_store import PRODUCER_TABLES, ControlStore
 from cutover.control_store import producer as producer_state
@@ -146,6 +146,7 @@ class CdcProducer:
         self._last_watch = time.monotonic()
         self._position = 0
         self._checkpointed_commits = 0
+        self._fenced_seen: frozenset[str] = frozenset()
         self._domain_partitions: dict[str, int] = {}
         self._timings: dict[str, float] = {}
 
@@ -198,6 +199,7 @@ class CdcProducer:
                 recorded=lsn_to_str(status.recorded),
                 topics=self._domain_partitions,
                 producer=self.options.producer_name,
+                fenced=sorted(self._fenced_seen),
             )
             try:
                 self._loop(reader, started)
@@ -257,7 +259,12 @@ class CdcProducer:
             on_letter=self.letters.reject,
             max_event_bytes=settings.kafka.max_message_bytes - row_letters.SIZE_MARGIN,
             carry_truncates=self.options.carry_truncates,
+            # The domains whose write fence was up at the slot's position (cutover.fence).
+            fenced_domains=fence.fenced_at(
+                self.ctl, self.store.schema, status.confirmed, side=self.direction.capture_side
+            ),
         )
+        self._fenced_seen = frozenset(self.stream.fenced)
         self.stream.refused = self.letters.open_keys()
         self._publish_schema_ws(self.stream.truncate_writer)
         self.snapshots = SnapshotRunner(
@@ -452,6 +459,7 @@ class CdcProducer:
         events = stream.events - self.report.events
         txs = stream.transactions - self._checkpointed_commits
         echoes = stream.echo_dropped - self.report.echo_dropped
+        fenced_out = stream.fence_dropped - self.report.fence_dropped
         self._position = lsn
         self._last_advance = time.monotonic()
         self._checkpointed_commits = stream.transactions
@@ -459,6 +467,7 @@ class CdcProducer:
         self.report.snapshot_rows = stream.snapshot_rows
         self.report.transactions = stream.transactions
         self.report.echo_dropped = stream.echo_dropped
+        self.report.fence_dropped = stream.fence_dropped
         self.report.checkpoints += 1
         self.report.position = lsn
         stream.reset_batch_counters()
@@ -466,6 +475,11 @@ class CdcProducer:
         metrics.slot_advanced(lsn)
         if echoes:
             metrics.echo_dropped(echoes)
+        if stream.fenced != self._fenced_seen:
+            self._fenced_seen = frozenset(stream.fenced)
+            self.log.info(
+                "producer.fences_changed", fenced=sorted(self._fenced_seen), lsn=lsn_to_str(lsn)
+            )
         self._report_slot_lag()
         self._watch_publication()
         self.log.info(
@@ -473,6 +487,7 @@ class CdcProducer:
             events=events,
             txs=txs,
             echo_dropped=echoes,
+            fence_dropped=fenced_out,
             lsn=lsn_to_str(lsn),
             peak_rss_mb=round(peak_rss_kb() / 1024, 1),
             # Where a cycle's time goes (bench/cdc_latency.py reads these).

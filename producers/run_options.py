@@ -49,6 +49,8 @@ class ProducerReport:
     transactions: int = 0
     #: Transactions dropped because one of our appliers wrote them (no echo).
     echo_dropped: int = 0
+    #: Row changes dropped because their domain's write fence was up on the captured side.
+    fence_dropped: int = 0
     checkpoints: int = 0
     position: int = 0
     elapsed_s: float = 0.0

@@ -174,3 +174,43 @@ def test_raising_the_fence_waits_for_writers_already_admitted(legacy: str) -> No
 def test_fence_states_of_a_database_without_a_fence_are_empty(fresh_legacy: str) -> None:
     with psycopg.connect(fresh_legacy, autocommit=True) as conn:
         assert fence.fence_states(conn, SCHEMA, side="source") == {}
+
+
+def test_raise_and_lower_are_in_the_wal_and_logged_at_their_message(legacy: str) -> None:
+    """The producer's evidence: a transactional ``cutover.fence`` message in the transaction that
+    flips the row, logged at the message's LSN, and :func:`fence.fenced_at` answers per position."""
+    slot = "fence_log_test"
+    with psycopg.connect(legacy, autocommit=True) as admin:
+        admin.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", [slot])
+        try:
+            start = _lsn(admin)
+            fence.raise_fence(
+                admin, SCHEMA, "payment", state="writes_switched", reason="t", side="s"
+            )
+            raised = _lsn(admin)
+            fence.lower_fence(admin, SCHEMA, "payment", state="reads_switched", side="source")
+            lowered = _lsn(admin)
+            messages = admin.execute(
+                "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL) "
+                "WHERE data LIKE 'message:%%'",
+                [slot],
+            ).fetchall()
+        finally:
+            admin.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        log = admin.execute(
+            "SELECT domain, fenced FROM cutover.write_fence_log ORDER BY lsn"
+        ).fetchall()
+        at = [fence.fenced_at(admin, SCHEMA, p, side="source") for p in (start, raised, lowered)]
+    fence_messages = [m[0] for m in messages if "prefix: cutover.fence," in m[0]]
+    assert len(fence_messages) == 2, messages
+    assert all("transactional: 1" in m for m in fence_messages)
+    assert '"fenced": true' in fence_messages[0] and '"fenced": false' in fence_messages[1]
+    assert any("prefix: cutover.fence.lsn," in m[0] for m in messages)
+    assert log == [("payment", True), ("payment", False)]
+    assert at == [frozenset(), frozenset({"payment"}), frozenset()]
+
+
+def _lsn(conn: psycopg.Connection[tuple[int]]) -> int:
+    row = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+    assert row is not None
+    return int(row[0])

@@ -24,6 +24,7 @@ from cutover.errors import (
     UnmappableRow,
     UsageError,
 )
+from cutover.fence import FENCE_MESSAGE_PREFIX, fence_message, parse_fence_message
 from cutover.mapping import MappingSpec, load_mapping
 from cutover.values import UNCHANGED
 from producers.events import (
@@ -610,3 +611,64 @@ def test_the_echo_mark_ends_with_its_transaction(mapping: MappingSpec) -> None:
     h.tx(2, 0x2000, Origin(0x99, "cutover_apply_0"), Insert(USERS, user(2)), end=0x2010)
     h.tx(5, 0x5000, Insert(USERS, user(5)), end=0x5010)
     assert [r[2] for r in h.records()] == ["5"]
+
+
+# --- the write fence in the stream ------------------------------------------------------------
+
+
+def _fence(domain: str, fenced: bool) -> LogicalMessage:
+    return LogicalMessage(True, 0, FENCE_MESSAGE_PREFIX, fence_message(domain, fenced))
+
+
+def test_a_fenced_domains_changes_are_dropped_between_raise_and_lower(
+    mapping: MappingSpec,
+) -> None:
+    h = Harness(mapping)
+    h.stream.handle(users_rel())
+    h.stream.handle(products_rel())
+    h.tx(1, 0x100, Update(USERS, None, None, user(1, "before")), end=0x108)
+    # The raise commits with the fence row: what follows in WAL order is dropped.
+    h.tx(2, 0x200, _fence("data", True), end=0x208)
+    # The social app updates its own columns (fence narrowed): the whole-row image would carry
+    # stale mapped values forward; the other domains flow as usual.
+    h.tx(3, 0x300, Update(USERS, None, None, user(1, "stale")), Insert(PRODUCTS, product(7, 3)))
+    assert h.stream.fenced == {"data"}
+    h.tx(4, 0x400, _fence("data", False), end=0x408)
+    h.tx(5, 0x500, Update(USERS, None, None, user(1, "after")), end=0x508)
+    got = [(r[0], r[2], (r[3]["after"] or {}).get("display_name")) for r in h.records()]
+    assert got == [
+        ("shop.data", "1", "before"),
+        ("shop.merchant", "3", None),
+        ("shop.data", "1", "after"),
+    ]
+    assert h.stream.fence_dropped == 1
+    assert h.stream.transactions == 5  # the slot may advance past all of them
+
+
+def test_the_fence_state_at_start_comes_from_the_caller(mapping: MappingSpec) -> None:
+    h = Harness(mapping)
+    h.stream = ChangeStream(
+        mapping,
+        SourceInfo(version="1.0", name="shop", db="legacy"),
+        partitions={f"shop.{d}": 6 for d in ("payment", "data", "merchant")},
+        topic_for=lambda d: f"shop.{d}",
+        emit=lambda t, p, k, v: h.sent.append((t, p, k, v)),
+        on_schema=h._on_schema,
+        clock_ms=lambda: 42,
+        fenced_domains={"data"},
+    )
+    h.stream.handle(users_rel())
+    h.tx(1, 0x100, Delete(USERS, (b"1", None, None, None, None, None), "K"))
+    assert not h.sent
+    assert h.stream.fence_dropped == 1
+
+
+def test_fence_messages_of_another_shape_change_nothing(mapping: MappingSpec) -> None:
+    h = Harness(mapping)
+    h.stream.handle(users_rel())
+    # An older release emitted the bare domain name after the fence LSN.
+    h.tx(1, 0x100, LogicalMessage(True, 0, FENCE_MESSAGE_PREFIX, b"data"))
+    h.tx(2, 0x200, LogicalMessage(True, 0, FENCE_MESSAGE_PREFIX, b'{"domain": "data"}'))
+    h.tx(3, 0x300, Insert(USERS, user(1)))
+    assert [r[2] for r in h.records()] == ["1"]
+    assert parse_fence_message(fence_message("payment", True)) == ("payment", True)
