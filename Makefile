@@ -65,7 +65,7 @@ test: REGISTRY := 1
 test: up lint
 	$(WITH_ENV) rc=0; \
 	$(VENV)/bin/pytest tests -q -m "not quarantine and not serial" \
-	  -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
+	  -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS) || rc=$$?; \
 	$(VENV)/bin/pytest tests -q -m "serial and not quarantine" $(PYTEST_ARGS) || rc=$$?; \
 	exit $$rc
 

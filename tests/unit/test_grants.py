@@ -76,6 +76,10 @@ def test_sre_keeps_the_control_tables_and_the_fence(scripts: dict[str, str]) -> 
     assert 'GRANT "cutover_control" TO "cutover_sre";' in commerce
     assert _statements(commerce, '"cutover"."audit" OWNER TO "cutover_control"')
     assert _statements(scripts["legacy"], "SELECT, UPDATE", "write_fence", "cutover_sre")
+    # Raising and lowering log the fence; the producer reading a side reads the log at start.
+    for side in ("legacy", "commerce"):
+        assert _statements(scripts[side], "SELECT, INSERT", "write_fence_log", "cutover_sre")
+        assert _statements(scripts[side], "GRANT SELECT ON", "write_fence_log", "cutover_producer")
 
 
 def test_role_names_from_config_and_no_secret(tmp_path: Path) -> None:
