@@ -8,7 +8,7 @@ PY_DIRS := cutover producers consumers schemas control cli console devtools test
 # Export the local stack's CUTOVER_* variables to every recipe that needs them.
 WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
 
-.PHONY: help venv up down status test unit integration lint demo bench bench-vs-debezium clean
+.PHONY: help venv up down status test unit integration lint demo bench bench-vs-debezium bench-write-window clean
 
 help:
 	@echo "make demo    stack up, load the reference shop, prefill, a short workload, a summary"
@@ -22,6 +22,7 @@ help:
 	@echo "make down    stop everything 'make up' started"
 	@echo "make bench   run the benchmarks under bench/ (figures in bench/results/)"
 	@echo "make bench-vs-debezium [N=1000000]   cutover produce vs Debezium, same WAL backlog"
+	@echo "make bench-write-window [REPEATS=5]  switch-writes/rollback-writes window under the router workload"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +91,12 @@ bench: up
 # cutover produce against Debezium 3.6.1 (Kafka Connect 4.1.1, jars fetched with Maven on first
 # use): N synthetic changes (default 1,000,000); not part of `make bench` nor `make test`.
 N ?= 1000000
+# The demo's deployment up to reads_switched with both pipelines, then bench.write_window
+# (bench/results/write_window.json), then the rest of the demo. ~10 minutes.
+REPEATS ?= 5
+bench-write-window: up
+	$(WITH_ENV) DEMO_ORDERS=$${DEMO_ORDERS:-10000} DEMO_WRITE_WINDOW=$(REPEATS) bash examples/shop/demo.sh
+
 bench-vs-debezium: up
 	$(WITH_ENV) $(PY) -m bench.vs_debezium $(N)
 

@@ -399,6 +399,9 @@ class ApplyConsumer:
                 if reseek:
                     self._need_reseek.add(tp)
             consumer.incremental_assign(partitions)
+            # --exit-when-idle counts from the assignment: a slow group join (a rebalance,
+            # a broker under load) is not idleness, and the new partitions' backlog is ahead.
+            self._last_message = time.monotonic()
             log().info(
                 "apply.partitions_assigned",
                 partitions=_tp_text(tps),

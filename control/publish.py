@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from cutover import kafka
+from cutover import kafka, topics
 from cutover.config import Settings
 from cutover.errors import KafkaError
 
@@ -41,8 +41,8 @@ class KafkaPublisher:
     def _ensure_topic(self) -> None:
         if self._checked:
             return
-        kafka.ensure_topics(
-            self.settings.kafka, [kafka.control_topic_spec(self.settings.kafka)], self.timeout_s
+        topics.ensure_topics(
+            self.settings.kafka, [topics.control_topic_spec(self.settings.kafka)], self.timeout_s
         )
         self._checked = True
 

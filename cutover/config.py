@@ -63,7 +63,7 @@ class KafkaSettings:
     replication_factor: int = 1
     # Topic-level min.insync.replicas of the topics init creates: with acks=all, how many
     # replicas must hold an event before it counts as delivered. Unset: 2 when the replication
-    # factor is 3 or more, else the broker's default (cutover.kafka.min_insync_replicas).
+    # factor is 3 or more, else the broker's default (cutover.topics.min_insync_replicas).
     min_insync_replicas: int | None = None
     # Set: messages are Confluent-framed, schemas registered there (cutover.registry).
     schema_registry_url: str | None = None

@@ -44,7 +44,7 @@ from typing import Final
 import psycopg
 from psycopg import sql
 
-from cutover import kafka, pg
+from cutover import pg, topics
 from cutover.config import Settings
 from cutover.control_store import (
     CONSUMER_TABLES,
@@ -402,7 +402,7 @@ def _ensure_legacy_control(conn: Conn, report: InitReport) -> None:
 
 def _report_message_size(settings: Settings, report: InitReport) -> None:
     """One size limit for topics and producer; the largest row event it lets through."""
-    problems = kafka.size_problems(settings.kafka)
+    problems = topics.size_problems(settings.kafka)
     if problems:
         raise ConfigError("\n".join(problems))
     limit = settings.kafka.max_message_bytes
@@ -473,12 +473,12 @@ def run_init(
                 resnapshot(conn, settings, report)
         except psycopg.Error as exc:
             raise pg.translate(exc, "init", "source") from None
-    specs = kafka.topic_specs(settings.kafka, list(mapping.domains))
+    specs = topics.topic_specs(settings.kafka, list(mapping.domains))
     _report_message_size(settings, report)
     if dry_run:
         report.action("kafka topics", "not_checked", ", ".join(s.name for s in specs))
     else:
-        for topic, entry in kafka.ensure_topics(settings.kafka, specs).items():
+        for topic, entry in topics.ensure_topics(settings.kafka, specs).items():
             report.action(f"topic {topic}", entry["status"], entry.get("warning", ""))
             if "warning" in entry:
                 report.warnings.append(f"topic {topic} {entry['warning']}")

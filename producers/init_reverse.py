@@ -26,7 +26,7 @@ import dataclasses
 
 import psycopg
 
-from cutover import kafka, pg
+from cutover import pg, topics
 from cutover.config import Settings
 from cutover.control_store import (
     CONSUMER_TABLES,
@@ -149,7 +149,7 @@ def _prepare_legacy(settings: Settings, report: InitReport) -> None:
 
 def _prepare_topics(settings: Settings, mapping: MappingSpec, report: InitReport) -> None:
     cfg = settings.kafka
-    forward_specs = {s.name: s for s in kafka.topic_specs(cfg, list(mapping.domains))}
+    forward_specs = {s.name: s for s in topics.topic_specs(cfg, list(mapping.domains))}
     specs = [
         dataclasses.replace(forward_specs[cfg.topic(d)], name=cfg.reverse_topic(d))
         for d in mapping.domains
@@ -157,7 +157,7 @@ def _prepare_topics(settings: Settings, mapping: MappingSpec, report: InitReport
     if report.dry_run:
         report.action("kafka topics", "not_checked", ", ".join(s.name for s in specs))
         return
-    for topic, entry in kafka.ensure_topics(cfg, specs).items():
+    for topic, entry in topics.ensure_topics(cfg, specs).items():
         report.action(f"topic {topic}", entry["status"], entry.get("warning", ""))
         if "warning" in entry:
             report.warnings.append(f"topic {topic} {entry['warning']}")

@@ -91,6 +91,14 @@ until [ -n "$(psql "$CUTOVER_TARGET_DSN" -tAq -c "SELECT 1 FROM cutover.producer
 done
 echo
 
+if [ -n "${DEMO_WRITE_WINDOW:-}" ]; then
+  # `make bench-write-window`: every domain is in reads_switched and both pipelines run, which
+  # is what bench.write_window needs; it switches and rolls back each domain DEMO_WRITE_WINDOW
+  # times under the router workload and leaves them in reads_switched, so the demo goes on.
+  step "8b. bench.write_window: the write-unavailability window, $DEMO_WRITE_WINDOW switches per domain"
+  .venv/bin/python -m bench.write_window --repeats "$DEMO_WRITE_WINDOW" --rate "${DEMO_WRITE_RATE:-500}"
+fi
+
 step "9. Switch writes, domain by domain: fence legacy, drain up to the fence, final verify, open commerce"
 for domain in data merchant payment; do
   $CUTOVER verify --domain "$domain" --no-progress >/dev/null

@@ -16,8 +16,9 @@ from cutover import codec
 from cutover.codec import ColumnSpec
 from cutover.config import KafkaSettings
 from cutover.errors import ConfigError, UsageError
-from cutover.kafka import producer_config, topic_specs
+from cutover.kafka import producer_config
 from cutover.mapping import MappingSpec, load_mapping
+from cutover.topics import topic_specs
 from producers.fast_avro import encoder_for
 from producers.init import _publication_diff
 from producers.init_checks import (
