@@ -247,13 +247,17 @@ def note_state(conn: Conn, schema: str, domain: str, *, state: str, side: str) -
 
 
 def fence_states(conn: Conn, schema: str, *, side: str) -> dict[str, FenceState]:
-    """Every domain's fence row; an empty dict if the fence was never installed."""
+    """Every domain's fence row; an empty dict if the fence was never installed, or installed
+    by a release without ``write_fence_log`` (the next ``cutover init`` adds it; until then
+    the fence gate fails closed, since raising it there would fail)."""
     try:
         rows = conn.execute(
             sql.SQL(
                 "SELECT domain, fenced, state, reason, changed_at, "
-                "(fence_lsn - '0/0'::pg_lsn)::bigint FROM {} ORDER BY domain"
-            ).format(sql.Identifier(schema, "write_fence"))
+                "(fence_lsn - '0/0'::pg_lsn)::bigint FROM {} "
+                "WHERE to_regclass(%s) IS NOT NULL ORDER BY domain"
+            ).format(sql.Identifier(schema, "write_fence")),
+            [sql.Identifier(schema, "write_fence_log").as_string(None)],
         ).fetchall()
     except psycopg.errors.UndefinedTable:
         conn.rollback()

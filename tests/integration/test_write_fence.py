@@ -214,3 +214,12 @@ def _lsn(conn: psycopg.Connection[tuple[int]]) -> int:
     row = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_a_fence_installed_without_its_log_counts_as_not_installed(legacy: str) -> None:
+    """An older release's fence (no write_fence_log): the gate fails closed until init runs."""
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        conn.execute("DROP TABLE cutover.write_fence_log")
+        assert fence.fence_states(conn, SCHEMA, side="source") == {}
+        fence.install(conn, SCHEMA, {"payment": PAYMENT, "data": DATA}, side="source")
+        assert set(fence.fence_states(conn, SCHEMA, side="source")) == {"payment", "data"}
