@@ -7,11 +7,14 @@
 * Canaries: values written to the excluded (social) columns of ``shop.users``, and a scanner
   proving they reached no topic byte, no commerce table and no log file.
 * :class:`Traffic`: the workload in a background thread.
+* :func:`start_cli` / :func:`cli_processes` / :func:`log_events`: single ``cutover`` processes
+  of a scenario (logs in its workdir), stopped at the end whatever happened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,7 +32,7 @@ import psycopg
 from psycopg import sql
 
 from devtools import stack
-from devtools.harness import Scenario, init, open_scenario
+from devtools.harness import Scenario, init, open_scenario, stop
 from devtools.scratch import scratch_database
 from devtools.workload import WorkloadReport, prefill, run_workload
 from tests.integration.conftest import EXAMPLES
@@ -81,6 +84,40 @@ def wait_equal(
         time.sleep(1.0)
     assert_commerce_matches_legacy(legacy, commerce, legacy_renames)
     return time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------- single processes
+
+
+def start_cli(
+    scenario: Scenario, name: str, *args: str, crash_at: str | None = None
+) -> subprocess.Popen[bytes]:
+    """``cutover --log-json ARGS`` of ``scenario``, its output in ``<workdir>/<name>.log``."""
+    log = (scenario.workdir / f"{name}.log").open("ab")
+    env = scenario.env({"CUTOVER_CRASH_AT": crash_at} if crash_at else None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.entry", "--config", str(scenario.config), "--log-json", *args],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def cli_processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """A name -> process dict whose processes still running at the end are stopped."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                stop(proc)
+
+
+def log_events(scenario: Scenario, name: str, event: str | None = None) -> list[dict[str, Any]]:
+    """The JSON log lines of process ``name`` (only those of ``event`` when given)."""
+    path = scenario.workdir / f"{name}.log"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
+    return [e for e in lines if event is None or e.get("event") == event]
 
 
 # --------------------------------------------------------------------------- private stack

@@ -9,22 +9,22 @@ Real processes: ``cutover produce`` and ``cutover apply`` both ways, PostgreSQL 
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
 
 from cutover import fence
-from devtools.harness import Scenario, init, open_scenario, stop
+from devtools.harness import Scenario, init, open_scenario
 from devtools.workload import prefill
-from tests.integration.shop_compare import compare
+from tests.integration.faults_support import (
+    cli_processes,
+    log_events,
+    start_cli,
+    wait_equal,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,34 +32,9 @@ USER = 7  # a user the prefill made
 NAME = "SELECT display_name FROM commerce.customers WHERE customer_id = %s"
 
 
-def _start(scenario: Scenario, name: str, *args: str) -> subprocess.Popen[bytes]:
-    log = (scenario.workdir / f"{name}.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.entry", "--config", str(scenario.config), "--log-json", *args],
-        env=scenario.env(), stdout=log, stderr=log,
-    )  # fmt: skip
-
-
-def _events(scenario: Scenario, name: str, event: str) -> list[dict[str, Any]]:
-    path = scenario.workdir / f"{name}.log"
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
-    return [e for e in lines if e.get("event") == event]
-
-
 def _dropped(scenario: Scenario) -> int:
-    return sum(
-        int(e.get("fence_dropped", 0))
-        for e in _events(scenario, "produce", "producer.batch_delivered")
-    )
-
-
-def _wait(check: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    batches = log_events(scenario, "produce", "producer.batch_delivered")
+    return sum(int(e.get("fence_dropped", 0)) for e in batches)
 
 
 def _one(dsn: str, query: str, *params: object) -> Any:
@@ -68,34 +43,19 @@ def _one(dsn: str, query: str, *params: object) -> Any:
     return None if row is None else row[0]
 
 
-def _equal(legacy: str, commerce: str) -> bool:
-    return all(d.ok for d in compare(legacy, commerce))
-
-
-@contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                stop(proc)
-
-
 def test_a_social_update_behind_the_fence_does_not_overwrite_commerce(
     fresh_legacy: str, fresh_commerce: str, kafka_bootstrap: str, tmp_path: Any
 ) -> None:
     prefill(fresh_legacy, orders=40, seed=5)
     with (
         open_scenario(fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, partitions=2) as sc,
-        _processes() as procs,
+        cli_processes() as procs,
     ):
         init(sc, "--reverse")
-        procs["produce"] = _start(sc, "produce", "produce")
-        procs["apply"] = _start(sc, "apply", "apply")
-        procs["produce-reverse"] = _start(sc, "produce-reverse", "produce", "--reverse")
-        _wait(lambda: _equal(fresh_legacy, fresh_commerce), 180, "the forward snapshot")
+        procs["produce"] = start_cli(sc, "produce", "produce")
+        procs["apply"] = start_cli(sc, "apply", "apply")
+        procs["produce-reverse"] = start_cli(sc, "produce-reverse", "produce", "--reverse")
+        wait_equal(fresh_legacy, fresh_commerce, timeout=180)
         old_email = _one(fresh_legacy, "SELECT email FROM shop.users WHERE id = %s", USER)
 
         # The data domain's writes move to commerce: legacy's fence goes up (narrowed on
@@ -117,8 +77,8 @@ def test_a_social_update_behind_the_fence_does_not_overwrite_commerce(
             # A later change of another domain: once it is in commerce, the forward pipeline
             # has passed the social update (one producer, commit order).
             conn.execute("UPDATE shop.merchants SET rating = 1.25 WHERE id = 1")
-        _wait(lambda: _dropped(sc) >= 1, 60, "the producer to drop the fenced domain's change")
-        _wait(
+        wait_for(lambda: _dropped(sc) >= 1, 60, "the producer to drop the fenced domain's change")
+        wait_for(
             lambda: (
                 _one(fresh_commerce, "SELECT rating FROM commerce.sellers WHERE seller_id = 1")
                 == 1.25
@@ -132,16 +92,16 @@ def test_a_social_update_behind_the_fence_does_not_overwrite_commerce(
         # A restarted producer knows the fence is up at its slot's position.
         procs["produce"].send_signal(signal.SIGTERM)
         assert procs["produce"].wait(timeout=60) == 0
-        procs["produce"] = _start(sc, "produce", "produce")
-        _wait(lambda: len(_events(sc, "produce", "producer.started")) == 2, 60, "the restart")
-        assert _events(sc, "produce", "producer.started")[-1]["fenced"] == ["data"]
+        procs["produce"] = start_cli(sc, "produce", "produce")
+        wait_for(lambda: len(log_events(sc, "produce", "producer.started")) == 2, 60, "the restart")
+        assert log_events(sc, "produce", "producer.started")[-1]["fenced"] == ["data"]
         with psycopg.connect(fresh_legacy, autocommit=True) as conn:
             conn.execute("UPDATE shop.users SET bio = 'social 2' WHERE id = %s", (USER,))
-        _wait(lambda: _dropped(sc) >= 2, 60, "the restarted producer to drop it too")
+        wait_for(lambda: _dropped(sc) >= 2, 60, "the restarted producer to drop it too")
 
         # The reverse applier delivers commerce's write: both sides agree, through the mapping.
-        procs["apply-reverse"] = _start(sc, "apply-reverse", "apply", "--reverse")
-        _wait(
+        procs["apply-reverse"] = start_cli(sc, "apply-reverse", "apply", "--reverse")
+        wait_for(
             lambda: (
                 _one(fresh_legacy, "SELECT email FROM shop.users WHERE id = %s", USER)
                 == "fresh@example.org"
@@ -149,18 +109,18 @@ def test_a_social_update_behind_the_fence_does_not_overwrite_commerce(
             120,
             "the reverse path",
         )
-        _wait(lambda: _equal(fresh_legacy, fresh_commerce), 60, "both sides to agree")
+        wait_equal(fresh_legacy, fresh_commerce, timeout=60)
 
         # Lowered, the fence is out of the stream: legacy's changes of the domain flow again.
         with psycopg.connect(fresh_legacy, autocommit=True) as conn:
             fence.lower_fence(conn, "cutover", "data", state="reads_switched", side="source")
             conn.execute("UPDATE shop.users SET display_name = 'After' WHERE id = %s", (USER,))
-        _wait(
+        wait_for(
             lambda: _one(fresh_commerce, NAME, USER) == "After",
             60,
             "a change after the fence came down",
         )  # fmt: skip
-        changed = _events(sc, "produce", "producer.fences_changed")
+        changed = log_events(sc, "produce", "producer.fences_changed")
         assert changed and changed[-1]["fenced"] == []
         assert _dropped(sc) == 2
         assert _one(fresh_legacy, "SELECT bio FROM shop.users WHERE id = %s", USER) == "social 2"

@@ -4,15 +4,9 @@ resumes without a duplicate effect, and both databases end up equal (independent
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -21,6 +15,7 @@ from psycopg import sql
 
 from devtools.harness import Scenario, changes, init, open_scenario, stop
 from devtools.workload import prefill, run_workload
+from tests.integration.faults_support import cli_processes, log_events, start_cli, wait_for
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 # Commerce-side rows of the test: ids no workload reaches (it takes its ids after the max ids
@@ -53,52 +48,15 @@ CREATE TRIGGER reverse_audit AFTER INSERT OR UPDATE OR DELETE ON shop.merchants
 """
 
 
-def _start(
-    scenario: Scenario, name: str, *args: str, crash_at: str | None = None
-) -> subprocess.Popen[bytes]:
-    log = (scenario.workdir / f"{name}.log").open("ab")
-    env = scenario.env({"CUTOVER_CRASH_AT": crash_at} if crash_at else None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.entry", "--config", str(scenario.config), "--log-json", *args],
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
-
-
-def _log(scenario: Scenario, name: str) -> list[dict[str, object]]:
-    path = scenario.workdir / f"{name}.log"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
-
-
 def _echoes(scenario: Scenario, name: str) -> int:
     return sum(
-        int(e.get("echo_dropped", 0))  # type: ignore[call-overload]
-        for e in _log(scenario, name)
-        if e.get("event") == "producer.batch_delivered"
+        int(e.get("echo_dropped", 0))
+        for e in log_events(scenario, name, "producer.batch_delivered")
     )
-
-
-def _wait(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _equal(legacy: str, commerce: str) -> bool:
     return all(d.ok for d in compare(legacy, commerce))
-
-
-@contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                stop(proc)
 
 
 def _commerce_writes(commerce: str, round_no: int) -> int:
@@ -146,7 +104,7 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
         conn.execute(AUDIT_SQL.encode())
     with (
         open_scenario(fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, partitions=3) as sc,
-        _processes() as procs,
+        cli_processes() as procs,
     ):
         report = init(sc, "--reverse")
         assert any(a["object"] == f"reverse: slot {sc.reverse_slot}" for a in report["actions"])
@@ -154,10 +112,10 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
         assert {a["status"] for a in again["actions"] if a["object"].startswith("reverse: ")} <= {
             "exists"
         }
-        procs["produce"] = _start(sc, "produce", "produce")
-        procs["apply"] = _start(sc, "apply", "apply")
-        _wait(lambda: _equal(fresh_legacy, fresh_commerce), 180, "the forward snapshot")
-        procs["apply-reverse"] = _start(
+        procs["produce"] = start_cli(sc, "produce", "produce")
+        procs["apply"] = start_cli(sc, "apply", "apply")
+        wait_for(lambda: _equal(fresh_legacy, fresh_commerce), 180, "the forward snapshot")
+        procs["apply-reverse"] = start_cli(
             sc, "apply-reverse", "apply", "--reverse", crash_at="apply_after_commit"
         )
         load = threading.Thread(
@@ -169,23 +127,23 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
             made += _commerce_writes(fresh_commerce, 0)
             # The reverse producer dies (kill -9) after Kafka acknowledged these changes and
             # before it advanced its slot: its successor delivers them again, at new offsets.
-            procs["produce-reverse"] = _start(
+            procs["produce-reverse"] = start_cli(
                 sc, "produce-reverse", "produce", "--reverse", crash_at="after_ack_before_advance"
             )
             procs["produce-reverse"].wait(timeout=120)
             assert procs["produce-reverse"].returncode == -signal.SIGKILL
-            procs["produce-reverse"] = _start(sc, "produce-reverse", "produce", "--reverse")
+            procs["produce-reverse"] = start_cli(sc, "produce-reverse", "produce", "--reverse")
             # The reverse applier was started to die right after its first COMMIT (kill -9).
             procs["apply-reverse"].wait(timeout=60)
             assert procs["apply-reverse"].returncode == -signal.SIGKILL
-            procs["apply-reverse"] = _start(sc, "apply-reverse", "apply", "--reverse")
+            procs["apply-reverse"] = start_cli(sc, "apply-reverse", "apply", "--reverse")
             for round_no in (1, 2):
                 made += _commerce_writes(fresh_commerce, round_no)
             # kill -9 of the reverse applier again, mid-stream, then a restart.
             procs["apply-reverse"].kill()
             procs["apply-reverse"].wait()
             made += _commerce_writes(fresh_commerce, 3)
-            procs["apply-reverse"] = _start(sc, "apply-reverse", "apply", "--reverse")
+            procs["apply-reverse"] = start_cli(sc, "apply-reverse", "apply", "--reverse")
         finally:
             load.join()
         # A legacy user (made after the workload read its ids) carried forward, then changed on
@@ -196,7 +154,7 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
                 " VALUES (%s, 'social-handle', 'Before', 77, 'social bio')",
                 (BASE,),
             )
-        _wait(
+        wait_for(
             lambda: _one(
                 fresh_commerce, "SELECT 1 FROM commerce.customers WHERE customer_id = %s", BASE
             ),
@@ -210,7 +168,7 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
             )
         made += 1
         # Both directions drained: legacy maps to commerce exactly (independent comparison).
-        _wait(lambda: _equal(fresh_legacy, fresh_commerce), 180, "both directions to drain")
+        wait_for(lambda: _equal(fresh_legacy, fresh_commerce), 180, "both directions to drain")
         assert_commerce_matches_legacy(fresh_legacy, fresh_commerce)
 
         with psycopg.connect(fresh_legacy, autocommit=True) as conn:
@@ -256,7 +214,7 @@ def test_reverse_replication_no_echo_and_kill9_of_the_reverse_applier(
             conn.execute(
                 "UPDATE commerce.listings SET stock = 999 WHERE listing_id = %s", (BASE + 1,)
             )
-        _wait(
+        wait_for(
             lambda: _one(
                 fresh_legacy, "SELECT 1 FROM shop.products WHERE id = %s AND stock = 999", BASE + 1
             ),

@@ -148,6 +148,8 @@ class Harness:
     sent: list[tuple[str, int, bytes, bytes]] = field(default_factory=list)
     schemas: list[tuple[str, list[str]]] = field(default_factory=list)
     store: SchemaStore = field(default_factory=SchemaStore)
+    #: More keyword arguments of ChangeStream (carry_truncates, fenced_domains, ...).
+    options: dict[str, Any] = field(default_factory=dict)
     stream: ChangeStream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,7 @@ class Harness:
             emit=lambda t, p, k, v: self.sent.append((t, p, k, v)),
             on_schema=self._on_schema,
             clock_ms=lambda: 42,
+            **self.options,
         )
 
     def _on_schema(self, route: TableRoute, changes: list[str]) -> None:
@@ -397,18 +400,8 @@ def test_truncate_policy_stop_names_the_table_and_the_resume_command(tmp_path: P
 
 def test_carried_truncate_passes_a_stop_policy_once(tmp_path: Path) -> None:
     spec = _stop_mapping(tmp_path)
-    h = Harness(spec)
+    h = Harness(spec, options={"carry_truncates": [parse_carry("shop.users@0/4000")]})
     h.store.add(codec.truncate_schema())
-    h.stream = ChangeStream(
-        spec,
-        SourceInfo(version="1.0", name="shop", db="legacy"),
-        partitions={f"shop.{d}": 6 for d in ("payment", "data", "merchant")},
-        topic_for=lambda d: f"shop.{d}",
-        emit=lambda t, p, k, v: h.sent.append((t, p, k, v)),
-        on_schema=h._on_schema,
-        clock_ms=lambda: 42,
-        carry_truncates=[parse_carry("shop.users@0/4000")],
-    )
     h.stream.handle(users_rel())
     h.tx(8, 0x4000, Truncate((USERS,), False, False))
     assert len(h.records()) == 6
@@ -646,17 +639,7 @@ def test_a_fenced_domains_changes_are_dropped_between_raise_and_lower(
 
 
 def test_the_fence_state_at_start_comes_from_the_caller(mapping: MappingSpec) -> None:
-    h = Harness(mapping)
-    h.stream = ChangeStream(
-        mapping,
-        SourceInfo(version="1.0", name="shop", db="legacy"),
-        partitions={f"shop.{d}": 6 for d in ("payment", "data", "merchant")},
-        topic_for=lambda d: f"shop.{d}",
-        emit=lambda t, p, k, v: h.sent.append((t, p, k, v)),
-        on_schema=h._on_schema,
-        clock_ms=lambda: 42,
-        fenced_domains={"data"},
-    )
+    h = Harness(mapping, options={"fenced_domains": {"data"}})
     h.stream.handle(users_rel())
     h.tx(1, 0x100, Delete(USERS, (b"1", None, None, None, None, None), "K"))
     assert not h.sent
