@@ -61,7 +61,7 @@ integration: up
 # (each test has its own databases, topics, slots, groups). --dist loadgroup keeps an
 # xdist_group on one worker (tests/integration/conftest.py). The `serial` tests stop a server of
 # the shared stack, so they run alone afterwards; both runs always run, either failing fails.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: REGISTRY := 1
 test: up lint
 	$(WITH_ENV) rc=0; \

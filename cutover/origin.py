@@ -25,10 +25,9 @@ Conn = psycopg.Connection[Any]
 
 #: Every origin this tool sets up starts with this; producers drop transactions that carry one.
 ORIGIN_PREFIX = "cutover_"
-#: Applier sessions of one database cluster that can write at the same time. Each busy one holds
-#: one of the cluster's ``max_replication_slots`` origin states (PostgreSQL's default is 10);
-#: sessions take the first free origin, so only as many are ever created as ran at once.
-POOL_SIZE = 16
+#: Applier sessions of one database cluster that can write at the same time (each needs one of
+#: the cluster's ``max_replication_slots`` origin states, PostgreSQL's default being 10).
+POOL_SIZE = 8
 #: The pool, in the order sessions try it.
 ORIGIN_NAMES: tuple[str, ...] = tuple(f"{ORIGIN_PREFIX}apply_{n}" for n in range(POOL_SIZE))
 # SQLSTATE (object_in_use) of "replication origin with ID n is already active for PID m".
