@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from control.audit import list_entries
@@ -50,9 +51,9 @@ def run(args: argparse.Namespace, context: Context) -> int:
         table.add_column(col, overflow="fold")
     for e in entries:
         states = f"{e.from_state or '-'} -> {e.to_state or '-'}"
-        outcome = e.outcome + (" [yellow](forced)[/]" if e.forced else "")
+        outcome = escape(e.outcome) + (" [yellow](forced)[/]" if e.forced else "")
         if e.reason:
-            outcome += f"\nreason: {e.reason}"
+            outcome += f"\nreason: {escape(e.reason)}"
         table.add_row(
             str(e.audit_id),
             e.at.strftime("%Y-%m-%d %H:%M:%S"),

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consumers.dlq import list_dead_letters, retry_dead_letters
@@ -78,13 +79,13 @@ def run_list(args: argparse.Namespace, context: Any) -> int:
     for col in ("id", "status", "topic [partition] @offset", "table", "error"):
         table.add_column(col, overflow="fold")
     for letter in letters:
-        where = f"{letter.topic} [{letter.partition}] @{letter.offset}"
+        where = escape(f"{letter.topic} [{letter.partition}] @{letter.offset}")
         table.add_row(
             letter.label,
             letter.status,
             f"{letter.topic} (withheld by the producer)" if letter.origin == "producer" else where,
             letter.source_table or "-",
-            f"{letter.error_class}: {letter.error_message}",
+            escape(f"{letter.error_class}: {letter.error_message}"),
         )
     console.print(table)
     return 0
@@ -106,5 +107,7 @@ def run_retry(args: argparse.Namespace, context: Any) -> int:
         for lid in report.retried:
             console.print(f"dead letter {lid}: retried, applied")
         for lid, cls, message in report.failed:
-            console.print(f"dead letter {lid}: still failing, stays open ({cls}: {message})")
+            console.print(
+                escape(f"dead letter {lid}: still failing, stays open ({cls}: {message})")
+            )
     return 1 if report.failed else 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -130,15 +131,15 @@ def run(args: argparse.Namespace, context: Context) -> int:
     checks.add_column("ok")
     checks.add_column("detail", overflow="fold")
     for c in report.checks:
-        checks.add_row(c["check"], "yes" if c["ok"] else "NO", c["detail"])
+        checks.add_row(c["check"], "yes" if c["ok"] else "NO", escape(c["detail"]))
     console.print(checks)
     actions = Table(title="objects" + (" (dry run)" if report.dry_run else ""))
     actions.add_column("object")
     actions.add_column("status")
     actions.add_column("detail", overflow="fold")
     for a in report.actions:
-        actions.add_row(a["object"], a["status"], a.get("detail", ""))
+        actions.add_row(a["object"], a["status"], escape(a.get("detail", "")))
     console.print(actions)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     return 0

@@ -8,6 +8,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from control.state import status_report
@@ -82,8 +83,8 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
         )
     console.print(table)
     for d in report["domains"]:
-        console.print(f"[bold]{d['domain']}[/]: {d['explanation']}")
+        console.print(f"[bold]{d['domain']}[/]: {escape(d['explanation'])}")
         for g in d.get("gates") or []:
             if not g["passed"]:
                 crit = " (critical)" if g["critical"] else ""
-                console.print(f"  - {g['gate']} FAIL{crit}: {g['why']}")
+                console.print(f"  - {g['gate']} FAIL{crit}: {escape(g['why'])}")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, get_args
 
 from rich.console import Console
+from rich.markup import escape
 from rich.prompt import Confirm
 
 from control.audit import default_actor
@@ -153,10 +154,10 @@ def print_outcome(console: Console, outcome: CommandOutcome) -> None:
             if g.passed
             else ("[red]FAIL (critical)[/]" if g.critical else "[red]FAIL[/]")
         )
-        console.print(f"  {g.name}: {mark}  {g.why}")
+        console.print(f"  {g.name}: {mark}  {escape(g.why)}")
     if outcome.overridden:
         console.print(f"[yellow]forced past: {', '.join(outcome.overridden)}[/]")
-    console.print(outcome.message)
+    console.print(escape(outcome.message))
     window = outcome.detail.get("window_ms")
     if window is not None:
         console.print(f"write-unavailability window: {window} ms")

@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -206,9 +207,9 @@ def print_report(console: Console, report: VerifyReport) -> None:
         mark = "[green]ok[/]" if inv.violations == 0 else f"[red]{inv.violations} violations[/]"
         if inv.legacy_violations:
             mark += f" [yellow](legacy's own: {inv.legacy_violations})[/]"
-        console.print(f"invariant {inv.name}: {mark}  ({inv.description})")
+        console.print(f"invariant {inv.name}: {mark}  ({escape(inv.description)})")
         for s in inv.samples[:5]:
-            console.print(f"  key {s['key']}: {s['detail']}")
+            console.print(escape(f"  key {s['key']}: {s['detail']}"))
     for line in report.explanations():
         console.print(f"[red]{line}[/]")
     verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"

@@ -76,3 +76,29 @@ def test_capture_logs_sees_events() -> None:
         cutover_logging.get_logger("t").warning("apply.batch_committed", events=3)
     assert logs == [{"event": "apply.batch_committed", "events": 3, "log_level": "warning",
                      "component": "t"}]  # fmt: skip
+
+
+def test_config_sections_in_messages_survive_rich_markup() -> None:
+    """Gate reasons and messages name config sections ("[gates] ..."): rich would take them for
+    markup tags and drop them without escaping."""
+    import io
+
+    from rich.console import Console
+
+    from cli.commands.switch_reads import print_outcome
+    from control.gates import GateResult
+    from control.state import CommandOutcome
+
+    out = io.StringIO()
+    outcome = CommandOutcome(
+        command="switch-writes",
+        domain="payment",
+        outcome="dry_run",
+        message="would switch; [roles] names the SRE role",
+        from_state="reads_switched",
+        gates=(GateResult("reads_soak", False, "[gates] min_reads_soak_minutes = 30 not reached"),),
+    )
+    print_outcome(Console(file=out, width=200), outcome)
+    text = out.getvalue()
+    assert "[gates] min_reads_soak_minutes" in text
+    assert "[roles] names the SRE role" in text
