@@ -26,13 +26,9 @@ from console.auth import hash_password
 from devtools.harness import Scenario
 from tests.integration.conftest import REPO, skip_or_fail
 from tests.integration.test_verify_support import (
-    PARTITIONS,
     beat,
     commerce,
-    create_topics,
-    scratch_pair,
-    seed,
-    stage_pipeline,
+    staged_scenario,
 )
 
 pytestmark = pytest.mark.integration
@@ -69,21 +65,9 @@ def staged(
     source_dsn: str, target_dsn: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Scenario]:
     """A healthy-looking pipeline (slot, heartbeat, offsets, data on both sides), NOT verified."""
-    probe = Scenario("", "", kafka_bootstrap, tmp_path_factory.mktemp("console"))
-    probe.partitions = PARTITIONS
-    with scratch_pair(
-        source_dsn,
-        target_dsn,
-        kafka_bootstrap,
-        prefix=probe.prefix,
-        slot=probe.slot,
-        publication=probe.publication,
-    ) as settings:
-        seed(settings, orders=100)
-        create_topics(settings)
-        stage_pipeline(settings)
-        probe.source_dsn, probe.target_dsn = settings.source.dsn, settings.target.dsn
-        yield probe
+    workdir = tmp_path_factory.mktemp("console")
+    with staged_scenario(source_dsn, target_dsn, kafka_bootstrap, workdir, orders=100) as (scn, _):
+        yield scn
 
 
 @pytest.fixture(scope="module")

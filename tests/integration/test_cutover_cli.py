@@ -21,15 +21,11 @@ from devtools.scratch import scratch_database
 from tests.integration.conftest import EXAMPLES
 from tests.integration.test_verify_support import (
     DOMAINS,
-    PARTITIONS,
     beat,
     commerce,
     control_messages,
-    create_topics,
     mapping,
-    scratch_pair,
-    seed,
-    stage_pipeline,
+    staged_scenario,
 )
 
 pytestmark = pytest.mark.integration
@@ -43,23 +39,15 @@ def staged(
 ) -> Iterator[Scenario]:
     """A healthy-looking pipeline (verified, slot, heartbeat, offsets) and a config file naming
     it, for the CLI."""
-    probe = Scenario("", "", kafka_bootstrap, tmp_path_factory.mktemp("cli"), partitions=PARTITIONS)
-    with scratch_pair(
-        source_dsn,
-        target_dsn,
-        kafka_bootstrap,
-        prefix=probe.prefix,
-        slot=probe.slot,
-        publication=probe.publication,
-    ) as settings:
-        seed(settings, orders=150)
-        create_topics(settings)
-        stage_pipeline(settings)
+    workdir = tmp_path_factory.mktemp("cli")
+    with staged_scenario(source_dsn, target_dsn, kafka_bootstrap, workdir, orders=150) as (
+        probe,
+        settings,
+    ):
         report = run_verify(
             settings, mapping(), actor="t", options=VerifyOptions(recheck_timeout_s=5)
         )
         assert report.passed, report.mismatch_summary()
-        probe.source_dsn, probe.target_dsn = settings.source.dsn, settings.target.dsn
         assert probe.settings().kafka.control_topic == settings.kafka.control_topic
         yield probe
 

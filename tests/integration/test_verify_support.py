@@ -35,6 +35,7 @@ from cutover.config import (
 )
 from cutover.control_store import LEGACY_SCHEMA, ControlStore
 from cutover.mapping import MappingSpec, load_mapping
+from devtools.harness import Scenario
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "shop"
@@ -229,6 +230,28 @@ def scratch_pair(
         for gen in (lg, cm):
             with suppress(StopIteration):
                 next(gen)
+
+
+@contextmanager
+def staged_scenario(
+    source_admin: str, target_admin: str, bootstrap: str, workdir: Path, *, orders: int
+) -> Iterator[tuple[Scenario, Settings]]:
+    """A healthy-looking pipeline (seeded shop, topics, slot, heartbeat, offsets; not verified)
+    as a :class:`devtools.harness.Scenario` the CLI can be pointed at, and its settings."""
+    probe = Scenario("", "", bootstrap, workdir, partitions=PARTITIONS)
+    with scratch_pair(
+        source_admin,
+        target_admin,
+        bootstrap,
+        prefix=probe.prefix,
+        slot=probe.slot,
+        publication=probe.publication,
+    ) as settings:
+        seed(settings, orders=orders)
+        create_topics(settings)
+        stage_pipeline(settings)
+        probe.source_dsn, probe.target_dsn = settings.source.dsn, settings.target.dsn
+        yield probe, settings
 
 
 # ---------------------------------------------------------------------------------------------
