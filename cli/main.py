@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,30 +21,70 @@ from cutover import shutdown
 from cutover.config import Settings, environ_snapshot, load_settings
 from cutover.errors import CutoverError
 
-# Order here is the order in `cutover --help`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "init",
-    "produce",
-    "snapshot",
-    "apply",
-    "dlq",
-    "verify",
-    "status",
-    "switch_reads",
-    "rollback",
-    "switch_writes",
-    "rollback_writes",
-    "complete",
-    "audit",
-    "monitor",
-    "replay",
-    "console",
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, the module that registers it, its line in ``cutover --help``."""
+
+    name: str
+    module: str
+    help: str
+
+
+# Order here is the order in `cutover --help`. The help line is repeated here (each module's
+# parser has it too; a unit test keeps them equal) so that ``cutover X`` imports X's module only:
+# the modules pull in Kafka, Avro, the console's web stack..., about 0.5 s of imports for all,
+# paid by every process a script or a test starts.
+COMMANDS: tuple[Command, ...] = tuple(
+    Command(name, f"cli.commands.{name.replace('-', '_')}", line)
+    for name, line in (
+        ("init", "preflight checks; create publication, slot, topics, control tables (idempotent)"),
+        ("produce", "run the CDC producer (initial snapshot if needed, then stream)"),
+        ("snapshot", "queue, list or cancel snapshots of tables (run by the producer)"),
+        ("apply", "run one apply consumer (run several for a consumer group)"),
+        ("dlq", "inspect and re-drive dead letters"),
+        ("verify", "mapping-aware consistency check (exit 1 on persistent mismatch)"),
+        ("status", "per domain: cutover state, gates, lag, last verify; weighted progress"),
+        ("switch-reads", "switch a domain's reads to commerce (gated, audited)"),
+        ("rollback", "return a domain's reads to legacy (audited)"),
+        (
+            "switch-writes",
+            "move a domain's writes to commerce behind the write fence (gated, audited)",
+        ),
+        (
+            "rollback-writes",
+            "return a domain's writes to legacy (fence commerce, drain reverse; audited)",
+        ),
+        (
+            "complete",
+            "finish a domain: stop its reverse stream, legacy stays fenced (gated, audited)",
+        ),
+        ("audit", "list the cutover audit trail"),
+        (
+            "monitor",
+            "live view: topics, partitions, group lag, apply rate/latency, slot, dead letters",
+        ),
+        (
+            "replay",
+            "record a topic range to an Avro file; play it into a topic or a sandbox database",
+        ),
+        (
+            "console",
+            "serve the web console (overview, actions, audit, dead letters) behind a login",
+        ),
+    )
 )
 
 # Commands that live outside the product: the dev tools plug ``cutover workload`` in when they
 # are importable (a source checkout, which is what ``make`` installs); a wheel built from this
 # repository leaves them out, and so does its ``cutover --help``.
-PLUGIN_COMMAND_MODULES: tuple[str, ...] = ("devtools.workload_command",)
+PLUGIN_COMMANDS: tuple[Command, ...] = (
+    Command(
+        "workload",
+        "devtools.workload_command",
+        "generate realistic shop traffic on the old database",
+    ),
+)
 
 Handler = Callable[[argparse.Namespace, "Context"], int]
 
@@ -71,7 +112,56 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unparsable(Exception):
+    """The pre-parse could not tell the command: every command's module is loaded instead."""
+
+
+class _PreParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _Unparsable(message)
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (TOML); default ./cutover.toml")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--log-json",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="JSON log lines (default: JSON when stderr is not a terminal)",
+    )
+
+
+def command_named(argv: Sequence[str] | None) -> str | None:
+    """The command ``argv`` names, read with the global options' own rules (abbreviations and
+    ``--opt=value`` included), or None when that cannot be told."""
+    pre = _PreParser(add_help=False)
+    _global_options(pre)
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    except _Unparsable:
+        return None
+    return known.command if isinstance(known.command, str) else None
+
+
+def _plugins() -> list[Command]:
+    found = []
+    for command in PLUGIN_COMMANDS:
+        try:
+            spec = importlib.util.find_spec(command.module)
+        except ModuleNotFoundError:  # its package is not installed
+            spec = None
+        if spec is not None:
+            found.append(command)
+    return found
+
+
+def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> _Parser:
+    """The parser: the command ``argv`` names is registered by its module (its arguments, its
+    handler), every other one by its help line only; ``every`` loads all modules."""
     parser = _Parser(
         prog="cutover",
         description=(
@@ -86,34 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
             "refused, 2 usage or configuration error, 3 runtime failure."
         ),
     )
-    parser.add_argument("--config", type=Path, help="config file (TOML); default ./cutover.toml")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    parser.add_argument(
-        "--log-json",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="JSON log lines (default: JSON when stderr is not a terminal)",
-    )
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"cli.commands.{name}").register(sub)
-    for module in PLUGIN_COMMAND_MODULES:
-        try:
-            plugin = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise
-            continue
-        plugin.register(sub)
+    named = None if every else command_named(argv)
+    for command in (*COMMANDS, *_plugins()):
+        if every or command.name == named:
+            importlib.import_module(command.module).register(sub)
+        else:
+            sub.add_parser(command.name, help=command.help, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    if not hasattr(args, "handler"):  # the pre-parse named another command: load them all
+        args = build_parser(argv, every=True).parse_args(argv)
     cutover_logging.configure(level=args.log_level, json=args.log_json)
     context = Context(config_path=args.config, environ=environ_snapshot())
     handler: Handler = args.handler

@@ -195,8 +195,6 @@ def test_monitor_agrees_with_kafka_consumer_groups(
     assert payment.domain == "payment" and payment.dead_letters_open == 1
 
     # The command line: --once --json for scripts (the lead registers the module in the CLI).
-    if "monitor" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "monitor"))
     config = tmp_path / "cutover.toml"
     config.write_text(
         f'[source]\nslot = "{slot_name}"\n'

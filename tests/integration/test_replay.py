@@ -263,7 +263,7 @@ def test_rate_limits_playing(shop: Recorded, tmp_path: Path) -> None:
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``cli.main.main`` with the replay command registered (until the lead adds it)."""
+    """``cli.main.main``: exit code, stdout, stderr."""
     code = cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
@@ -273,8 +273,6 @@ def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 def cli_env(
     shop: Recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_dsn: str
 ) -> Path:
-    if "replay" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "replay"))
     config = tmp_path / "cutover.toml"
     mapping = Path(__file__).resolve().parents[2] / "examples" / "shop" / "mapping.toml"
     config.write_text(

@@ -9,7 +9,7 @@ from cli.main import build_parser
 
 @pytest.mark.parametrize("command", ["switch-writes", "rollback-writes"])
 def test_crash_at_is_accepted_and_hidden(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = build_parser()
+    parser = build_parser(every=True)
     args = parser.parse_args([command, "payment", "--crash-at", "after_drain"])
     assert args.crash_at == "after_drain"
     assert parser.parse_args([command, "payment"]).crash_at is None
@@ -22,4 +22,4 @@ def test_crash_at_is_accepted_and_hidden(command: str, capsys: pytest.CaptureFix
 
 def test_other_commands_have_no_crash_hook() -> None:
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["switch-reads", "payment", "--crash-at", "after_drain"])
+        build_parser(every=True).parse_args(["switch-reads", "payment", "--crash-at", "after_drain"])

@@ -52,7 +52,7 @@ def test_consumer_conf_forces_what_exactly_once_needs_and_passes_the_rest() -> N
 
 
 def test_apply_and_dlq_commands_are_registered(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = build_parser()
+    parser = build_parser(every=True)
     args = parser.parse_args(["apply", "--exit-when-idle", "5", "--group-id", "x"])
     assert args.exit_when_idle == 5.0 and args.group_id == "x"
     args = parser.parse_args(["dlq", "retry", "--all"])
