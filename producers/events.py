@@ -551,6 +551,11 @@ class ChangeStream:
         """Emit the rows left in a closed window as op ``r`` at the high watermark's position."""
         route = window.route
         window.high_lsn = tx.commit_lsn
+        if route.mapping.domain in self.fenced:
+            window.fence()  # the runner fails the request: see SnapshotRunner.chunk_done
+            self._remove_window(window)
+            self.completed_chunks.append(window)
+            return
         rows = window.close()
         now = self._clock_ms()
         emitted = 0

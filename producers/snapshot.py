@@ -39,7 +39,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cutover import pg
+from cutover import fence, pg
 from cutover.codec import ColumnSpec
 from cutover.control_store import LEGACY_SCHEMA, ControlStore
 from cutover.control_store.producer import SnapshotRequest, request_snapshot
@@ -275,6 +275,16 @@ def request_fault(exc: CutoverError) -> str | None:
     return None
 
 
+def fenced_reason(domain: str) -> str:
+    """Why a snapshot of a domain whose writes moved to commerce is refused (at queueing, and by
+    the producer for a request queued before the move or a chunk that closes after it)."""
+    return (
+        f"the writes of domain {domain} are on commerce (legacy is fenced): legacy's rows are "
+        "older than commerce's and would overwrite them; a snapshot is only possible after "
+        f"`cutover rollback-writes {domain}`"
+    )
+
+
 def queue_request(
     dsn: str,
     *,
@@ -300,6 +310,10 @@ def queue_request(
                 flt = compile_where(where, [c.name for c in columns], schema, table)
                 assert flt is not None
                 validate_where(conn, schema, table, flt)
+            domain = mapping.tables[table].domain
+            state = fence.fence_states(conn, LEGACY_SCHEMA, side="source").get(domain)
+            if state is not None and state.fenced:
+                raise CheckFailed(f"snapshot of {schema}.{table} refused: {fenced_reason(domain)}")
             store = ControlStore(conn, LEGACY_SCHEMA, "source")
             return request_snapshot(store, slot, table, where, requested_by=requested_by)
     except psycopg.Error as exc:

@@ -161,6 +161,11 @@ class SnapshotRunner:
         if request is None or request.id != window.request_id:
             return
         root = window.parent or window
+        if window.state == "fenced":
+            # Judged at the high watermark, in WAL order: the stream's fence state at the start
+            # of a chunk may be behind a raise or a lower the database has already seen.
+            self._fail_request(request, snapshot.fenced_reason(window.route.mapping.domain))
+            return
         if window.state == "failed":
             self.log.warning("snapshot.chunk_retry", chunk=window.chunk_id)
             if window.parent is not None:

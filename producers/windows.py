@@ -63,7 +63,7 @@ class ChunkWindow:
     last_pk: tuple[str, ...] = ()  # text of the last selected primary key (resume point)
     selected: int = 0
     final: bool = False  # the select returned fewer rows than a chunk: the request is done
-    state: str = "waiting"  # waiting -> open -> closed (or failed)
+    state: str = "waiting"  # waiting -> open -> closed (or failed, or fenced)
     dropped: int = 0
     emitted: int = 0
     high_lsn: int = 0
@@ -89,6 +89,12 @@ class ChunkWindow:
     def fail(self) -> None:
         """The high watermark came without the low one: the window cannot be trusted."""
         self.state = "failed"
+        self.rows = {}
+
+    def fence(self) -> None:
+        """The domain's writes moved to commerce before the high watermark: legacy's rows are
+        older than commerce's, so the chunk is never emitted."""
+        self.state = "fenced"
         self.rows = {}
 
     def close(self) -> list[dict[str, object]]:

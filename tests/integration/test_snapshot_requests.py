@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from cutover import fence
 from cutover.mapping import MappingSpec, load_mapping
 from devtools import harness
 from devtools.harness import Scenario, changes, open_scenario, source_state
@@ -215,6 +216,36 @@ def test_list_and_cancel(scenario: Scenario) -> None:
     assert after[kept]["status"] == "done" and after[initial[0]]["status"] == "done"
     assert snapshot_keys(scenario, "products") == []
     assert snapshot_keys(scenario, "merchants")
+
+
+def test_a_domain_whose_writes_moved_is_never_snapshotted(scenario: Scenario) -> None:
+    """Legacy's rows of a fenced domain are older than commerce's: a snapshot would overwrite
+    them. Refused when queued (exit 1), and a request queued before the fence fails in the
+    producer; once the fence is lowered (writes rolled back) the same snapshot runs."""
+    merchant = {"merchant": [("shop", "products"), ("shop", "merchants")]}
+    queued = scenario.cli("snapshot", "--table", "products", "--json")
+    assert queued.returncode == 0, queued.stderr
+    early = json.loads(queued.stdout)["request"]
+    with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
+        fence.install(conn, "cutover", merchant, side="source")
+        fence.raise_fence(
+            conn, "cutover", "merchant", state="writes_switched", reason="test", side="source"
+        )
+    refused = scenario.cli("snapshot", "--table", "merchants")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "writes of domain merchant are on commerce" in refused.stderr
+    assert "cutover rollback-writes merchant" in refused.stderr
+    drain(scenario)
+    request = listed(scenario)[early]
+    assert request["status"] == "failed" and "legacy is fenced" in request["error"], request
+    assert snapshot_keys(scenario, "products") == []
+    with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
+        fence.lower_fence(conn, "cutover", "merchant", state="reads_switched", side="source")
+    again = scenario.cli("snapshot", "--table", "products", "--json")
+    assert again.returncode == 0, again.stderr
+    drain(scenario)
+    assert listed(scenario)[json.loads(again.stdout)["request"]]["status"] == "done"
+    assert snapshot_keys(scenario, "products")
 
 
 def test_cancel_stops_a_running_request_after_the_chunk_in_flight(

@@ -22,4 +22,6 @@ def test_crash_at_is_accepted_and_hidden(command: str, capsys: pytest.CaptureFix
 
 def test_other_commands_have_no_crash_hook() -> None:
     with pytest.raises(SystemExit):
-        build_parser(every=True).parse_args(["switch-reads", "payment", "--crash-at", "after_drain"])
+        build_parser(every=True).parse_args(
+            ["switch-reads", "payment", "--crash-at", "after_drain"]
+        )

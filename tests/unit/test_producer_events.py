@@ -655,3 +655,23 @@ def test_fence_messages_of_another_shape_change_nothing(mapping: MappingSpec) ->
     h.tx(3, 0x300, Insert(USERS, user(1)))
     assert [r[2] for r in h.records()] == ["1"]
     assert parse_fence_message(fence_message("payment", True)) == ("payment", True)
+
+
+def test_a_chunk_closing_after_its_domains_fence_is_never_emitted(mapping: MappingSpec) -> None:
+    """A snapshot of a domain whose writes moved would overwrite commerce's newer rows with
+    legacy's: the chunk ends ``fenced`` (its request is failed by the runner), unemitted."""
+    h = Harness(mapping)
+    h.stream.handle(users_rel())
+    window = _window(h, {1: "one", 2: "two"})
+    h.tx(2, 0x200, _mark(SNAPSHOT_LOW_PREFIX))
+    h.tx(3, 0x300, _fence("data", True), end=0x308)
+    h.tx(5, 0x500, _mark(SNAPSHOT_HIGH_PREFIX))
+    assert window.state == "fenced" and window.emitted == 0
+    assert h.stream.completed_chunks == [window]
+    assert not h.stream.windows
+    assert not [r for r in h.records() if r[3]["op"] == "r"]
+    # Another domain's fence leaves a chunk alone.
+    other = _window(h, {3: "three"})
+    h.tx(6, 0x600, _mark(SNAPSHOT_LOW_PREFIX), _fence("data", False), _fence("payment", True))
+    h.tx(7, 0x700, _mark(SNAPSHOT_HIGH_PREFIX))
+    assert other.state == "closed" and other.emitted == 1
