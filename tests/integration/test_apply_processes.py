@@ -37,6 +37,7 @@ from devtools.apply_support import (
     wait_for,
     write_config,
 )
+from tests.integration.faults_support import cli_processes
 
 pytestmark = pytest.mark.integration
 
@@ -93,19 +94,20 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
     config = write_config(tmp_path, topics, group=group, batch_max_events=300)
     env = cli_env(commerce, topics.bootstrap)
     logs = []
-    for attempt in range(3):  # killed twice at different points, then left to finish
-        log = tmp_path / f"apply-{attempt}.log"
-        logs.append(log)
-        proc = start_apply(config, env, log=log)
-        if attempt < 2:
-            start = total_offsets(commerce, group)
-            wait_for(lambda s=start: total_offsets(commerce, group) > s + 500, 90, "progress")  # type: ignore[misc]
-            time.sleep(0.05 * (attempt + 1))  # somewhere inside a batch, before or after COMMIT
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        else:
-            wait_for(lambda: total_offsets(commerce, group) == len(msgs), 180, "the end")
-            assert stop_apply(proc) == 0, _log_text(*logs)
+    with cli_processes() as procs:
+        for attempt in range(3):  # killed twice at different points, then left to finish
+            log = tmp_path / f"apply-{attempt}.log"
+            logs.append(log)
+            proc = procs[f"apply-{attempt}"] = start_apply(config, env, log=log)
+            if attempt < 2:
+                start = total_offsets(commerce, group)
+                wait_for(lambda s=start: total_offsets(commerce, group) > s + 500, 90, "progress")  # type: ignore[misc]
+                time.sleep(0.05 * (attempt + 1))  # somewhere inside a batch, before/after COMMIT
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            else:
+                wait_for(lambda: total_offsets(commerce, group) == len(msgs), 180, "the end")
+                assert stop_apply(proc) == 0, _log_text(*logs)
     assert diff(model.expected(), fetch_commerce(commerce)) == []
 
 
@@ -138,59 +140,60 @@ def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    procs = {}
-    logs = []
+    # Whatever still runs when the test fails is stopped (cli_processes).
+    with cli_processes() as procs:
+        logs = []
 
-    def start(name: str) -> None:
-        log = tmp_path / f"{name}.log"
-        logs.append(log)
-        procs[name] = start_apply(config, env, log=log)
+        def start(name: str) -> None:
+            log = tmp_path / f"{name}.log"
+            logs.append(log)
+            procs[name] = start_apply(config, env, log=log)
 
-    def committed(name: str) -> None:
-        log = tmp_path / f"{name}.log"
-        wait_for(lambda: '"apply.batch_committed"' in log.read_text(), 60, f"{name} to commit")
+        def committed(name: str) -> None:
+            log = tmp_path / f"{name}.log"
+            wait_for(lambda: '"apply.batch_committed"' in log.read_text(), 60, f"{name} to commit")
 
-    def progressed(by: int) -> None:
-        base = total_offsets(commerce, group)
-        wait_for(
-            lambda: total_offsets(commerce, group) >= min(base + by, len(msgs)),
-            120,
-            f"{by} more offsets",
-        )
+        def progressed(by: int) -> None:
+            base = total_offsets(commerce, group)
+            wait_for(
+                lambda: total_offsets(commerce, group) >= min(base + by, len(msgs)),
+                120,
+                f"{by} more offsets",
+            )
 
-    start("a")
-    progressed(1000)
-    start("b")
-    start("c")
-    committed("b")
-    committed("c")
-    os.kill(procs["b"].pid, signal.SIGKILL)  # dies: its partitions move after session timeout
-    procs["b"].wait(10)
-    start("d")
-    committed("d")
-    progressed(1000)
-    assert stop_apply(procs["a"]) == 0, _log_text(*logs)  # leaves cleanly: immediate rebalance
-    os.kill(procs["c"].pid, signal.SIGKILL)
-    procs["c"].wait(10)
-    if cli is not None:  # the console script, as operators run it
-        import subprocess
+        start("a")
+        progressed(1000)
+        start("b")
+        start("c")
+        committed("b")
+        committed("c")
+        os.kill(procs["b"].pid, signal.SIGKILL)  # dies: its partitions move after session timeout
+        procs["b"].wait(10)
+        start("d")
+        committed("d")
+        progressed(1000)
+        assert stop_apply(procs["a"]) == 0, _log_text(*logs)  # leaves cleanly: immediate rebalance
+        os.kill(procs["c"].pid, signal.SIGKILL)
+        procs["c"].wait(10)
+        if cli is not None:  # the console script, as operators run it
+            import subprocess
 
-        log = tmp_path / "e.log"
-        logs.append(log)
-        procs["e"] = subprocess.Popen(
-            [cli, "--log-json", "--config", str(config), "apply"],
-            env=env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-    else:
-        start("e")
-    assert not done.is_set(), "the load ended before the membership changes: slow the feed"
-    changes_done.set()
-    assert done.wait(180)
-    wait_for(lambda: total_offsets(commerce, group) == len(msgs), 240, "all offsets applied")
-    for name in ("d", "e"):
-        assert stop_apply(procs[name]) == 0, _log_text(*logs)
-    assert diff(model.expected(), fetch_commerce(commerce)) == []
-    text = _log_text(*logs)
-    assert "apply.partitions_assigned" in text and "apply.partitions_revoked" in text
+            log = tmp_path / "e.log"
+            logs.append(log)
+            procs["e"] = subprocess.Popen(
+                [cli, "--log-json", "--config", str(config), "apply"],
+                env=env,
+                stdout=log.open("ab"),
+                stderr=subprocess.STDOUT,
+            )
+        else:
+            start("e")
+        assert not done.is_set(), "the load ended before the membership changes: slow the feed"
+        changes_done.set()
+        assert done.wait(180)
+        wait_for(lambda: total_offsets(commerce, group) == len(msgs), 240, "all offsets applied")
+        for name in ("d", "e"):
+            assert stop_apply(procs[name]) == 0, _log_text(*logs)
+        assert diff(model.expected(), fetch_commerce(commerce)) == []
+        text = _log_text(*logs)
+        assert "apply.partitions_assigned" in text and "apply.partitions_revoked" in text
