@@ -30,15 +30,19 @@ CREATE TABLE IF NOT EXISTS write_fence_log (
     at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- SECURITY DEFINER: the guard reads and locks the fence row with its owner's rights, so the
+-- applications writing the domain's tables need no privilege on the fence. Granting them
+-- UPDATE on write_fence (what FOR SHARE needs) would let any of them lower a fence. The fixed
+-- search_path is the rule for such functions; every name in it is qualified anyway.
 CREATE OR REPLACE FUNCTION write_fence_guard() RETURNS trigger
-LANGUAGE plpgsql AS $guard$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $guard$
 DECLARE
     is_fenced   boolean;
     fence_state text;
 BEGIN
     -- The appliers' sessions carry a replication origin (set up to mark their transactions
     -- so the other direction does not echo them): they are the one writer a fence lets through.
-    IF pg_replication_origin_session_is_setup() THEN
+    IF pg_catalog.pg_replication_origin_session_is_setup() THEN
         RETURN NULL;
     END IF;
     EXECUTE format('SELECT fenced, state FROM %I.write_fence WHERE domain = $1 FOR SHARE',

@@ -50,7 +50,7 @@ ORIGIN_FUNCTIONS: Final = (
     "pg_replication_origin_oid(text)",
     "pg_replication_origin_session_setup(text)",
 )
-#: The write fence's guard calls it in every writer's session (cutover/fence.sql).
+#: The write fence's guard calls it in every writer's session, as the guard's owner (fence.sql).
 ORIGIN_IS_SETUP: Final = "pg_replication_origin_session_is_setup()"
 
 _PASSWORDS = (
@@ -159,7 +159,8 @@ def _execute(functions: Sequence[str], roles: Sequence[str]) -> list[sql.Composa
 
 def _fence(schema: str, sre: str, producer: str) -> list[sql.Composable]:
     """Raising/lowering a fence updates its row and logs it; the producer reading the database
-    reads the log at start; the guard's check is open to every writer."""
+    reads the log at start. The guard runs with its owner's rights (SECURITY DEFINER, in
+    fence.sql): the SRE installs it, so the SRE needs what it calls; writers need nothing."""
     fence = sql.SQL("GRANT SELECT, UPDATE ON TABLE {} TO {}").format(
         sql.Identifier(schema, FENCE_TABLE), sql.Identifier(sre)
     )
@@ -169,14 +170,14 @@ def _fence(schema: str, sre: str, producer: str) -> list[sql.Composable]:
     read = sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(
         sql.Identifier(schema, FENCE_LOG_TABLE), sql.Identifier(producer)
     )
-    public = sql.SQL("GRANT EXECUTE ON FUNCTION pg_catalog.{} TO PUBLIC").format(
-        sql.SQL(ORIGIN_IS_SETUP)
+    guard = sql.SQL("GRANT EXECUTE ON FUNCTION pg_catalog.{} TO {}").format(
+        sql.SQL(ORIGIN_IS_SETUP), sql.Identifier(sre)
     )
     return [
         _if_table(schema, FENCE_TABLE, fence),
         _if_table(schema, FENCE_LOG_TABLE, log),
         _if_table(schema, FENCE_LOG_TABLE, read),
-        public,
+        guard,
     ]
 
 

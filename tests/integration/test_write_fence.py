@@ -5,12 +5,15 @@ guard already admitted, so the fence LSN is past their commits."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from decimal import Decimal
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cutover import fence
 
@@ -223,3 +226,46 @@ def test_a_fence_installed_without_its_log_counts_as_not_installed(legacy: str) 
         assert fence.fence_states(conn, SCHEMA, side="source") == {}
         fence.install(conn, SCHEMA, {"payment": PAYMENT, "data": DATA}, side="source")
         assert set(fence.fence_states(conn, SCHEMA, side="source")) == {"payment", "data"}
+
+
+def test_an_application_role_needs_no_right_on_the_fence_and_cannot_lower_it(
+    legacy: str,
+) -> None:
+    """The guard reads and locks the fence row with its owner's rights (SECURITY DEFINER): an
+    application role with rights on its tables only is admitted, then refused once the fence
+    is up, and may not touch the fence itself."""
+    role = f"app_{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    with psycopg.connect(legacy, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        admin.execute(sql.SQL("GRANT USAGE ON SCHEMA shop TO {}").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE ON shop.orders TO {}").format(
+                sql.Identifier(role)
+            )
+        )
+    params = conninfo_to_dict(legacy)
+    params.update(user=role, password=password)
+    as_app = make_conninfo(**params)  # type: ignore[arg-type]
+    try:
+        with psycopg.connect(as_app, autocommit=True) as app:
+            _insert_order(app, 1)  # not fenced: admitted, with no right on the fence
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("UPDATE cutover.write_fence SET fenced = false")
+        with psycopg.connect(legacy, autocommit=True) as admin:
+            fence.raise_fence(
+                admin, SCHEMA, "payment", state="writes_switched", reason="t", side="s"
+            )
+        with psycopg.connect(as_app, autocommit=True) as app:
+            with pytest.raises(psycopg.Error) as refused:
+                _insert_order(app, 2)
+            assert fence.is_fence_refusal(refused.value), refused.value
+        assert _count(legacy, "orders") == 1
+    finally:
+        with psycopg.connect(legacy, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
