@@ -8,7 +8,7 @@ PY_DIRS := cutover producers consumers schemas control cli console devtools test
 # Export the local stack's CUTOVER_* variables to every recipe that needs them.
 WITH_ENV = set -a && . ./$(STACK_ENV) && set +a &&
 
-.PHONY: help venv up down status test unit integration lint demo bench bench-vs-debezium bench-write-window clean
+.PHONY: help venv up down status test test-durations unit integration lint demo bench bench-vs-debezium bench-write-window clean
 
 help:
 	@echo "make demo    stack up, load the reference shop, prefill, a short workload, a summary"
@@ -59,16 +59,23 @@ integration: up
 # The registry tests need the schema registry: `make test` starts it (built once, ~18 s).
 # Most tests wait on Kafka and PostgreSQL, so TEST_WORKERS pytest-xdist workers share the stack
 # (each test has its own databases, topics, slots, groups). --dist loadgroup keeps an
-# xdist_group on one worker (tests/integration/conftest.py). The `serial` tests stop a server of
-# the shared stack, so they run alone afterwards; both runs always run, either failing fails.
+# xdist_group on one worker (tests/conftest.py), which hands the groups out longest first by
+# tests/durations.json (refresh it with `make test-durations` after a run). The `serial` tests
+# stop a server of the shared stack, so they run alone afterwards; both runs always run, either
+# failing fails.
 TEST_WORKERS ?= 2
 test: REGISTRY := 1
 test: up lint
 	$(WITH_ENV) rc=0; \
 	$(VENV)/bin/pytest tests -q -m "not quarantine and not serial" \
-	  -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS) || rc=$$?; \
+	  -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=30 \
+	  --junitxml=.stack/junit.xml $(PYTEST_ARGS) || rc=$$?; \
 	$(VENV)/bin/pytest tests -q -m "serial and not quarantine" $(PYTEST_ARGS) || rc=$$?; \
 	exit $$rc
+
+# tests/durations.json from the last `make test` (.stack/junit.xml): commit it when it moved.
+test-durations: venv
+	$(PY) -m devtools.test_durations
 
 demo: up
 	$(WITH_ENV) bash examples/shop/demo.sh
