@@ -131,7 +131,7 @@ class PrivateStack:
     cache: Path = CACHE
 
     def up(self) -> stack.StackState:
-        return stack.up(self.root, self.cache)
+        return stack.up(self.root, self.cache, quick_jvm=True)
 
     def down(self) -> None:
         stack.down(self.root)

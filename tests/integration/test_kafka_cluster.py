@@ -60,7 +60,7 @@ class ClusterStack(PrivateStack):
     """A private stack whose Kafka is three nodes; nodes can be killed, stopped, restarted."""
 
     def up(self) -> stack.StackState:
-        return stack.up(self.root, self.cache, brokers=3)
+        return stack.up(self.root, self.cache, brokers=3, quick_jvm=True)
 
     @property
     def bootstrap(self) -> str:

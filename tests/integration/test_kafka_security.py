@@ -73,7 +73,7 @@ def secured() -> Iterator[Secured]:
     root = base / "stack"
     try:
         try:
-            stack.up(root, CACHE, secure=True)
+            stack.up(root, CACHE, secure=True, quick_jvm=True)
         except StackError:
             # A JVM starting on a loaded 2-core machine may take longer than up's deadline:
             # wait for it (a second up would restart a lone broker that does not answer yet).
