@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -99,19 +98,16 @@ def start(root: Path) -> str:
     home = root / "prometheus"
     targets_dir(root).mkdir(parents=True, exist_ok=True)
     (home / "prometheus.yml").write_text(config(root))
-    out = (home / "stdout.log").open("ab")
     # The config file's path names the stack folder: `down`'s "no process left" check finds it.
-    proc = subprocess.Popen(
+    pid = sidecar.start(
+        _state_path(root), state,
         ["prometheus", f"--config.file={home / 'prometheus.yml'}",
          f"--storage.tsdb.path={home / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
          "--storage.tsdb.retention.time=2d"],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,  # survive `make up` returning; `down` stops it by pid
+        log=home / "stdout.log", ready=lambda: ready(port), timeout=READY_TIMEOUT_S,
+        what="prometheus",
     )  # fmt: skip
-    state["pid"] = proc.pid
-    sidecar.save(_state_path(root), state)
-    sidecar.wait_ready(proc, lambda: ready(port), READY_TIMEOUT_S, "prometheus", out.name)
-    _say(f"prometheus ready on {url(port)} (pid {proc.pid}), targets in {targets_dir(root)}")
+    _say(f"prometheus ready on {url(port)} (pid {pid}), targets in {targets_dir(root)}")
     return url(port)
 
 

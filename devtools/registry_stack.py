@@ -116,29 +116,16 @@ def start(root: Path, cache: Path) -> str:
         # A file database: ids and versions survive a restart of the registry.
         "REGISTRY_DATASOURCE_URL": f"jdbc:h2:file:{rdir / 'data' / 'registry'}",
     }
-    out = (rdir / "stdout.log").open("ab")
-    proc = subprocess.Popen(
-        # -Dcutover.stack names the stack folder: `down`'s "no process left" check finds it.
-        # C1 only (TieredStopAtLevel=1): a faster start, a smaller footprint, for a test server.
-        [
-            "java",
-            *HEAP.split(),
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
-            f"-Dcutover.stack={root}",
-            "-jar",
-            str(jar),
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,  # survive `make up` returning; `down` stops it by pid
-    )
-    state["pid"] = proc.pid
-    sidecar.save(_state_path(root), state)
-    sidecar.wait_ready(proc, lambda: ready(port), READY_TIMEOUT_S, "the schema registry", out.name)
-    _say(f"schema registry ready on {url(port)} (pid {proc.pid})")
+    # -Dcutover.stack names the stack folder: `down`'s "no process left" check finds it.
+    # C1 only (TieredStopAtLevel=1): a faster start, a smaller footprint, for a test server.
+    pid = sidecar.start(
+        _state_path(root), state,
+        ["java", *HEAP.split(), "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+         f"-Dcutover.stack={root}", "-jar", str(jar)],
+        log=rdir / "stdout.log", ready=lambda: ready(port), timeout=READY_TIMEOUT_S,
+        what="the schema registry", env=env,
+    )  # fmt: skip
+    _say(f"schema registry ready on {url(port)} (pid {pid})")
     return url(port)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cutover.errors import StackError
@@ -62,3 +62,28 @@ def wait_ready(
         if time.monotonic() > deadline:
             raise StackError(f"{what} did not answer within {timeout:.0f} s")
         time.sleep(0.25)
+
+
+def start(
+    path: Path,
+    state: State,
+    argv: Sequence[str],
+    *,
+    log: Path,
+    ready: Callable[[], bool],
+    timeout: float,
+    what: str,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Start ``argv`` in a session of its own (it survives ``make up`` returning; ``down`` stops
+    it by pid), output appended to ``log``; record its pid in ``path`` with ``state``, then wait
+    until ``ready``. The pid."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env), start_new_session=True,
+        )  # fmt: skip
+    state["pid"] = proc.pid
+    save(path, state)
+    wait_ready(proc, ready, timeout, what, str(log))
+    return proc.pid
