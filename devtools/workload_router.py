@@ -31,6 +31,7 @@ same (docs/CUTOVER.md, "Apps during the write switch").
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -339,6 +340,24 @@ class _Tally:
         }
 
 
+class AbortedPipelineNoise(logging.Filter):
+    """Drops psycopg's warning "error ignored terminating <Pipeline>: pipeline aborted".
+
+    psycopg logs it when a pipeline is left after a statement in it failed: the statements
+    queued after the failure were skipped. After a fence refusal that is the expected outcome
+    (the transaction is retried where the router says), and it is counted in the report; on
+    stderr it read as a fault. Any other warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            str(record.msg).startswith("error ignored terminating")
+            and isinstance(args, tuple)
+            and len(args) == 2
+            and isinstance(args[1], psycopg.errors.PipelineAborted)
+        )
+
+
 class _Sides:
     """One autocommit connection per side; a transaction per planned operation."""
 
@@ -346,6 +365,9 @@ class _Sides:
         self.dsn = {"legacy": legacy_dsn, "commerce": commerce_dsn}
         self.conn: dict[str, Conn] = {}
         self.writer = CommerceWriter(mapping)
+        psycopg_log = logging.getLogger("psycopg")
+        if not any(isinstance(f, AbortedPipelineNoise) for f in psycopg_log.filters):
+            psycopg_log.addFilter(AbortedPipelineNoise())
 
     def connect(self, side: str) -> Conn:
         conn = self.conn.get(side)

@@ -5,6 +5,7 @@ thing is tests/integration/test_workload_router.py."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import structlog
 from psycopg import sql
@@ -23,6 +25,7 @@ from cutover.mapping import MappingSpec, load_mapping
 from devtools import workload as w
 from devtools.workload_router import (
     EFFECTS,
+    AbortedPipelineNoise,
     CommerceWriter,
     operation_domain,
     unheld_writes,
@@ -165,3 +168,18 @@ def test_writes_to_columns_commerce_does_not_hold_are_counted(mapping: MappingSp
 def test_cli_router_does_not_go_with_prefill(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["workload", "--router", "--prefill", "--dsn", "host=127.0.0.1 port=1"]) == 2
     assert "--router" in capsys.readouterr().err
+
+
+def test_only_psycopgs_aborted_pipeline_warning_is_dropped() -> None:
+    """After a fence refusal inside a pipeline, psycopg's "pipeline aborted" warning is the
+    expected outcome, not news; other warnings still reach stderr."""
+    noise = AbortedPipelineNoise()
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("psycopg", logging.WARNING, __file__, 1, msg, args, None)
+
+    aborted = psycopg.errors.PipelineAborted("pipeline aborted")
+    assert not noise.filter(record("error ignored terminating %r: %s", object(), aborted))
+    other = psycopg.OperationalError("server closed the connection")
+    assert noise.filter(record("error ignored terminating %r: %s", object(), other))
+    assert noise.filter(record("something else: %s", aborted))
