@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -199,9 +200,9 @@ def _source_grid(report: MonitorReport) -> Table:
     for blocked, cause in report.capture_blocks:
         source.add_row(
             Text("CAPTURE BLOCKED", style="bold red"),
-            f"{blocked}: {cause}; its changes are withheld (see `cutover status`)",
+            escape(f"{blocked}: {cause}; its changes are withheld (see `cutover status`)"),
         )
     for error in [*(t.error for t in report.topics if t.error), *report.errors]:
-        source.add_row(Text("error", style="red"), error)
+        source.add_row(Text("error", style="red"), escape(error))  # may name [kafka] etc.
     source.add_row("taken at", report.taken_at.strftime("%Y-%m-%d %H:%M:%S UTC"))
     return source

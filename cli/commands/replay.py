@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -301,7 +302,7 @@ def run_play(args: argparse.Namespace, context: Context) -> int:
             f"; {summary.upserted} rows upserted, {summary.deleted} deleted, "
             f"{summary.dead_letters} dead letters"
         )
-    console.print(line)
+    console.print(escape(line))  # file and database names are the user's: not markup
     if summary.open_units_at_end:
         console.print(
             f"note: the file ends inside a source transaction on {summary.open_units_at_end} "

@@ -140,10 +140,14 @@ def test_report_and_json() -> None:
 
 
 def test_report_without_any_source() -> None:
-    report = build_report(SETTINGS, ["payment"], None, None, None, errors=["kafka: down"])
+    errors = ["kafka: down; check [kafka] bootstrap"]
+    report = build_report(SETTINGS, ["payment"], None, None, None, errors=errors)
     assert report.topics[0].error == "kafka not read"
-    assert report.as_json()["errors"] == ["kafka: down"]
-    Console(record=True).print(render(report, partitions=False))
+    assert report.as_json()["errors"] == errors
+    console = Console(record=True, width=160)
+    console.print(render(report, partitions=False))
+    # An error naming a config section is text, not a markup tag rich would drop.
+    assert "check [kafka] bootstrap" in console.export_text()
 
 
 def test_byte_sizes_for_people() -> None:
