@@ -94,22 +94,19 @@ def _config(tmp_path: Path, console: str) -> Path:
     return path
 
 
-def test_console_section(tmp_path: Path) -> None:
+def _two_users(tmp_path: Path, console: str) -> Path:
+    """A config whose ``[console]`` is ``console`` plus ann (operator) and vic (viewer), both
+    with the password "pw"."""
     digest = hash_password("pw")
-    path = _config(
-        tmp_path,
-        f"""
-[console]
-session_secret_file = "secret.txt"
-max_failed_logins = 7
-[console.users.ann]
-role = "operator"
-password_hash = "{digest}"
-[console.users.vic]
-role = "viewer"
-password_hash = "{digest}"
-""",
+    users = "".join(
+        f'[console.users.{name}]\nrole = "{role}"\npassword_hash = "{digest}"\n'
+        for name, role in (("ann", "operator"), ("vic", "viewer"))
     )
+    return _config(tmp_path, f"[console]\n{console}{users}")
+
+
+def test_console_section(tmp_path: Path) -> None:
+    path = _two_users(tmp_path, 'session_secret_file = "secret.txt"\nmax_failed_logins = 7\n')
     settings = load_settings(path, {"CUTOVER_CONSOLE_SECRET": SECRET})
     console = settings.console
     assert [(u.name, u.role) for u in console.users] == [("ann", "operator"), ("vic", "viewer")]
@@ -118,6 +115,8 @@ password_hash = "{digest}"
     assert console.session_secret_file == (tmp_path / "secret.txt").resolve()
     assert console.session_secret == SECRET
     assert SECRET not in repr(settings) and SECRET not in str(describe(settings))
+    digest = console.users[0].password_hash
+    assert digest.startswith("$argon2")  # the file's hash, kept out of repr and describe:
     assert digest not in repr(settings) and digest not in str(describe(settings))
 
 
@@ -210,21 +209,7 @@ def _never(*_a: Any) -> Any:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    digest = hash_password("pw")
-    path = _config(
-        tmp_path,
-        f"""
-[console]
-max_failed_logins = 3
-[console.users.ann]
-role = "operator"
-password_hash = "{digest}"
-[console.users.vic]
-role = "viewer"
-password_hash = "{digest}"
-""",
-    )
-    settings = load_settings(path, {})
+    settings = load_settings(_two_users(tmp_path, "max_failed_logins = 3\n"), {})
     env = Env(settings, {"payment": 60}, list_letters=_never, retry_letters=_never)
     app = create_app(env, SECRET, collector=_NoReader())  # type: ignore[arg-type]
     with TestClient(app, base_url="http://127.0.0.1") as c:
