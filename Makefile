@@ -93,6 +93,7 @@ bench: up
 	$(WITH_ENV) $(PY) -m bench.verify_throughput
 	$(WITH_ENV) $(PY) -m bench.replay_throughput
 	$(WITH_ENV) $(PY) -m bench.registry_overhead
+	$(PY) -m bench.decode_cost
 	$(PY) -m bench.report
 
 # cutover produce against Debezium 3.6.1 (Kafka Connect 4.1.1, jars fetched with Maven on first

@@ -199,7 +199,10 @@ class WriterSchema:
 
 def writer_schema(schema: Mapping[str, Any]) -> WriterSchema:
     text = json.dumps(schema, separators=(",", ":"), sort_keys=True)
-    parsed = parse_schema(json.loads(text), _write_hint=False)
+    # With fastavro's "parsed" marker: schemaless_reader/_writer parse an unmarked schema again
+    # on every call, which was two thirds of an applier's decoding time (106 against 40 µs of
+    # CPU per shop event). The canonical form, hence the fingerprint, is the same either way.
+    parsed = parse_schema(json.loads(text))
     canonical = to_parsing_canonical_form(parsed)
     fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16)
     name = str(parsed["name"]) if isinstance(parsed, dict) else str(parsed)

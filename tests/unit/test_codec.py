@@ -144,3 +144,14 @@ def test_schemas_topic_json_round_trip_keeps_logical_types() -> None:
     assert store.decode(data)[1]["after"]["price_idr"] == Decimal("9.90")
     with pytest.raises(DecodeError, match="invalid schema"):
         store.add_json("{not json")
+
+
+def test_schemas_are_handed_to_fastavro_marked_parsed() -> None:
+    """fastavro parses an unmarked schema again on every read and write: two thirds of an
+    applier's decoding CPU (bench/decode_cost.py). The marked schema reads the same record."""
+    ws = writer_schema(heartbeat_schema())
+    assert ws.parsed.get("__fastavro_parsed") is True
+    store = SchemaStore()
+    store.add(ws)
+    data = encode(ws, {"ts_ms": 1, "lsn": 2, "producer": "p"})
+    assert store.decode(data)[1] == {"ts_ms": 1, "lsn": 2, "producer": "p"}
