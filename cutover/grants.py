@@ -12,9 +12,12 @@ here. One script per database (legacy = ``[source]``, commerce = ``[target]``), 
   commerce columns, its control tables in ``[target] control_schema``);
 * applier: writes the commerce tables of the mapping and the commerce control tables, may use
   replication origins (it marks its transactions); nothing on legacy but CONNECT;
-* reverse applier: writes the mapped columns of legacy's tables and its control tables there;
+* reverse applier: writes the mapped columns of legacy's tables (and a legacy-only column a
+  ``reverse`` rule rebuilds on purpose, the invoice url; never a social one) and its control
+  tables there;
 * SRE (verify, status, switches): reads both sides through the mapping (the published legacy
-  columns, the commerce tables), writes the commerce control schema (member of the NOLOGIN
+  columns, the commerce tables) and the producers' and appliers' positions and heartbeats (the
+  write switches' gates and drains), writes the commerce control schema (member of the NOLOGIN
   control owner, since the commands create and migrate those tables on first use) and raises or
   lowers the write fences.
 
@@ -195,15 +198,18 @@ def legacy_script(settings: Settings, mapping: MappingSpec, database: str) -> Sc
     for tm in sorted(mapping.tables.values(), key=lambda t: t.source_table):
         table = sql.Identifier(src, tm.source_table)
         cols = _ids(published_columns(tm))
-        written = _ids(dict.fromkeys([*published_columns(tm), *(c for c, _ in tm.reverse_insert)]))
+        updated = sorted(set(published_columns(tm)) | tm.reverse_columns())
+        written = _ids(dict.fromkeys([*updated, *(c for c, _ in tm.reverse_insert)]))
         out += [
             sql.SQL("GRANT SELECT ({}) ON TABLE {} TO {}").format(
                 cols, table, _ids([r.producer, r.sre])
             ),
             sql.SQL(
-                "GRANT SELECT ({cols}), UPDATE ({cols}), INSERT ({written}), DELETE ON TABLE "
+                "GRANT SELECT ({cols}), UPDATE ({updated}), INSERT ({written}), DELETE ON TABLE "
                 "{table} TO {role}"
-            ).format(cols=cols, written=written, table=table, role=reverse_applier),
+            ).format(
+                cols=cols, updated=_ids(updated), written=written, table=table, role=reverse_applier
+            ),
         ]
     out += _table_grant(
         "SELECT, INSERT, UPDATE, DELETE", LEGACY_SCHEMA, PRODUCER_TABLES, [r.producer]
@@ -271,6 +277,8 @@ def commerce_script(settings: Settings, mapping: MappingSpec, database: str) -> 
     ]
     out += _table_grant("SELECT, INSERT, UPDATE, DELETE", ctl, owned, [r.applier])
     out += _table_grant("SELECT, INSERT, UPDATE, DELETE", ctl, PRODUCER_TABLES, [r.producer])
+    # switch-writes' gate and step: the reverse producer's heartbeat (reverse_path).
+    out += _table_grant("SELECT", ctl, PRODUCER_TABLES, [r.sre])
     out += _execute(ORIGIN_FUNCTIONS, [r.applier])
     out += _fence(ctl, r.sre, r.producer)
     comment = (

@@ -159,6 +159,15 @@ class TableMapping:
             used.add(self.delete_when.column)
         return frozenset(used)
 
+    def reverse_columns(self) -> frozenset[str]:
+        """The legacy columns the reverse applier writes: every column's inverse (a template's
+        ``reverse`` may name an excluded column on purpose: the legacy invoice url) and what
+        ``reverse_delete`` sets (least-privilege grants, :mod:`cutover.grants`)."""
+        written = {i.legacy for i in self._inverses if i.legacy is not None}
+        if self.reverse_delete is not None:
+            written.update(c for c, _ in self.reverse_delete.set)
+        return frozenset(written)
+
 
 @dataclass(frozen=True, slots=True)
 class Invariant:

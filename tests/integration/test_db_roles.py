@@ -3,7 +3,12 @@ applied by an administrator on scratch databases, are enough to run the pipeline
 (produce as the producer, apply as the applier, verify/status/switch-reads as the SRE) and no
 more: the producer cannot read a social column, the applier cannot write legacy. And PostgreSQL
 over TLS as the secured stack sets it up (devtools/pg_security.py): verify-full against the
-stack's CA connects, another CA or plaintext is refused."""
+stack's CA connects, another CA or plaintext is refused.
+
+The write cutover too: switch-writes and rollback-writes as the SRE while the reverse producer
+(``produce --reverse``, the producer role on commerce) and the reverse applier (``apply
+--reverse``, reverse_applier) carry a write made on commerce back to legacy; the reverse applier
+can neither write a legacy social column nor commerce."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -28,6 +33,7 @@ from cutover.errors import DatabaseError
 from devtools import pg_security, stack, tls
 from devtools.harness import Scenario, init, stop
 from devtools.workload import prefill
+from tests.integration.faults_support import cli_processes, start_cli
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 pytestmark = pytest.mark.integration
@@ -60,12 +66,16 @@ def roles(
 ) -> Iterator[tuple[RoleScenario, dict[str, str]]]:
     """init as the administrator, then the printed grants, then a password per login role."""
     prefill(fresh_legacy, orders=150, seed=11)
-    scenario = RoleScenario(fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, partitions=3)
+    scenario = RoleScenario(
+        fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, partitions=3,
+        gate_settings={"min_reads_soak_minutes": 0, "min_writes_soak_minutes": 0},
+    )  # fmt: skip
     logins = ("producer", "applier", "reverse_applier", "sre")
     passwords = {p: secrets.token_urlsafe(12) for p in logins}
     try:
         report = init(scenario)
         assert any("superuser" in w for w in report["warnings"]), report["warnings"]
+        init(scenario, "--reverse")  # before the grants: they grant on what it creates
         printed = scenario.cli("init", "--print-grants")
         assert printed.returncode == 0, printed.stderr
         parts = grants.split(printed.stdout)
@@ -81,6 +91,7 @@ def roles(
         yield scenario, passwords
     finally:
         scenario.drop_slot()
+        scenario.drop_slot(reverse=True)
         for dsn in (fresh_legacy, fresh_commerce):
             with psycopg.connect(dsn, autocommit=True) as conn:
                 for p in (*logins, "control_owner"):
@@ -161,12 +172,111 @@ def test_pipeline_runs_as_the_printed_roles_and_no_further(
     switched = sre.cli("switch-reads", "payment", "--yes", "--reason", "roles test", "--force")
     outputs += [switched.stdout, switched.stderr]
     assert switched.returncode == 0, switched.stdout + switched.stderr
-    with psycopg.connect(scenario.target_dsn) as conn:
-        row = conn.execute("SELECT state FROM cutover.domain_state WHERE domain = 'payment'")
-        assert row.fetchone() == ("reads_switched",)
+    assert _state(scenario) == "reads_switched"
+    outputs += _write_switch_and_back(scenario, passwords)
     # The role passwords never appear in anything the commands printed or logged.
     for password in passwords.values():
         assert not any(password in out for out in outputs)
+
+
+def _state(scenario: Scenario, domain: str = "payment") -> str:
+    with psycopg.connect(scenario.target_dsn) as conn:
+        row = conn.execute("SELECT state FROM cutover.domain_state WHERE domain = %s", [domain])
+        return str(row.fetchone()[0])  # type: ignore[index]
+
+
+def _legacy_has(dsn: str, order: object, invoice: object) -> bool:
+    """The commerce write is in legacy (mapped back): the order shipped, the invoice renamed
+    with its legacy url rebuilt."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT status FROM shop.orders WHERE id = %s), "
+            "(SELECT url FROM shop.invoices WHERE id = %s AND invoice_no LIKE '%%-R')",
+            [order, invoice],
+        ).fetchone()
+    return row is not None and row[0] == "shipped" and str(row[1]).endswith("-R")
+
+
+# The application's write on commerce once it takes payment's writes, and what legacy must
+# then show (the reverse mapping: enum in lower case; an invoice's legacy url is rebuilt).
+COMMERCE_WRITE = (
+    "UPDATE commerce.orders SET state = 'SHIPPED' WHERE order_id = (SELECT min(order_id) FROM "
+    "commerce.orders WHERE state <> 'SHIPPED') RETURNING order_id",
+    "UPDATE commerce.invoices SET invoice_no = invoice_no || '-R', link = link || '-R' "
+    "WHERE invoice_id = (SELECT min(invoice_id) FROM commerce.invoices) RETURNING invoice_id",
+)
+
+
+def _write_switch_and_back(scenario: RoleScenario, passwords: dict[str, str]) -> list[str]:
+    """switch-writes payment as the SRE with both pipelines running as their roles, a commerce
+    write reaching legacy, rollback-writes as the SRE; what the commands printed."""
+    producer = _as(scenario, passwords, "producer")
+    reverse_applier = _as(scenario, passwords, "reverse_applier")
+    sre = _as(scenario, passwords, "sre")
+    # The reverse applier writes the mapped legacy columns only: not a social one, not commerce.
+    assert "permission denied" in _denied(
+        reverse_applier.source_dsn, "UPDATE shop.users SET bio = 'x' WHERE id = 1"
+    )
+    assert "permission denied" in _denied(
+        reverse_applier.target_dsn, "UPDATE commerce.orders SET state = state"
+    )
+    outputs: list[str] = []
+    with cli_processes() as procs:
+        procs["produce"] = start_cli(producer, "produce", "produce")
+        procs["apply"] = start_cli(_as(scenario, passwords, "applier"), "apply", "apply")
+        procs["produce-reverse"] = start_cli(producer, "produce-reverse", "produce", "--reverse")
+        procs["apply-reverse"] = start_cli(reverse_applier, "apply-reverse", "apply", "--reverse")
+        _poll(scenario, procs, lambda: _reverse_beat(scenario))  # the switch's gate wants it
+        switched = sre.cli("switch-writes", "payment", "--yes", "--reason", "roles test",
+                           timeout=240)  # fmt: skip
+        outputs += [switched.stdout, switched.stderr]
+        assert switched.returncode == 0, _tail(scenario, switched)
+        assert _state(scenario) == "writes_switched"
+        with psycopg.connect(scenario.target_dsn, autocommit=True) as conn:
+            order, invoice = (conn.execute(q.encode()).fetchone() for q in COMMERCE_WRITE)
+        assert order is not None and invoice is not None
+        _poll(scenario, procs, lambda: _legacy_has(scenario.source_dsn, order[0], invoice[0]))
+        back = sre.cli("rollback-writes", "payment", "--yes", "--reason", "roles test",
+                       timeout=240)  # fmt: skip
+        outputs += [back.stdout, back.stderr]
+        assert back.returncode == 0, _tail(scenario, back)
+        assert _state(scenario) == "reads_switched"
+        for name, proc in procs.items():
+            assert stop(proc) == 0, f"{name}: {_logs(scenario)}"
+    return [*outputs, _logs(scenario)]
+
+
+def _reverse_beat(scenario: Scenario) -> bool:
+    with psycopg.connect(scenario.target_dsn) as conn:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM cutover.producer_state WHERE slot_name = %s "
+                "AND heartbeat_at IS NOT NULL",
+                [scenario.reverse_slot],
+            ).fetchone()
+        )
+
+
+def _poll(
+    scenario: Scenario, procs: dict[str, subprocess.Popen[bytes]], done: Callable[[], bool]
+) -> None:
+    """Until ``done()``, the processes running all along (generous: a loaded machine)."""
+    deadline = time.monotonic() + 120
+    while not done():
+        assert all(p.poll() is None for p in procs.values()), _logs(scenario)
+        assert time.monotonic() < deadline, _logs(scenario)
+        time.sleep(0.5)
+
+
+def _logs(scenario: Scenario) -> str:
+    names = ("produce", "apply", "produce-reverse", "apply-reverse")
+    return "\n".join(
+        f"== {n}\n" + (scenario.workdir / f"{n}.log").read_text()[-1500:] for n in names
+    )
+
+
+def _tail(scenario: Scenario, done: subprocess.CompletedProcess[str]) -> str:
+    return f"{done.stdout[-2000:]}{done.stderr[-2000:]}\n{_logs(scenario)}"
 
 
 @pytest.fixture(scope="module")

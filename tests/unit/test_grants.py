@@ -103,3 +103,19 @@ def test_cli_prints_without_connecting(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(grants.DATABASE_MARKER + "legacy")
     assert SECRET not in done.stdout + done.stderr
+
+
+def test_reverse_and_write_switch_grants(scripts: dict[str, str]) -> None:
+    # The reverse applier rebuilds the legacy invoice url (a `reverse` template names it on
+    # purpose, though excluded from the publication): it may update it, never read it.
+    invoices = _statements(scripts["legacy"], '"shop"."invoices" TO "cutover_reverse_applier"')
+    assert len(invoices) == 1
+    select, update = invoices[0].split(" UPDATE (")[0], invoices[0].split(" UPDATE (")[1]
+    assert '"url"' not in select and '"url"' in update.split(")")[0]
+    # A social column stays out of every reverse grant.
+    users = _statements(scripts["legacy"], '"shop"."users" TO "cutover_reverse_applier"')
+    assert '"bio"' not in users[0] and '"follower_count"' not in users[0].split("INSERT")[0]
+    # switch-writes' reverse-path gate: the SRE reads the reverse producer's heartbeat.
+    assert _statements(
+        scripts["commerce"], "GRANT SELECT ON TABLE", '"producer_state"', 'TO "cutover_sre"'
+    )
