@@ -19,7 +19,9 @@ here. One script per database (legacy = ``[source]``, commerce = ``[target]``), 
   columns, the commerce tables) and the producers' and appliers' positions and heartbeats (the
   write switches' gates and drains), writes the commerce control schema (member of the NOLOGIN
   control owner, since the commands create and migrate those tables on first use) and raises or
-  lowers the write fences.
+  lowers the write fences; ``complete`` alters the reverse publication and, with the last
+  domain, drops the forward slot and publication: the control owner owns both publications
+  (in each database) and the SRE has REPLICATION on legacy (dropping a slot needs it).
 
 Passwords are never part of it: the script says how to set them.
 """
@@ -184,6 +186,27 @@ def _fence(schema: str, sre: str, producer: str) -> list[sql.Composable]:
     ]
 
 
+def _owner(role: str, sre: str) -> list[sql.Composable]:
+    """The NOLOGIN owner role and the SRE its member (acting as it without SET ROLE)."""
+    return [
+        *_role(role, "NOLOGIN"),
+        sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(sre)),
+    ]
+
+
+def _publication_owner(publication: str, owner: str) -> sql.Composable:
+    """``complete`` alters (the reverse one) or drops (the forward one, with the last domain)
+    the publication init created: only its owner may; init's administrator stays able to."""
+    return sql.SQL(
+        "DO $owner$ BEGIN IF EXISTS (SELECT FROM pg_publication WHERE pubname = {name}) THEN "
+        "ALTER PUBLICATION {publication} OWNER TO {owner}; END IF; END $owner$"
+    ).format(
+        name=sql.Literal(publication),
+        publication=sql.Identifier(publication),
+        owner=sql.Identifier(owner),
+    )
+
+
 def legacy_script(settings: Settings, mapping: MappingSpec, database: str) -> Script:
     """What runs in legacy: the producer reads, the reverse applier writes, the SRE reads."""
     r = settings.roles
@@ -224,12 +247,21 @@ def legacy_script(settings: Settings, mapping: MappingSpec, database: str) -> Sc
     out += _table_grant("SELECT", rev_schema, (*CONSUMER_TABLES, *REVERSE_TABLES), [r.sre])
     out += _execute(ORIGIN_FUNCTIONS, [r.reverse_applier])
     out += _fence(LEGACY_SCHEMA, r.sre, r.producer)
+    # complete, with the last domain, drops the forward slot (REPLICATION: PostgreSQL has no
+    # finer right to drop a slot) and the forward publication (its owner's right).
+    out += [
+        sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(r.sre)),
+        *_owner(r.control_owner, r.sre),
+        _publication_owner(settings.source.publication, r.control_owner),
+    ]
     comment = (
         f"legacy database {database} ([source] dsn), as an administrator, after cutover init.\n"
         f"{r.producer}: replication slots, SELECT on the published columns of {src} only, its "
         f"control tables ({LEGACY_SCHEMA}).\n{r.reverse_applier}: writes the mapped columns of "
         f"{src} (reverse path) and its control tables ({rev_schema}).\n{r.sre}: reads the "
-        f"published columns and the control tables, raises and lowers legacy's write fence.\n"
+        f"published columns and the control tables, raises and lowers legacy's write fence; drops "
+        f"the forward slot and publication when the last domain completes (REPLICATION, member "
+        f"of {r.control_owner}, which owns the publication).\n"
         f"{r.applier} may not even connect here (it writes commerce only).\n"
         + _PASSWORDS.format(role=r.producer)
     )
@@ -244,8 +276,7 @@ def commerce_script(settings: Settings, mapping: MappingSpec, database: str) -> 
     ctl = settings.target.control_schema
     out: list[sql.Composable] = [
         *_logins(settings),
-        *_role(r.control_owner, "NOLOGIN"),
-        sql.SQL("GRANT {} TO {}").format(sql.Identifier(r.control_owner), sql.Identifier(r.sre)),
+        *_owner(r.control_owner, r.sre),
         _connect(database, [r.producer, r.applier, r.sre]),
         *_usage([tgt, ctl], [r.producer, r.applier, r.sre]),
         sql.SQL("GRANT CREATE ON SCHEMA {} TO {}").format(
@@ -281,14 +312,16 @@ def commerce_script(settings: Settings, mapping: MappingSpec, database: str) -> 
     out += _table_grant("SELECT", ctl, PRODUCER_TABLES, [r.sre])
     out += _execute(ORIGIN_FUNCTIONS, [r.applier])
     out += _fence(ctl, r.sre, r.producer)
+    out.append(_publication_owner(settings.reverse.publication, r.control_owner))
     comment = (
         f"commerce database {database} ([target] dsn), as an administrator, after cutover "
         f"init.\n{r.applier}: writes the mapped tables of {tgt} and the control tables ({ctl}), "
         "uses replication origins.\n"
         f"{r.producer}: the reverse producer: replication slots, SELECT on the mapped columns, "
         f"its control tables.\n{r.sre}: reads {tgt}; member of {r.control_owner}, which owns "
-        f"the control tables of {ctl} (the commands create them on first use); raises and "
-        "lowers commerce's write fence.\n" + _PASSWORDS.format(role=r.producer)
+        f"the control tables of {ctl} (the commands create them on first use) and the reverse "
+        "publication (complete takes a domain's tables out of it); raises and lowers "
+        "commerce's write fence.\n" + _PASSWORDS.format(role=r.producer)
     )
     return Script("commerce", comment, tuple(out))
 

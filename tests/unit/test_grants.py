@@ -119,3 +119,14 @@ def test_reverse_and_write_switch_grants(scripts: dict[str, str]) -> None:
     assert _statements(
         scripts["commerce"], "GRANT SELECT ON TABLE", '"producer_state"', 'TO "cutover_sre"'
     )
+
+
+def test_sre_can_complete(scripts: dict[str, str]) -> None:
+    # complete: the reverse publication loses a domain's tables, the last domain drops the
+    # forward slot and publication; owners only (the SRE is a member of the owner role).
+    legacy, commerce = scripts["legacy"], scripts["commerce"]
+    assert _statements(legacy, 'ALTER PUBLICATION "cutover_pub" OWNER TO "cutover_control"')
+    assert _statements(commerce, 'ALTER PUBLICATION "cutover_reverse_pub" OWNER TO')
+    assert 'GRANT "cutover_control" TO "cutover_sre";' in legacy
+    assert 'ALTER ROLE "cutover_sre" REPLICATION;' in legacy
+    assert "REPLICATION" not in "".join(_statements(commerce, 'ALTER ROLE "cutover_sre"'))
