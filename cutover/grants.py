@@ -279,7 +279,9 @@ def commerce_script(settings: Settings, mapping: MappingSpec, database: str) -> 
         *_owner(r.control_owner, r.sre),
         _connect(database, [r.producer, r.applier, r.sre]),
         *_usage([tgt, ctl], [r.producer, r.applier, r.sre]),
-        sql.SQL("GRANT CREATE ON SCHEMA {} TO {}").format(
+        # USAGE too: the owner's rights are checked for what runs as it (the foreign keys
+        # between control tables, e.g. verify_chunks -> verify_runs).
+        sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(
             sql.Identifier(ctl), sql.Identifier(r.control_owner)
         ),
     ]

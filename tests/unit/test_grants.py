@@ -75,6 +75,8 @@ def test_sre_keeps_the_control_tables_and_the_fence(scripts: dict[str, str]) -> 
     commerce = scripts["commerce"]
     assert 'GRANT "cutover_control" TO "cutover_sre";' in commerce
     assert _statements(commerce, '"cutover"."audit" OWNER TO "cutover_control"')
+    # The owner's own rights back the foreign keys between its tables (checked as the owner).
+    assert 'GRANT USAGE, CREATE ON SCHEMA "cutover" TO "cutover_control";' in commerce
     assert _statements(scripts["legacy"], "SELECT, UPDATE", "write_fence", "cutover_sre")
     # Raising and lowering log the fence; the producer reading a side reads the log at start.
     for side in ("legacy", "commerce"):
