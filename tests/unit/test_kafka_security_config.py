@@ -173,3 +173,26 @@ def test_a_secured_node_takes_only_sasl_ssl_and_mutual_tls(tmp_path: Path) -> No
         assert props["authorizer.class.name"].endswith("StandardAuthorizer")
     scram = kafka_security.format_args(tmp_path)
     assert scram.count("--add-scram") == 1 + len(kafka_security.USERS)
+
+
+def test_a_secured_cluster_node_keeps_the_cluster_settings(tmp_path: Path) -> None:
+    """SECURE=1 with BROKERS=3: securing a cluster node's properties keeps its quorum, its
+    replication (3, min.insync 2) and puts the brokers' own traffic on SASL_SSL."""
+    from devtools import kafka_cluster, stack, tls
+
+    kafka_security.prepare(tmp_path, tls.make_ca(tmp_path / "tls"))
+    state = stack.StackState(1, 2, 3, 4, "pw", brokers=3, more_ports=[[5, 6], [7, 8]])
+    single = stack._kafka_properties(state, tmp_path / "data")
+    text = kafka_cluster.node_properties(single, state.node_ports(), 3)
+    props = dict(
+        line.split("=", 1) for line in kafka_security.node_properties(text, tmp_path).splitlines()
+    )
+    for key, value in kafka_cluster.CLUSTER_SETTINGS.items():
+        assert props[key] == value, key
+    assert props["node.id"] == "3"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:2,2@127.0.0.1:6,3@127.0.0.1:8"
+    assert props["listeners"] == "SASL_SSL://127.0.0.1:7,CONTROLLER://127.0.0.1:8"
+    assert props["inter.broker.listener.name"] == "SASL_SSL"
+    # The brokers' principals (SCRAM admin between brokers, the certificate's CN between
+    # controllers) are super users: replication and the quorum need no ACL.
+    assert props["super.users"] == "User:admin;User:kafka"
