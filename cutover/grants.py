@@ -54,6 +54,8 @@ ORIGIN_FUNCTIONS: Final = (
     "pg_replication_origin_create(text)",
     "pg_replication_origin_oid(text)",
     "pg_replication_origin_session_setup(text)",
+    # cutover.origin checks it before setting one up (PUBLIC no longer has it: _fence).
+    "pg_replication_origin_session_is_setup()",
 )
 #: The write fence's guard calls it in every writer's session, as the guard's owner (fence.sql).
 ORIGIN_IS_SETUP: Final = "pg_replication_origin_session_is_setup()"

@@ -66,6 +66,10 @@ def test_applier_writes_commerce_only(scripts: dict[str, str]) -> None:
     writes = _statements(scripts["commerce"], "INSERT, UPDATE, DELETE", 'TO "cutover_applier"')
     assert any('"commerce"."customers"' in s for s in writes)
     assert _statements(scripts["commerce"], "pg_replication_origin_session_setup", "applier")
+    # The applier checks for an origin before setting one up (cutover.origin); PUBLIC may not.
+    for side, role in (("commerce", "cutover_applier"), ("legacy", "cutover_reverse_applier")):
+        assert _statements(scripts[side], "pg_replication_origin_session_is_setup", role)
+    assert not _statements(scripts["legacy"], "TO PUBLIC")
     # The reverse applier writes the mapped legacy columns, plus what it fills on insert.
     reverse = _statements(scripts["legacy"], '"shop"."users" TO "cutover_reverse_applier"')
     assert reverse and "bio" not in reverse[0] and '"handle"' in reverse[0].split("INSERT")[1]
