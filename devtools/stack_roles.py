@@ -48,10 +48,6 @@ def passfile(root: Path) -> Path:
     return root / "secrets" / "pgpass"
 
 
-def _settings(config: Path, environ: Mapping[str, str]) -> Settings:
-    return load_settings(config, environ)
-
-
 def role_names(settings: Settings) -> dict[str, str]:
     """{part: role name} of the login roles."""
     return {part: str(getattr(settings.roles, part)) for part in PARTS}
@@ -96,7 +92,7 @@ def print_grants(config: Path, environ: Mapping[str, str]) -> dict[str, str]:
 
 def apply_grants(root: Path, config: Path, environ: Mapping[str, str]) -> Path:
     """Apply the printed grants as the administrator, set the passwords, write ``roles.env``."""
-    settings = _settings(config, environ)
+    settings = load_settings(config, environ)
     names = role_names(settings)
     parts = print_grants(config, environ)
     passwords = _passwords(root, list(names.values()))
@@ -122,7 +118,7 @@ def apply_grants(root: Path, config: Path, environ: Mapping[str, str]) -> Path:
 
 def acls(root: Path, config: Path, environ: Mapping[str, str]) -> int:
     """The component users' Kafka ACLs for the run's topic prefix; how many."""
-    settings = _settings(config, environ)
+    settings = load_settings(config, environ)
     return kafka_security.grant(root, settings.kafka.bootstrap, settings.kafka.topic_prefix)
 
 
