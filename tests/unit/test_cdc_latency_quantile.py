@@ -1,12 +1,16 @@
-"""The quantiles bench/cdc_latency.py reads from the appliers' cumulative latency histogram."""
+"""The quantiles bench/cdc_latency.py reads from the appliers' cumulative latency histogram,
+and the pure parts of its stage breakdown (bench/latency_stages.py)."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from bench.cdc_latency import quantile
+from bench.latency_stages import cycle_stats, exact_quantile
 
 INF = float("inf")
 
@@ -27,3 +31,36 @@ def test_beyond_the_last_finite_bucket_reports_its_bound() -> None:
 def test_empty_window_is_an_error() -> None:
     with pytest.raises(SystemExit):
         quantile(Counter({0.1: 0, INF: 0}), 0.5)
+
+
+def test_exact_quantile_interpolates_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100, unsorted input must not matter
+    assert exact_quantile(list(reversed(values)), 0.5) == pytest.approx(50.5)
+    assert exact_quantile(values, 0.99) == pytest.approx(99.01)
+    assert exact_quantile([7.0], 0.99) == 7.0
+    with pytest.raises(ValueError):
+        exact_quantile([], 0.5)
+
+
+def _line(when: str, events: int, peek: float) -> str:
+    return json.dumps(
+        {"event": "producer.batch_delivered", "timestamp": when, "events": events,
+         "peek_ms": peek, "flush_ms": 1.0}
+    )  # fmt: skip
+
+
+def test_cycle_stats_counts_only_the_window() -> None:
+    lines = [
+        _line("2026-11-29T10:00:00.500000Z", 999, 99.0),  # before the window
+        _line("2026-11-29T10:00:01.000000Z", 100, 10.0),
+        '{"event": "slot.advanced", "timestamp": "2026-11-29T10:00:01.100000Z"}',
+        _line("2026-11-29T10:00:02.000000Z", 300, 30.0),
+        _line("2026-11-29T10:00:03.000000Z", 999, 99.0),  # at the end: excluded
+    ]
+    start = datetime(2026, 11, 29, 10, 0, 1, tzinfo=UTC)
+    stats = cycle_stats(lines, start, start + timedelta(seconds=2))
+    assert stats["cycles"] == 2
+    assert stats["cycles_per_s"] == 1.0
+    assert stats["events_per_cycle_p50"] == 200
+    assert stats["peek_ms_mean"] == 20.0
+    assert "advance_ms_mean" not in stats
