@@ -87,6 +87,8 @@ from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
 from producers.snapshot_runner import SnapshotRunner
 
 _ITERSIZE: Final = 5_000
+# The slot-lag gauge is read at most this often: not one more round trip in every cycle.
+_LAG_EVERY_S: Final = 1.0
 # Kafka heartbeats are rate-limited to the interval, with slack so that idle heartbeats, which
 # are themselves one interval apart, are not skipped every other time by timing jitter.
 _HEARTBEAT_SLACK: Final = 0.8
@@ -144,6 +146,7 @@ class CdcProducer:
         self._last_kafka_hb = 0.0
         self._last_advance = time.monotonic()
         self._last_watch = time.monotonic()
+        self._lag_read = -_LAG_EVERY_S
         self._position = 0
         self._checkpointed_commits = 0
         self._fenced_seen: frozenset[str] = frozenset()
@@ -370,6 +373,8 @@ class CdcProducer:
                                 # need not wait for the rest of a long catch-up peek.
                                 stopping = True
                                 break
+                    # A short fetch is the end of the peek: no round trip for an empty one.
+                    stopping = stopping or len(batch) < _ITERSIZE
             reader.commit()
         except psycopg.Error as exc:
             with contextlib.suppress(psycopg.Error):
@@ -511,7 +516,11 @@ class CdcProducer:
         self._last_advance = time.monotonic()
 
     def _report_slot_lag(self) -> None:
-        """WAL the slot holds back, for the ``cutover_slot_lag_bytes`` gauge."""
+        """WAL the slot holds back, for the ``cutover_slot_lag_bytes`` gauge (once a second)."""
+        now = time.monotonic()
+        if now - self._lag_read < _LAG_EVERY_S:
+            return
+        self._lag_read = now
         try:
             row = self.ctl.execute(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
