@@ -181,7 +181,9 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
             ends_before = stages.partition_ends(bootstrap, topics, sc.partitions)
             cpu.start()
             t0, wall0 = time.monotonic(), datetime.now(UTC)
+            wal0, redecode0 = stages.slot_sample(source, sc.slot)
             time.sleep(window)
+            wal1, redecode1 = stages.slot_sample(source, sc.slot)
             t1, wall1 = time.monotonic(), datetime.now(UTC)
             usage = cpu.stop(t1 - t0)
             after = [scrape(p) for p in ports]
@@ -233,7 +235,12 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
                 "source": "appliers' histogram (bucket-interpolated)",
             },
         },
-        "producer_cycles": cycles,
+        "producer_cycles": {
+            **cycles,
+            "wal_bytes_per_s": round((wal1 - wal0) / (t1 - t0)),
+            # Decoded again by every peek and every advance (bench.latency_stages.slot_sample).
+            "redecoded_wal_bytes_start_end": [redecode0, redecode1],
+        },
         "cpu": usage,
         "method": "per-event histogram of the appliers (source.ts_ms = source commit time), "
         "scraped before and after the window; quantiles interpolated inside buckets. Stages: "

@@ -15,7 +15,8 @@
   broker), and the whole machine's busy share from /proc/stat: what the machine spent on
   others (another job's tests) is the difference.
 * **The producer's cycles in the window** (:func:`producer_cycles`): its
-  ``producer.batch_delivered`` log lines (events per cycle, cycles/s, peek/flush/record/advance).
+  ``producer.batch_delivered`` log lines (events per cycle, cycles/s, peek/flush/record/advance),
+  and how much WAL each cycle decodes again (:func:`slot_sample`).
 """
 
 from __future__ import annotations
@@ -166,6 +167,25 @@ def process_tree(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, ()))
     return out
+
+
+def slot_sample(dsn: str, slot: str) -> tuple[int, int]:
+    """(current WAL position, bytes from the slot's restart_lsn to its confirmed position).
+
+    Every peek and every ``pg_replication_slot_advance`` decodes the WAL from restart_lsn, which
+    PostgreSQL moves only at a running-transactions record (every 15 s): that span is what each
+    producer cycle decodes again before it reaches anything new.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,"
+            " pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+    if row is None:
+        raise SystemExit(f"slot {slot} is missing")
+    return int(row[0]), int(row[1])
 
 
 def postmaster_of(dsn: str) -> int:
