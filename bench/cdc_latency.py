@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import sys
 import tempfile
 import threading
@@ -51,18 +50,13 @@ from bench.e2e_throughput import _start, _wait_applied  # noqa: E402
 from bench.producer_throughput import scratch, stack_env  # noqa: E402
 from bench.vs_debezium import _create_topics  # noqa: E402
 from devtools import harness, readback  # noqa: E402
+from devtools.ports import free_port  # noqa: E402
 from devtools.stack import load_state  # noqa: E402
 from devtools.workload import prefill, run_workload  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "cdc_latency.json"
 EXAMPLES = REPO / "examples" / "shop"
 _BUCKET = re.compile(r'^cutover_apply_latency_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> Counter[float]:
@@ -156,7 +150,7 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
         topics = sc.topics()
         # Before anything is produced: record timestamps = the broker's append time.
         _create_topics(bootstrap, topics, sc.partitions)
-        ports = [_free_port(), _free_port()]
+        ports = [free_port(), free_port()]
         procs = [_start(sc, f"apply-{i}", "apply", "--metrics-port", str(p)) for i, p in
                  enumerate(ports)]  # fmt: skip
         procs.append(_start(sc, "produce", "produce"))

@@ -270,6 +270,22 @@ def fence_states(conn: Conn, schema: str, *, side: str) -> dict[str, FenceState]
     }
 
 
+def installed_without_log(conn: Conn, schema: str, *, side: str) -> bool:
+    """Whether an older release's fence is installed (``write_fence`` without ``write_fence_log``):
+    :func:`fence_states` then reads nothing, so whoever needs the fences must refuse, not pass."""
+    try:
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NULL",
+            [
+                sql.Identifier(schema, "write_fence").as_string(None),
+                sql.Identifier(schema, "write_fence_log").as_string(None),
+            ],
+        ).fetchone()
+    except psycopg.Error as exc:
+        raise pg.translate(exc, "reading the write fences", side) from None
+    return bool(row and row[0])
+
+
 def fenced_at(conn: Conn, schema: str, lsn: int, *, side: str) -> frozenset[str]:
     """The domains whose fence was raised at WAL position ``lsn`` (a slot's confirmed position):
     the last logged raise or lower of each before it. Empty if the fence was never installed.

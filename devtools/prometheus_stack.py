@@ -31,7 +31,8 @@ from pathlib import Path
 
 from cutover.errors import CutoverError, StackError
 from devtools import sidecar
-from devtools.stack import _free_port, _pid_alive, _say, ensure_prerequisites
+from devtools.ports import free_port
+from devtools.stack import _pid_alive, _say, ensure_prerequisites
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "ops" / "prometheus-alerts.yml"
@@ -89,7 +90,7 @@ def ready(port: int) -> bool:
 def start(root: Path) -> str:
     """Start (or reuse) the Prometheus of the stack in ``root``; its URL once ready."""
     ensure_prerequisites(("prometheus",))
-    state = load(root) or {"port": _free_port(), "pid": None}
+    state = load(root) or {"port": free_port(), "pid": None}
     port = state["port"]
     assert port is not None
     if _pid_alive(state["pid"]) and ready(port):

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from cutover.errors import StackError
 from devtools import sidecar
-from devtools.stack import _free_port, _pid_alive, _say, ensure_prerequisites
+from devtools.ports import free_port
+from devtools.stack import _pid_alive, _say, ensure_prerequisites
 
 REPO = Path(__file__).resolve().parents[1]
 POM_DIR = REPO / "stack" / "registry"
@@ -98,7 +99,7 @@ def ready(port: int) -> bool:
 
 def start(root: Path, cache: Path) -> str:
     """Start (or reuse) the registry of the stack in ``root``; its ccompat URL once ready."""
-    state = load(root) or {"port": _free_port(), "pid": None}
+    state = load(root) or {"port": free_port(), "pid": None}
     port = state["port"]
     assert port is not None
     if _pid_alive(state["pid"]) and ready(port):

@@ -39,7 +39,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 
 from cutover.errors import CutoverError, PrerequisiteMissing, StackError
 from devtools import kafka_cluster, kafka_security, pg_security, tls
+from devtools.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("CUTOVER_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -152,13 +152,6 @@ def ensure_prerequisites(programs: Sequence[str] = ("java", "mvn", "initdb")) ->
 
 def _say(message: str) -> None:
     print(f"[stack] {message}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -522,7 +515,7 @@ def _set_brokers(root: Path, state: StackState, brokers: int) -> None:
     for node in range(1, state.brokers + 1):
         shutil.rmtree(kafka_cluster.node_dir(root, node), ignore_errors=True)
     state.brokers = brokers
-    state.more_ports = [[_free_port(), _free_port()] for _ in range(brokers - 1)]
+    state.more_ports = [[free_port(), free_port()] for _ in range(brokers - 1)]
     state.more_pids = [None] * (brokers - 1)
     state.cluster_id = _new_cluster_id() if brokers > 1 else None
 
@@ -590,10 +583,10 @@ def up(
     state = load_state(root)
     if state is None:
         state = StackState(
-            kafka_port=_free_port(),
-            controller_port=_free_port(),
-            legacy_port=_free_port(),
-            commerce_port=_free_port(),
+            kafka_port=free_port(),
+            controller_port=free_port(),
+            legacy_port=free_port(),
+            commerce_port=free_port(),
             password=secrets.token_urlsafe(18),
         )
         _set_brokers(root, state, brokers or 1)
@@ -633,12 +626,16 @@ def up(
         _ensure_database(port, state.password, name)
         _say(f"postgresql {name} ready on 127.0.0.1:{port}")
     security = _admin_security(root, state)
-    _wait(f"Kafka on {bootstrap}", lambda: _kafka_ready(
-        bootstrap, state.brokers, security), deadline)  # fmt: skip
-    for node, pid in enumerate(state.kafka_pids(), 1):
-        if not _pid_alive(pid):
-            log = kafka_cluster.node_dir(root, node) / "stdout.log"
-            raise StackError(f"Kafka node {node} exited during start-up; see {log}")
+
+    def kafka_ready() -> bool:
+        # A node that died (its port taken, a bad config) never answers: say so at once.
+        for node, pid in enumerate(state.kafka_pids(), 1):
+            if not _pid_alive(pid):
+                log = kafka_cluster.node_dir(root, node) / "stdout.log"
+                raise StackError(f"Kafka node {node} exited during start-up; see {log}")
+        return _kafka_ready(bootstrap, state.brokers, security)
+
+    _wait(f"Kafka on {bootstrap}", kafka_ready, deadline)
     if state.secure:
         kafka_security.grant(root, bootstrap)
     if registry:

@@ -311,6 +311,13 @@ def queue_request(
                 assert flt is not None
                 validate_where(conn, schema, table, flt)
             domain = mapping.tables[table].domain
+            if fence.installed_without_log(conn, LEGACY_SCHEMA, side="source"):
+                # Fail closed: whether the domain's writes moved cannot be read.
+                raise CheckFailed(
+                    f"snapshot of {schema}.{table} refused: the write fence was installed by an "
+                    "older release without its log, so whether its writes moved cannot be read; "
+                    "run `cutover init` to upgrade it"
+                )
             state = fence.fence_states(conn, LEGACY_SCHEMA, side="source").get(domain)
             if state is not None and state.fenced:
                 raise CheckFailed(f"snapshot of {schema}.{table} refused: {fenced_reason(domain)}")

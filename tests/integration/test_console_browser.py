@@ -11,7 +11,6 @@ under CI=true a missing Chromium fails the tests.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from console.auth import hash_password
 from devtools.harness import Scenario
+from devtools.ports import free_port
 from tests.integration.conftest import REPO, skip_or_fail
 from tests.integration.test_verify_support import (
     beat,
@@ -54,12 +54,6 @@ TIMEOUT_MS = 60_000
 expect.set_options(timeout=TIMEOUT_MS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def staged(
     source_dsn: str, target_dsn: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
@@ -81,7 +75,7 @@ def console_url(staged: Scenario) -> Iterator[str]:
         for name, role in (("ann", "operator"), ("vic", "viewer"))
     )
     config.write_text(staged.config.read_text() + "[console]\n" + users)
-    port = _free_port()
+    port = free_port()
     log = (staged.workdir / "console.log").open("wb")
     proc = subprocess.Popen(
         [

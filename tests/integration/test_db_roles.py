@@ -32,6 +32,7 @@ from cutover import grants, pg
 from cutover.errors import DatabaseError
 from devtools import pg_security, stack, tls
 from devtools.harness import Scenario, init, stop
+from devtools.ports import free_port
 from devtools.workload import prefill
 from tests.integration.faults_support import cli_processes, start_cli
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
@@ -288,7 +289,7 @@ def tls_cluster() -> Iterator[tuple[str, tls.CertificateAuthority, Path]]:
     root = base / "stack"
     root.mkdir()
     root.chmod(0o755)
-    password, port = secrets.token_urlsafe(12), stack._free_port()
+    password, port = secrets.token_urlsafe(12), free_port()
     stack._init_cluster(root, "legacy", port, password, {})
     ca = tls.make_ca(root / "tls")
     pg_security.secure_cluster(root / "pg" / "legacy", ca)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -17,17 +16,11 @@ import psycopg
 import pytest
 
 from devtools.harness import Scenario, changes, init, open_scenario, stop
+from devtools.ports import free_port
 from devtools.workload import prefill, run_workload
 from tests.integration.shop_compare import assert_commerce_matches_legacy, compare
 
 CANARY = "canary-social-7f3a91"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _start_apply(scenario: Scenario, name: str, port: int) -> subprocess.Popen[bytes]:
@@ -77,7 +70,7 @@ def test_live_workload_reaches_commerce_exactly(
         fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, partitions=3
     ) as scenario:
         init(scenario)
-        ports = [_free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(3)]
         producer = scenario.start_produce("--metrics-port", str(ports[0]))
         appliers = [_start_apply(scenario, "a", ports[1]), _start_apply(scenario, "b", ports[2])]
         try:

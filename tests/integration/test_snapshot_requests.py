@@ -246,6 +246,15 @@ def test_a_domain_whose_writes_moved_is_never_snapshotted(scenario: Scenario) ->
     drain(scenario)
     assert listed(scenario)[json.loads(again.stdout)["request"]]["status"] == "done"
     assert snapshot_keys(scenario, "products")
+    # An older release's fence (no log): whether writes moved cannot be read, so refused.
+    with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE cutover.write_fence_log")
+        try:
+            unreadable = scenario.cli("snapshot", "--table", "products")
+        finally:
+            fence.install(conn, "cutover", merchant, side="source")  # adds the log back
+    assert unreadable.returncode == 1, unreadable.stdout + unreadable.stderr
+    assert "run `cutover init`" in unreadable.stderr
 
 
 def test_cancel_stops_a_running_request_after_the_chunk_in_flight(
