@@ -13,6 +13,11 @@ Run with the local stack up (``make up``)::
     Reported: change events/s from the start until the consumers have applied everything the
     producer delivered.
 
+Where the time goes: for each run, the CPU seconds of the producer, the two appliers, each
+PostgreSQL cluster (postmaster and every backend, ended ones included) and the Kafka broker,
+and the same per row or event in microseconds (:func:`cpu_profile`). On 2 cores, N events/s
+end to end need a total under 2,000,000 / N µs per event.
+
 Each run uses scratch databases, slot, publication and topic prefix, removed at the end. Prints
 JSON and a Markdown table; writes ``bench/results/e2e.json``.
 """
@@ -35,9 +40,11 @@ from confluent_kafka import Consumer, TopicPartition
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.latency_stages import postmaster_of, proc_cpu_s, tree_cpu_s  # noqa: E402
 from bench.producer_throughput import scratch, stack_env  # noqa: E402
 from devtools import harness  # noqa: E402
 from devtools.harness import Scenario  # noqa: E402
+from devtools.stack import load_state  # noqa: E402
 from devtools.workload import prefill, run_workload  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "e2e.json"
@@ -83,6 +90,10 @@ def _applied_offsets(scenario: Scenario) -> int:
     return int(value[0]) if value else 0
 
 
+def _appliers_cpu(appliers: list[subprocess.Popen[bytes]]) -> dict[str, float]:
+    return {f"applier_{i}": proc_cpu_s(p.pid) or 0.0 for i, p in enumerate(appliers)}
+
+
 def _wait_applied(scenario: Scenario, timeout: float) -> float:
     """Seconds until the consumers stored offsets up to every partition's end offset."""
     end = _end_offsets(scenario)
@@ -92,6 +103,45 @@ def _wait_applied(scenario: Scenario, timeout: float) -> float:
             raise SystemExit("consumers did not catch up in time")
         time.sleep(0.2)
     return time.monotonic()
+
+
+class Servers:
+    """CPU seconds used so far by the stack's servers (both PostgreSQL clusters, Kafka)."""
+
+    def __init__(self, source: str, target: str) -> None:
+        state = load_state(REPO / ".stack")
+        self.groups = {
+            "postgresql_legacy": postmaster_of(source),
+            "postgresql_commerce": postmaster_of(target),
+            **{
+                f"kafka_{i}": pid
+                for i, pid in enumerate(state.kafka_pids() if state else [])
+                if pid is not None
+            },
+        }
+
+    def sample(self) -> dict[str, float]:
+        return {name: tree_cpu_s(pid) for name, pid in self.groups.items()}
+
+
+def _children_cpu_s() -> float:
+    """CPU of this process's reaped children (the synchronous ``cutover produce`` run)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def cpu_profile(
+    before: dict[str, float], after: dict[str, float], clients: dict[str, float], units: int
+) -> dict[str, Any]:
+    """CPU seconds per component between two samples, and µs per unit (row or event)."""
+    seconds = {k: after[k] - before[k] for k in after} | clients
+    total = sum(seconds.values())
+    return {
+        "cpu_s": {k: round(v, 1) for k, v in seconds.items()},
+        "cpu_us_per_unit": {k: round(v / units * 1e6, 1) for k, v in seconds.items()},
+        "total_cpu_us_per_unit": round(total / units * 1e6, 1),
+        "ceiling_on_2_cores_per_s": round(units * 2 / total) if total else None,
+    }
 
 
 def run(orders: int, transactions: int) -> dict[str, Any]:
@@ -106,14 +156,16 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
         rows = _count(source, "shop", TABLES)
         harness.init(sc)
 
+        servers = Servers(source, target)
         # (a) snapshot: producer alone (rows/s into Kafka), consumers started with it.
-        t0 = time.monotonic()
+        t0, cpu0, kids0 = time.monotonic(), servers.sample(), _children_cpu_s()
         appliers = [_start(sc, f"apply-{i}", "apply") for i in range(2)]
         done = sc.cli("produce", "--exit-when-idle", "--json", timeout=3600)
-        produced_at = time.monotonic()
+        produced_at, producer_cpu = time.monotonic(), _children_cpu_s() - kids0
         if done.returncode != 0:
             raise SystemExit(f"produce failed: {done.stderr[-2000:]}")
         applied_at = _wait_applied(sc, 1800)
+        clients = {"producer": producer_cpu} | _appliers_cpu(appliers)
         snapshot = {
             "source_rows": rows,
             "produce_s": round(produced_at - t0, 2),
@@ -121,6 +173,7 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
             "end_to_end_s": round(applied_at - t0, 2),
             "rows_per_s_end_to_end": round(rows / (applied_at - t0)),
             "commerce_rows": _count(target, "commerce", COMMERCE),
+            "where_the_time_goes": cpu_profile(cpu0, servers.sample(), clients, rows),
         }
         for p in appliers:
             harness.stop(p)
@@ -128,13 +181,16 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
         # (b) backlog: written while nothing runs, then drained end to end.
         before = _end_offsets(sc)
         report = run_workload(source, rate=1_000_000, max_transactions=transactions, seed=12)
-        t1 = time.monotonic()
+        t1, cpu1, kids1 = time.monotonic(), servers.sample(), _children_cpu_s()
         appliers = [_start(sc, f"apply-b{i}", "apply") for i in range(2)]
         done = sc.cli("produce", "--exit-when-idle", "--json", timeout=3600)
+        producer_cpu = _children_cpu_s() - kids1
         if done.returncode != 0:
             raise SystemExit(f"produce failed: {done.stderr[-2000:]}")
         applied_at = _wait_applied(sc, 1800)
         events = _end_offsets(sc) - before
+        clients = {"producer": producer_cpu} | _appliers_cpu(appliers)
+        profile = cpu_profile(cpu1, servers.sample(), clients, events)
         for p in appliers:
             harness.stop(p)
         backlog = {
@@ -143,6 +199,7 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
             "note": "messages include heartbeats (a few per second per partition)",
             "end_to_end_s": round(applied_at - t1, 2),
             "events_per_s_end_to_end": round(events / (applied_at - t1)),
+            "where_the_time_goes": profile,
         }
     return {
         "benchmark": "e2e",
@@ -168,6 +225,11 @@ def main() -> None:
     print(f"| snapshot into Kafka | {s['rows_per_s_into_kafka']:,} rows/s | ≥ 50,000 |")
     print(f"| snapshot end to end | {s['rows_per_s_end_to_end']:,} rows/s | – |")
     print(f"| backlog end to end | {b['events_per_s_end_to_end']:,} events/s | ≥ 20,000 |")
+    print("\n| CPU µs per row / event | snapshot | backlog |\n|---|---:|---:|")
+    ps, pb = s["where_the_time_goes"], b["where_the_time_goes"]
+    for name in pb["cpu_us_per_unit"]:
+        print(f"| {name} | {ps['cpu_us_per_unit'][name]} | {pb['cpu_us_per_unit'][name]} |")
+    print(f"| total | {ps['total_cpu_us_per_unit']} | {pb['total_cpu_us_per_unit']} |")
 
 
 if __name__ == "__main__":

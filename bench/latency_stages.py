@@ -141,6 +141,17 @@ def proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of ``root`` and all its children, live ones and those it has reaped (a
+    PostgreSQL cluster: backends that ended count through the postmaster's cutime/cstime)."""
+    try:
+        fields = Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    reaped = (int(fields[13]) + int(fields[14])) / _CLK_TCK
+    return reaped + sum(proc_cpu_s(pid) or 0.0 for pid in process_tree(root))
+
+
 def machine_cpu_s() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]

@@ -27,14 +27,16 @@ def _group(item: pytest.Item) -> str:
 def longest_first(items: list[pytest.Item], seconds: dict[str, float]) -> list[pytest.Item]:
     """The items with their groups ordered by duration, longest first (stable inside a group
     and between equals): the longest-processing-time rule, so the run ends on short groups."""
-    weight: dict[str, float] = defaultdict(float)
-    for module in {_module(i) for i in items}:
-        kind = "integration" if "/integration/" in module else "unit"
-        weight[module] = seconds.get(module, UNLISTED_S[kind])
+    group_of: dict[str, str] = {}  # module -> the group of its first item
+    first_seen: dict[str, int] = {}
+    for n, item in enumerate(items):
+        group = _group(item)
+        group_of.setdefault(_module(item), group)
+        first_seen.setdefault(group, n)
     group_weight: dict[str, float] = defaultdict(float)
-    for module in {_module(i) for i in items}:
-        group_weight[next(_group(i) for i in items if _module(i) == module)] += weight[module]
-    first_seen = {g: n for n, g in reversed(list(enumerate(_group(i) for i in items)))}
+    for module, group in group_of.items():
+        kind = "integration" if "/integration/" in module else "unit"
+        group_weight[group] += seconds.get(module, UNLISTED_S[kind])
     return sorted(items, key=lambda i: (-group_weight[_group(i)], first_seen[_group(i)]))
 
 

@@ -64,3 +64,27 @@ def test_cycle_stats_counts_only_the_window() -> None:
     assert stats["events_per_cycle_p50"] == 200
     assert stats["peek_ms_mean"] == 20.0
     assert "advance_ms_mean" not in stats
+
+
+def test_cpu_profile_gives_seconds_and_microseconds_per_unit() -> None:
+    from bench.e2e_throughput import cpu_profile
+
+    out = cpu_profile({"pg": 1.0}, {"pg": 3.0}, {"producer": 2.0}, units=1_000_000)
+    assert out["cpu_s"] == {"pg": 2.0, "producer": 2.0}
+    assert out["cpu_us_per_unit"] == {"pg": 2.0, "producer": 2.0}
+    assert out["total_cpu_us_per_unit"] == 4.0
+    assert out["ceiling_on_2_cores_per_s"] == 500_000  # 2 cores / 4 µs per event
+
+
+def test_tree_cpu_counts_children_that_have_ended() -> None:
+    """A PostgreSQL backend that ended still counts (through its parent's reaped time)."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.latency_stages import tree_cpu_s
+
+    before = tree_cpu_s(os.getpid())
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert tree_cpu_s(os.getpid()) - before >= 0.3
