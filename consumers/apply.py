@@ -1,7 +1,8 @@
 """`cutover apply`: the Kafka source of the apply engine (exactly-once effect into commerce).
 
-One process = one member of the consumer group ``apply.group_id`` (cooperative-sticky
-assignment, ``read_committed``, no auto commit), subscribed to the domain topics of the mapping.
+One process = one member of the consumer group ``apply.group_id`` (``[kafka] apply_assignment``:
+range by default, ``read_committed``, no auto commit), subscribed to the domain topics of the
+mapping.
 :class:`ApplyConsumer` polls, buffers and plans per partition, and plays its part of the commit
 protocol of :mod:`consumers.engine` (the fence, the offsets); the engine runs the loop and the
 transaction. The decisions live in pure modules (:mod:`consumers.events`, :mod:`consumers.batch`,
@@ -27,11 +28,12 @@ inside one database transaction kept open across polls — the other partitions 
 meanwhile — and committed when its closing event arrives. Memory stays bounded by the sub-batch
 size and librdkafka's prefetch queue (``queued.max.messages.kbytes``, 32 MB by default here).
 
-Rebalances: revoked or lost partitions lose their buffered state; if an open long transaction
-held work of a revoked partition it is rolled back and the remaining partitions are re-sought
-from the database. Commerce database unavailable: the batch is abandoned, the loop reconnects
-for up to ``db_retry_s`` seconds and re-seeks every partition from the stored offsets, or stops
-with a DatabaseError (exit 3). SIGTERM/SIGINT (``stop``): the current batch is finished and
+Rebalances (:mod:`consumers.rebalance`, eager or cooperative protocol): revoked or lost
+partitions lose their buffered state; if an open long transaction held work of a revoked
+partition it is rolled back and the remaining partitions are re-sought from the database.
+Commerce database unavailable: the batch is abandoned, the loop reconnects for up to
+``db_retry_s`` seconds and re-seeks every partition from the stored offsets, or stops with a
+DatabaseError (exit 3). SIGTERM/SIGINT (``stop``): the current batch is finished and
 committed, an open long transaction is rolled back (it cannot commit half a source
 transaction), the consumer leaves the group cleanly.
 """
@@ -41,7 +43,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -60,6 +62,7 @@ from consumers.engine import (
     Tx,
 )
 from consumers.letters import DlqPublisher, RecordLetters
+from consumers.rebalance import OwnedPartition, RebalanceCallbacks, is_eager, tp_text
 from consumers.reverse import sink_factory
 from consumers.schemas import SchemaReader
 from consumers.sink import Sink
@@ -101,18 +104,7 @@ class ApplyOptions:
     crash_at: CrashPoint | None = None
 
 
-@dataclass(slots=True)
-class _Partition:
-    topic: str
-    partition: int
-    #: next_offset as this member believes the database holds it (None: no row yet).
-    committed: int | None
-    #: The next offset accepted from the consumer: drops messages fetched before a seek.
-    cursor: int
-    buffer: list[Entry] = field(default_factory=list)
-
-
-class ApplyConsumer:
+class ApplyConsumer(RebalanceCallbacks):
     """One apply process: the Kafka source of :class:`consumers.engine.ApplyEngine`.
     ``run()`` until ``stop`` is set (or idle, see :class:`ApplyOptions`)."""
 
@@ -138,6 +130,7 @@ class ApplyConsumer:
         self.batch_max = settings.apply.batch_max_events
         self.long_tx_events = self.options.long_tx_events or 2 * self.batch_max
         self.topics = self.direction.topics(self.mapping)
+        self.eager = is_eager(settings.kafka.apply_assignment)
         self.engine = ApplyEngine(
             self.mapping,
             connect=self._connect_db,
@@ -154,7 +147,7 @@ class ApplyConsumer:
             sink_factory=sink_factory(self.direction),
             side=self.direction.apply_side,
         )
-        self._parts: dict[TP, _Partition] = {}
+        self._parts: dict[TP, OwnedPartition] = {}
         self._streaming: set[TP] = set()
         self._paused: set[TP] = set()
         self._need_reseek: set[TP] = set()
@@ -200,8 +193,9 @@ class ApplyConsumer:
         self._schemas = SchemaReader(self.settings.kafka, self.group)
         self._schemas.refresh()
         self._decoder = Decoder(self._schemas.store, self._schemas.refresh)
-        # The exactly-once protocol's settings (no auto commit, read_committed, cooperative
-        # rebalancing) are mandatory in cutover.kafka: the pass-through cannot change them.
+        # The exactly-once protocol's settings (no auto commit, read_committed, the assignor
+        # of [kafka] apply_assignment) are mandatory in cutover.kafka: the pass-through cannot
+        # change them. The callbacks (consumers.rebalance) follow the assignor's protocol.
         self._consumer = kafka.consumer(
             self.settings.kafka,
             "apply",
@@ -373,75 +367,6 @@ class ApplyConsumer:
         self._streaming.clear()
         self._resume_all()
 
-    # ================================================================== rebalance callbacks
-    # They run inside consume(); an exception there is kept and raised after consume returns.
-
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        try:
-            tps = [(p.topic, p.partition) for p in partitions]
-            try:
-                offsets = self.sink.read_offsets(self.group, tps, lock=False)
-                reseek = False
-            except DatabaseError as exc:
-                # Assign now (the group protocol needs it) and seek once the database is back.
-                log().warning("apply.assign_db_error", error=exc.message)
-                offsets, reseek = {}, True
-                self._db_broken = True
-            for p in partitions:
-                tp = (p.topic, p.partition)
-                off = offsets.get(tp)
-                if off is None or off < 0:
-                    p.offset = OFFSET_BEGINNING
-                    self._parts[tp] = _Partition(p.topic, p.partition, None, 0)
-                else:
-                    p.offset = off
-                    self._parts[tp] = _Partition(p.topic, p.partition, off, off)
-                if reseek:
-                    self._need_reseek.add(tp)
-            consumer.incremental_assign(partitions)
-            # --exit-when-idle counts from the assignment: a slow group join (a rebalance,
-            # a broker under load) is not idleness, and the new partitions' backlog is ahead.
-            self._last_message = time.monotonic()
-            log().info(
-                "apply.partitions_assigned",
-                partitions=_tp_text(tps),
-                offsets={f"{t}[{p}]": offsets.get((t, p)) for t, p in tps},
-            )
-        except BaseException as exc:
-            self._callback_error = exc
-
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._drop_partitions(partitions, "apply.partitions_revoked")
-
-    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._drop_partitions(partitions, "apply.partitions_lost")
-
-    def _drop_partitions(self, partitions: list[TopicPartition], event: str) -> None:
-        try:
-            tps = {(p.topic, p.partition) for p in partitions}
-            tx = self.engine.tx
-            if tx is not None and (tps & tx.locked or tps & self._streaming):
-                # The open long transaction holds uncommitted work of a partition we no longer
-                # own: it can never commit. Roll back; the partitions we keep restart from the
-                # database offsets.
-                keep = tx.locked - tps
-                self._abandon_tx("partitions revoked during a long transaction")
-                self._need_reseek |= keep
-            for tp in tps:
-                metrics.drop_apply_lag(*tp)  # another member's to report now
-                self._parts.pop(tp, None)
-                self._streaming.discard(tp)
-                self._paused.discard(tp)
-                self._need_reseek.discard(tp)
-            log().info(event, partitions=_tp_text(sorted(tps)))
-        except BaseException as exc:
-            self._callback_error = exc
-
-    def _raise_callback_error(self) -> None:
-        if self._callback_error is not None:
-            exc, self._callback_error = self._callback_error, None
-            raise exc
-
     # ================================================================== seeking
 
     def _reseek(self, tps: Sequence[TP]) -> None:
@@ -466,7 +391,7 @@ class ApplyConsumer:
             except KafkaException as exc:
                 # E.g. the fetcher has not started on a just-assigned partition: try again on
                 # the next loop; until then its messages are dropped.
-                log().info("apply.seek_deferred", partition=_tp_text([tp]), error=str(exc))
+                log().info("apply.seek_deferred", partition=tp_text([tp]), error=str(exc))
                 self._need_reseek.add(tp)
         log().info("apply.reseeked", offsets={f"{t}[{p}]": offsets.get((t, p)) for t, p in tps})
 
@@ -541,9 +466,9 @@ class ApplyConsumer:
             long_tx_events=self.long_tx_events,
         )
         for tp, tail in step.opened:
-            log().info("apply.long_tx_opened", partition=_tp_text([tp]), open_tail=tail)
+            log().info("apply.long_tx_opened", partition=tp_text([tp]), open_tail=tail)
         for tp in step.closed:
-            log().info("apply.long_tx_closed", partition=_tp_text([tp]))
+            log().info("apply.long_tx_closed", partition=tp_text([tp]))
         self._streaming = step.streaming
         plan: dict[TP, list[Entry]] = {}
         for tp, take in step.take.items():
@@ -581,7 +506,7 @@ class ApplyConsumer:
             else:
                 fenced.add(tp)
                 log().warning(
-                    "apply.fenced", partition=_tp_text([tp]), expected=expected, stored=got
+                    "apply.fenced", partition=tp_text([tp]), expected=expected, stored=got
                 )
         return fenced
 
@@ -605,10 +530,6 @@ class ApplyConsumer:
                 self._consumer.commit(offsets=hints, asynchronous=True)
             except KafkaException as exc:
                 log().debug("apply.kafka_commit_hint_failed", error=str(exc))
-
-
-def _tp_text(tps: Sequence[TP]) -> list[str]:
-    return [f"{t}[{p}]" for t, p in tps]
 
 
 __all__ = ["ApplyConsumer", "ApplyOptions", "ApplySummary", "CommitInfo"]

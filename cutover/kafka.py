@@ -90,9 +90,9 @@ _CONSUMER_DEFAULTS: Final[dict[ConsumerPurpose, dict[str, Any]]] = {
 }
 _CONSUMER_MANDATORY: Final[dict[ConsumerPurpose, dict[str, Any]]] = {
     # The apply consumer commits offsets in the commerce transaction, never to Kafka on its own,
-    # and must not see aborted transactions' messages.
+    # and must not see aborted transactions' messages. Its assignor is [kafka] apply_assignment
+    # (consumer_config): both protocols are handled by consumers.rebalance.
     "apply": {
-        "partition.assignment.strategy": "cooperative-sticky",
         "isolation.level": "read_committed",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -271,7 +271,9 @@ def consumer_config(
     if purpose != "apply":
         for key in _GROUPLESS_DROP:
             user.pop(key, None)
-    mandatory = _CONSUMER_MANDATORY[purpose]
+    mandatory = dict(_CONSUMER_MANDATORY[purpose])
+    if purpose == "apply":
+        mandatory["partition.assignment.strategy"] = kafka.apply_assignment
     for key, value in mandatory.items():
         if key in user and user[key] != value:
             get_logger(__name__).warning(

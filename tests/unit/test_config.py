@@ -76,6 +76,10 @@ def test_environment_alone_is_enough_when_file_optional(
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\npartitions=0\n", "must be positive"),
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[apply]\ndlq_policy='skip'\n", "one of"),
         (
+            "[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\napply_assignment='sticky'\n",
+            "[kafka] apply_assignment must be one of ['range', 'cooperative-sticky']",
+        ),
+        (
             "[source]\ndsn='x'\n[target]\ndsn='y'\n[gates]\nmin_reads_soak_minutes=-1\n",
             "min_reads_soak_minutes must be 0 or more",
         ),

@@ -22,7 +22,7 @@ CONSUMER_MUST: dict[str, dict[str, Any]] = {
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "isolation.level": "read_committed",
-        "partition.assignment.strategy": "cooperative-sticky",
+        "partition.assignment.strategy": "range",  # [kafka] apply_assignment's default
     },
     "schemas": {"enable.auto.commit": False, "isolation.level": "read_committed"},
     "replay": {
@@ -40,7 +40,7 @@ WEAK_CONSUMER: dict[str, Any] = {
     "enable.auto.offset.store": True,
     "enable.partition.eof": False,
     "isolation.level": "read_uncommitted",
-    "partition.assignment.strategy": "range",
+    "partition.assignment.strategy": "roundrobin",
     "allow.auto.create.topics": True,
     "group.id": "someone-elses-group",
     "bootstrap.servers": "elsewhere:9092",
@@ -82,6 +82,19 @@ def test_a_user_setting_cannot_override_a_mandatory_consumer_setting(purpose: An
     assert conf["fetch.min.bytes"] == 9
     ignored = {e["setting"] for e in logs if e["event"] == "kafka.setting_ignored"}
     assert ignored == {k for k in CONSUMER_MUST[purpose] if k in WEAK_CONSUMER}
+
+
+@pytest.mark.parametrize("assignment", ["range", "cooperative-sticky"])
+def test_the_apply_assignor_is_the_configured_one_whatever_the_pass_through(
+    assignment: Any,
+) -> None:
+    user = KafkaSettings(
+        apply_assignment=assignment, consumer={"partition.assignment.strategy": "roundrobin"}
+    )
+    assert kafka.consumer_config(user, "apply", group_id="g")["partition.assignment.strategy"] == (
+        assignment
+    )
+    assert KafkaSettings().apply_assignment == "range"
 
 
 def test_assign_only_consumers_drop_group_membership_settings() -> None:
