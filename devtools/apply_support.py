@@ -947,12 +947,15 @@ def write_config(
     batch_max_events: int = 5000,
     dlq_policy: str = "dlq",
     consumer: Mapping[str, Any] | None = None,
+    kafka: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A cutover.toml for subprocess runs (DSNs and bootstrap come from CUTOVER_* env)."""
+    """A cutover.toml for subprocess runs (DSNs and bootstrap come from CUTOVER_* env);
+    ``kafka``: more ``[kafka]`` settings (e.g. apply_assignment)."""
     lines = [
         "[kafka]",
         f'topic_prefix = "{topics.prefix}"',
         f"partitions = {topics.partitions}",
+        *(f"{k} = {json.dumps(v)}" for k, v in (kafka or {}).items()),
         "[kafka.consumer]",
         *(f'"{k}" = {json.dumps(v)}' for k, v in (consumer or FAST_GROUP).items()),
         "[mapping]",

@@ -1,6 +1,8 @@
 """`cutover apply` as processes on the real stack: SIGTERM finishes and leaves cleanly (exit 0);
 kill -9 mid-stream then restart gives the exact final state; members joining and dying under
-load (cooperative-sticky rebalances, fenced zombies) lose and duplicate nothing.
+load lose and duplicate nothing, with either assignor (range: eager rebalances, cooperative-sticky:
+incremental ones; fenced zombies in both), and under range (the default) two members share
+every domain topic.
 
 The expected final state is computed by the test's own model of the legacy shop
 (:class:`ShopModel`), never by the code under test.
@@ -8,6 +10,7 @@ The expected final state is computed by the test's own model of the legacy shop
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from devtools.apply_support import (
+    DOMAINS,
     EventFactory,
     Message,
     ShopModel,
@@ -111,12 +115,44 @@ def test_kill_9_mid_stream_then_restart_gives_the_exact_state(
     assert diff(model.expected(), fetch_commerce(commerce)) == []
 
 
+def _last_assignment(log: Path) -> set[str]:
+    """The partitions of the last ``apply.partitions_assigned`` event of an apply log: under
+    the eager protocol (range) that is the member's whole assignment."""
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assigned = [e for e in events if e.get("event") == "apply.partitions_assigned"]
+    return set(assigned[-1]["partitions"]) if assigned else set()
+
+
+def _assert_every_topic_shared(topics: Topics, *logs: Path) -> None:
+    """Under range, each of the members (the last ones standing) owns an equal share of each
+    domain topic: the hot domain is never left to one of them."""
+    every = {f"{topics.topic(d)}[{p}]" for d in DOMAINS for p in range(topics.partitions)}
+    per_topic = topics.partitions // len(logs)
+
+    def balanced() -> bool:
+        owned = [_last_assignment(log) for log in logs]
+        return set().union(*owned) == every and all(
+            sum(tp.startswith(f"{topics.topic(d)}[") for tp in mine) == per_topic
+            for mine in owned
+            for d in DOMAINS
+        )
+
+    wait_for(balanced, 60, "each member to own a share of every topic")
+
+
+@pytest.mark.parametrize("assignment", ["range", "cooperative-sticky"])
 def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
-    commerce: str, topics: Topics, tmp_path: Path
+    commerce: str, topics: Topics, tmp_path: Path, assignment: str
 ) -> None:
     model, msgs = _stream(topics, 9000, seed=23)
     group = "rebalance"
-    config = write_config(tmp_path, topics, group=group, batch_max_events=400)
+    config = write_config(
+        tmp_path,
+        topics,
+        group=group,
+        batch_max_events=400,
+        kafka={"apply_assignment": assignment},
+    )
     env = cli_env(commerce, topics.bootstrap)
     cli = shutil.which("cutover", path=str(Path(os.sys.executable).parent))  # type: ignore[attr-defined]
 
@@ -197,6 +233,8 @@ def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
         changes_done.set()
         assert done.wait(180)
         wait_for(lambda: total_offsets(commerce, group) == len(msgs), 240, "all offsets applied")
+        if assignment == "range":
+            _assert_every_topic_shared(topics, tmp_path / "d.log", tmp_path / "e.log")
         for name in ("d", "e"):
             assert stop_apply(procs[name]) == 0, _log_text(*logs)
         assert diff(model.expected(), fetch_commerce(commerce)) == []
