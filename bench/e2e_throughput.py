@@ -3,6 +3,7 @@
 Run with the local stack up (``make up``)::
 
     .venv/bin/python -m bench.e2e_throughput [--orders 150000] [--transactions 290000]
+        [--assignment range|cooperative-sticky]
 
 (a) **snapshot**: a prefilled legacy shop (``--orders`` 150,000 ≈ 960,000 rows in 7 tables,
     the biggest ≈ 450,000 rows) is loaded by ``cutover produce``'s initial snapshot (DBLog
@@ -19,7 +20,9 @@ and the same per row or event in microseconds (:func:`cpu_profile`). On 2 cores,
 end to end need a total under 2,000,000 / N µs per event.
 
 Each run uses scratch databases, slot, publication and topic prefix, removed at the end. Prints
-JSON and a Markdown table; writes ``bench/results/e2e.json``.
+JSON and a Markdown table; writes ``bench/results/e2e.json``. Also reported: the appliers'
+assignor (``[kafka] apply_assignment``), each applier's share of the events it applied (its
+``apply.stopping`` log line) and the load average at the start and the end of each phase.
 """
 
 from __future__ import annotations
@@ -144,13 +147,32 @@ def cpu_profile(
     }
 
 
-def run(orders: int, transactions: int) -> dict[str, Any]:
+def _shares(scenario: Scenario, names: list[str]) -> list[int]:
+    """Events each applier applied, from its last ``apply.stopping`` log line (after SIGTERM)."""
+    counts = []
+    for name in names:
+        events = 0
+        for line in (scenario.workdir / f"{name}.log").read_text().splitlines():
+            if '"apply.stopping"' in line:
+                events = int(json.loads(line).get("events", 0))
+        counts.append(events)
+    return counts
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(orders: int, transactions: int, assignment: str) -> dict[str, Any]:
     env = stack_env()
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    kafka_settings = {"apply_assignment": assignment}
     with (
         scratch(env["CUTOVER_SOURCE_DSN"], EXAMPLES / "legacy.sql", "benchlegacy") as source,
         scratch(env["CUTOVER_TARGET_DSN"], EXAMPLES / "commerce.sql", "benchcommerce") as target,
-        harness.open_scenario(source, target, env["CUTOVER_KAFKA_BOOTSTRAP"], workdir) as sc,
+        harness.open_scenario(
+            source, target, env["CUTOVER_KAFKA_BOOTSTRAP"], workdir, kafka_settings=kafka_settings
+        ) as sc,
     ):
         prefill(source, orders=orders, seed=11)
         rows = _count(source, "shop", TABLES)
@@ -158,6 +180,7 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
 
         servers = Servers(source, target)
         # (a) snapshot: producer alone (rows/s into Kafka), consumers started with it.
+        load_start = _load()
         t0, cpu0, kids0 = time.monotonic(), servers.sample(), _children_cpu_s()
         appliers = [_start(sc, f"apply-{i}", "apply") for i in range(2)]
         done = sc.cli("produce", "--exit-when-idle", "--json", timeout=3600)
@@ -174,13 +197,16 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
             "rows_per_s_end_to_end": round(rows / (applied_at - t0)),
             "commerce_rows": _count(target, "commerce", COMMERCE),
             "where_the_time_goes": cpu_profile(cpu0, servers.sample(), clients, rows),
+            "load_average_start_end": [load_start, _load()],
         }
         for p in appliers:
             harness.stop(p)
+        snapshot["events_per_applier"] = _shares(sc, ["apply-0", "apply-1"])
 
         # (b) backlog: written while nothing runs, then drained end to end.
         before = _end_offsets(sc)
         report = run_workload(source, rate=1_000_000, max_transactions=transactions, seed=12)
+        load_start = _load()
         t1, cpu1, kids1 = time.monotonic(), servers.sample(), _children_cpu_s()
         appliers = [_start(sc, f"apply-b{i}", "apply") for i in range(2)]
         done = sc.cli("produce", "--exit-when-idle", "--json", timeout=3600)
@@ -191,6 +217,7 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
         events = _end_offsets(sc) - before
         clients = {"producer": producer_cpu} | _appliers_cpu(appliers)
         profile = cpu_profile(cpu1, servers.sample(), clients, events)
+        load_end = _load()
         for p in appliers:
             harness.stop(p)
         backlog = {
@@ -200,11 +227,15 @@ def run(orders: int, transactions: int) -> dict[str, Any]:
             "end_to_end_s": round(applied_at - t1, 2),
             "events_per_s_end_to_end": round(events / (applied_at - t1)),
             "where_the_time_goes": profile,
+            "events_per_applier": _shares(sc, ["apply-b0", "apply-b1"]),
+            "load_average_start_end": [load_start, load_end],
         }
     return {
         "benchmark": "e2e",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "apply_assignment": assignment,
+        "size": {"orders": orders, "transactions": transactions},
         "snapshot": snapshot,
         "backlog": backlog,
         "targets": {"snapshot_rows_per_s": 50_000, "backlog_events_per_s": 20_000},
@@ -215,10 +246,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=150_000)
     parser.add_argument("--transactions", type=int, default=290_000)
+    parser.add_argument(
+        "--assignment", choices=("range", "cooperative-sticky"), default="range",
+        help="the appliers' [kafka] apply_assignment",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON result's file")
     args = parser.parse_args()
-    result = run(args.orders, args.transactions)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args.orders, args.transactions, args.assignment)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     s, b = result["snapshot"], result["backlog"]
     print("\n| measure | figure | target |\n|---|---|---|")
