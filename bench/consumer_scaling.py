@@ -8,7 +8,7 @@ database and fresh topics (12 partitions per domain, removed afterwards):
 1. ``--events`` realistic change events of the reference shop (the apply benchmark's generator)
    are produced FIRST, so every run drains the same backlog;
 2. N ``cutover apply`` processes are started in one group; Kafka spreads the 36 domain partitions
-   over them (cooperative-sticky);
+   over them (``[kafka] apply_assignment``; ``--assignment range`` splits each topic among them);
 3. the offsets the appliers store in commerce (in the same transaction as the rows) are polled:
    lag = events produced − events applied, sampled every ``--sample-s``; the rate is measured from
    the first applied event to the last (the group join is reported apart).
@@ -66,8 +66,15 @@ from devtools.stack import read_env  # noqa: E402
 PARTITIONS = 12
 
 
-def run(env: dict[str, str], appliers: int, events: int, sample_s: float) -> dict[str, Any]:
-    """One drain of ``events`` by ``appliers`` processes; rate, lag samples, group join time."""
+def run(
+    env: dict[str, str],
+    appliers: int,
+    events: int,
+    sample_s: float,
+    assignment: str = "cooperative-sticky",
+) -> dict[str, Any]:
+    """One drain of ``events`` by ``appliers`` processes; rate, lag samples, group join time,
+    and the events each applier applied (its ``apply.stopping`` log line)."""
     bootstrap = env["CUTOVER_KAFKA_BOOTSTRAP"]
     for dsn in scratch_database(env["CUTOVER_TARGET_DSN"], EXAMPLES / "commerce.sql", "bench"):
         init_control(dsn)
@@ -79,19 +86,36 @@ def run(env: dict[str, str], appliers: int, events: int, sample_s: float) -> dic
             produced = produce(bootstrap, gen.messages(events))
             with tempfile.TemporaryDirectory() as tmp:
                 group = f"bench-scaling-{appliers}"
-                config = write_config(Path(tmp), topics, group=group, consumer={})
+                config = write_config(
+                    Path(tmp),
+                    topics,
+                    group=group,
+                    consumer={},
+                    kafka={"apply_assignment": assignment},
+                )
                 env_cli = cli_env(dsn, bootstrap)
                 started = time.monotonic()
-                procs = [
-                    start_apply(config, env_cli, log=Path(tmp) / f"apply-{i}.log")
-                    for i in range(appliers)
-                ]
-                return _drain(dsn, group, produced, procs, started=started, sample_s=sample_s)
+                logs = [Path(tmp) / f"apply-{i}.log" for i in range(appliers)]
+                procs = [start_apply(config, env_cli, log=log) for log in logs]
+                result = _drain(dsn, group, produced, procs, started=started, sample_s=sample_s)
+                for proc in procs:
+                    stop_apply(proc)
+                result["assignment"] = assignment
+                result["events_per_applier"] = [_applied_by(log) for log in logs]
+                return result
         finally:
             for proc in procs:
                 stop_apply(proc)
             delete_topics(topics)
     raise AssertionError("unreachable")
+
+
+def _applied_by(log: Path) -> int:
+    events = 0
+    for line in log.read_text().splitlines():
+        if '"apply.stopping"' in line:
+            events = int(json.loads(line).get("events", 0))
+    return events
 
 
 def _drain(
@@ -153,6 +177,10 @@ def main() -> int:
     parser.add_argument("--appliers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--sample-s", type=float, default=1.0)
     parser.add_argument(
+        "--assignment", choices=("cooperative-sticky", "range"), default="cooperative-sticky",
+        help="the appliers' [kafka] apply_assignment",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / "consumer_scaling.json"
     )
     args = parser.parse_args()
@@ -169,7 +197,7 @@ def main() -> int:
             "load_average_at_start": os.getloadavg(),
         },
         "brokers": len(env["CUTOVER_KAFKA_BOOTSTRAP"].split(",")),
-        "runs": [run(env, n, args.events, args.sample_s) for n in args.appliers],
+        "runs": [run(env, n, args.events, args.sample_s, args.assignment) for n in args.appliers],
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Run with the local stack up (``make up``)::
 
     .venv/bin/python -m bench.e2e_throughput [--orders 150000] [--transactions 290000]
-        [--assignment range|cooperative-sticky]
+        [--assignment cooperative-sticky|range]
 
 (a) **snapshot**: a prefilled legacy shop (``--orders`` 150,000 ≈ 960,000 rows in 7 tables,
     the biggest ≈ 450,000 rows) is loaded by ``cutover produce``'s initial snapshot (DBLog
@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=150_000)
     parser.add_argument("--transactions", type=int, default=290_000)
     parser.add_argument(
-        "--assignment", choices=("range", "cooperative-sticky"), default="range",
+        "--assignment", choices=("cooperative-sticky", "range"), default="cooperative-sticky",
         help="the appliers' [kafka] apply_assignment",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON result's file")

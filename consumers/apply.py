@@ -1,8 +1,8 @@
 """`cutover apply`: the Kafka source of the apply engine (exactly-once effect into commerce).
 
 One process = one member of the consumer group ``apply.group_id`` (``[kafka] apply_assignment``:
-range by default, ``read_committed``, no auto commit), subscribed to the domain topics of the
-mapping.
+cooperative-sticky or range, ``read_committed``, no auto commit), subscribed to the domain
+topics of the mapping.
 :class:`ApplyConsumer` polls, buffers and plans per partition, and plays its part of the commit
 protocol of :mod:`consumers.engine` (the fence, the offsets); the engine runs the loop and the
 transaction. The decisions live in pure modules (:mod:`consumers.events`, :mod:`consumers.batch`,

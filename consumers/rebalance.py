@@ -2,14 +2,14 @@
 
 ``[kafka] apply_assignment`` picks the assignor (:mod:`cutover.kafka` makes it mandatory):
 
-* ``range`` (the default) uses the **eager** protocol: at every rebalance each member is told to
+* ``range`` uses the **eager** protocol: at every rebalance each member is told to
   give up its whole assignment (``on_revoke`` with everything), then gets its whole new one
   (``on_assign``), which it takes with ``assign()``. Every member stops consuming until the
   group has re-formed; the gain is per-topic balance: range splits each topic's partitions
   among the members, so the hot domain (payment) is shared by every applier;
-* ``cooperative-sticky`` uses the **cooperative** protocol: only the partitions that move are
-  revoked (``incremental_unassign``) or added (``incremental_assign``); the others keep flowing.
-  It balances partition counts only, so one applier may keep a whole topic.
+* ``cooperative-sticky`` (the default) uses the **cooperative** protocol: only the partitions
+  that move are revoked (``incremental_unassign``) or added (``incremental_assign``); the others
+  keep flowing. It balances partition counts only, so one applier may keep a whole topic.
 
 Whatever the protocol, the exactly-once rules are the same: a partition is assigned at the
 offset stored in the apply-side database (the beginning if none), and giving one up drops its

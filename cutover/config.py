@@ -86,11 +86,11 @@ class KafkaSettings:
     ssl_ca_location: str | None = None
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
-    # How the apply group shares the partitions (cutover.kafka, docs/CONFIGURATION.md). "range"
-    # (eager protocol) splits every topic among the members, so the hot domain (payment, ~90 %
-    # of the events) gets every applier; "cooperative-sticky" balances partition counts only
-    # and may leave a whole topic on one member, but moves fewer partitions per rebalance.
-    apply_assignment: Literal["range", "cooperative-sticky"] = "range"
+    # How the apply group shares the partitions (cutover.kafka, docs/CONFIGURATION.md).
+    # "cooperative-sticky" balances partition counts only and may leave a whole topic (the hot
+    # payment domain, ~90 % of the events) on one member, but moves only what it must at a
+    # rebalance; "range" (eager protocol: every member pauses) splits every topic among them.
+    apply_assignment: Literal["cooperative-sticky", "range"] = "cooperative-sticky"
     producer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     consumer: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 

@@ -1,8 +1,8 @@
 """`cutover apply` as processes on the real stack: SIGTERM finishes and leaves cleanly (exit 0);
 kill -9 mid-stream then restart gives the exact final state; members joining and dying under
-load lose and duplicate nothing, with either assignor (range: eager rebalances, cooperative-sticky:
-incremental ones; fenced zombies in both), and under range (the default) two members share
-every domain topic.
+load lose and duplicate nothing, with either assignor (cooperative-sticky, the default:
+incremental rebalances; range: eager ones; fenced zombies in both), and under range two
+members share every domain topic.
 
 The expected final state is computed by the test's own model of the legacy shop
 (:class:`ShopModel`), never by the code under test.
@@ -140,7 +140,7 @@ def _assert_every_topic_shared(topics: Topics, *logs: Path) -> None:
     wait_for(balanced, 60, "each member to own a share of every topic")
 
 
-@pytest.mark.parametrize("assignment", ["range", "cooperative-sticky"])
+@pytest.mark.parametrize("assignment", ["cooperative-sticky", "range"])
 def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
     commerce: str, topics: Topics, tmp_path: Path, assignment: str
 ) -> None:

@@ -77,7 +77,7 @@ def test_environment_alone_is_enough_when_file_optional(
         ("[source]\ndsn='x'\n[target]\ndsn='y'\n[apply]\ndlq_policy='skip'\n", "one of"),
         (
             "[source]\ndsn='x'\n[target]\ndsn='y'\n[kafka]\napply_assignment='sticky'\n",
-            "[kafka] apply_assignment must be one of ['range', 'cooperative-sticky']",
+            "[kafka] apply_assignment must be one of ['cooperative-sticky', 'range']",
         ),
         (
             "[source]\ndsn='x'\n[target]\ndsn='y'\n[gates]\nmin_reads_soak_minutes=-1\n",

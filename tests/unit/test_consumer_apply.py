@@ -19,7 +19,7 @@ from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSetting
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _settings(assignment: object = "range", **consumer: object) -> Settings:
+def _settings(assignment: object = "cooperative-sticky", **consumer: object) -> Settings:
     return Settings(
         source=SourceSettings(dsn="dbname=x"),
         target=TargetSettings(dsn="dbname=y"),
@@ -48,7 +48,7 @@ def test_consumer_conf_forces_what_exactly_once_needs_and_passes_the_rest() -> N
     # ApplyConsumer._start builds its consumer from exactly this (cutover.kafka, purpose "apply").
     conf = kafka.consumer_config(consumer.settings.kafka, "apply", group_id=consumer.group)
     assert conf["group.id"] == "g1"
-    assert conf["partition.assignment.strategy"] == "range"  # per-topic balance
+    assert conf["partition.assignment.strategy"] == "cooperative-sticky"
     assert conf["isolation.level"] == "read_committed"
     assert conf["enable.auto.commit"] is False
     assert conf["fetch.min.bytes"] == 10  # pass-through

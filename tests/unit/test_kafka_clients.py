@@ -22,7 +22,7 @@ CONSUMER_MUST: dict[str, dict[str, Any]] = {
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "isolation.level": "read_committed",
-        "partition.assignment.strategy": "range",  # [kafka] apply_assignment's default
+        "partition.assignment.strategy": "cooperative-sticky",
     },
     "schemas": {"enable.auto.commit": False, "isolation.level": "read_committed"},
     "replay": {
@@ -40,7 +40,7 @@ WEAK_CONSUMER: dict[str, Any] = {
     "enable.auto.offset.store": True,
     "enable.partition.eof": False,
     "isolation.level": "read_uncommitted",
-    "partition.assignment.strategy": "roundrobin",
+    "partition.assignment.strategy": "range",
     "allow.auto.create.topics": True,
     "group.id": "someone-elses-group",
     "bootstrap.servers": "elsewhere:9092",
@@ -94,7 +94,7 @@ def test_the_apply_assignor_is_the_configured_one_whatever_the_pass_through(
     assert kafka.consumer_config(user, "apply", group_id="g")["partition.assignment.strategy"] == (
         assignment
     )
-    assert KafkaSettings().apply_assignment == "range"
+    assert KafkaSettings().apply_assignment == "cooperative-sticky"
 
 
 def test_assign_only_consumers_drop_group_membership_settings() -> None:
