@@ -29,6 +29,8 @@ from devtools.readback import Decoded, decode_all, read_all, schema_store
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "examples" / "shop" / "mapping.toml"
+# Tests and benchmarks only (Scenario.env() keeps CUTOVER_* away from the product).
+READ_MODE_ENV = "CUTOVER_TEST_READ_MODE"
 
 
 @dataclass
@@ -51,6 +53,9 @@ class Scenario:
     kafka_settings: Mapping[str, Any] = field(default_factory=dict)
     #: The ``[gates]`` section (e.g. soak times 0 for a write-cutover test).
     gate_settings: Mapping[str, Any] = field(default_factory=dict)
+    #: ``[source] read_mode``; unset: ``$CUTOVER_TEST_READ_MODE`` (runs whole test files in
+    #: the other mode), else the product's default.
+    read_mode: str | None = field(default_factory=lambda: os.environ.get(READ_MODE_ENV) or None)
 
     @property
     def prefix(self) -> str:
@@ -91,6 +96,7 @@ class Scenario:
             f"peek_batch = {self.peek_batch}",
             f"heartbeat_interval_s = {self.heartbeat_s}",
             f"snapshot_chunk_rows = {self.chunk_rows}",
+            *([f'read_mode = "{self.read_mode}"'] if self.read_mode else []),
             "[target]",
             "[reverse]",
             f'slot = "{self.reverse_slot}"',

@@ -1,10 +1,13 @@
 """The CDC producer loop (``cutover produce``): slot → pgoutput → Avro → Kafka, with no loss.
 
-Reading: ``pg_logical_slot_peek_binary_changes`` through a SERVER-SIDE cursor (a psycopg named
-cursor fetching ``_ITERSIZE`` rows at a time), so even a 1,000,000-row transaction never sits in
-client memory: PostgreSQL materialises the peek result in a tuplestore that spills to disk, and
-we stream it through. Peek never consumes; the slot moves only by ``pg_replication_slot_advance``
-in step 5 below. (The consuming ``pg_logical_slot_get_*`` functions are never used.)
+Reading (:mod:`producers.slot_reader`, ``[source] read_mode``): ``"sql"`` peeks with
+``pg_logical_slot_peek_binary_changes`` through a SERVER-SIDE cursor (PostgreSQL materialises
+the peek in a tuplestore that spills to disk, so even a 1,000,000-row transaction never sits in
+client memory) and advances with ``pg_replication_slot_advance``; ``"stream"``
+(:mod:`producers.wal_stream`) reads over the streaming replication protocol, where the
+walsender decodes once and pushes, and confirms with a standby status update. Neither consumes
+anything before step 5 below. (The consuming ``pg_logical_slot_get_*`` functions are never
+used.)
 
 The commit protocol, run at every checkpoint (see :meth:`CdcProducer._checkpoint`):
 
@@ -17,19 +20,21 @@ The commit protocol, run at every checkpoint (see :meth:`CdcProducer._checkpoint
    advance, exit 3);
 4. record the position durably in legacy ``cutover.producer_state`` (write-ahead of the advance,
    so after any crash ``slot <= record``: a slot found AHEAD of the record moved behind our back);
-5. ``pg_replication_slot_advance(slot, end LSN of the last acknowledged commit)``;
+5. confirm the end LSN of the last acknowledged commit (``reader.confirm``: the advance, or
+   the status update);
 6. send heartbeats (rate-limited to ``heartbeat_interval_s``) to every partition;
 7. record snapshot progress of the chunks whose rows were acknowledged in this checkpoint.
 
 A restart resumes from the slot; events between the slot and the record are delivered again
 (duplicates with the same ``(source.lsn, source.seq)``, which consumers ignore).
 
-Catch-up: every peek re-decodes the WAL from the slot's ``restart_lsn``, which PostgreSQL only
-moves at ``xl_running_xacts`` records (every 15 s or at checkpoints). Draining a large backlog
-with one peek per ``peek_batch`` changes would decode the same WAL over and over, so while the
-producer is behind, one peek reads up to ``peek_batch * catchup_factor`` changes and is still
-checkpointed every ``peek_batch`` changes (steps 3-7 run between rows of the cursor: the slot is
-not held once the peek has been materialised).
+Catch-up (``read_mode = "sql"``): every peek re-decodes the WAL from the slot's
+``restart_lsn``, which PostgreSQL only moves at ``xl_running_xacts`` records (every 15 s or at
+checkpoints). Draining a large backlog with one peek per ``peek_batch`` changes would decode the
+same WAL over and over, so while the producer is behind, one peek reads up to
+``peek_batch * catchup_factor`` changes and is still checkpointed every ``peek_batch`` changes
+(steps 3-7 run between rows of the cursor: the slot is not held once the peek has been
+materialised). In stream mode a read just returns to the loop's duties after that many.
 
 Other duties: one producer per slot and slot safety at start (:mod:`producers.slot_safety`);
 heartbeats while idle (``pg_logical_emit_message(true, 'cutover.heartbeat', ...)`` so the slot
@@ -40,7 +45,6 @@ SIGTERM/SIGINT finish the current checkpoint and exit 0; crash points for fault 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -50,7 +54,6 @@ from importlib import metadata
 from typing import Any, Final
 
 import psycopg
-from psycopg import sql
 
 from cutover import codec, fence, metrics, pg, shutdown
 from cutover.config import Settings
@@ -62,7 +65,6 @@ from cutover.errors import (
     DatabaseError,
     KafkaError,
     RuntimeFailure,
-    SlotSafetyError,
 )
 from cutover.logging import get_logger
 from cutover.mapping import MappingSpec, load_mapping
@@ -83,10 +85,11 @@ from producers.run_options import (
     ProducerReport,
     peak_rss_kb,
 )
+from producers.slot_reader import PeekReader, SlotReader, apply_session_settings
 from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
 from producers.snapshot_runner import SnapshotRunner
+from producers.wal_stream import WalStreamReader
 
-_ITERSIZE: Final = 5_000
 # The slot-lag gauge is read at most this often: not one more round trip in every cycle.
 _LAG_EVERY_S: Final = 1.0
 # Kafka heartbeats are rate-limited to the interval, with slack so that idle heartbeats, which
@@ -163,31 +166,42 @@ class CdcProducer:
             application_name=f"cutover produce ({name})",
             doing="cannot connect",
         )
-        try:
-            # The type output functions run in this session: fix what pgoutput.py assumes.
-            for setting, value in (
-                ("DateStyle", "ISO"),
-                ("TimeZone", "UTC"),
-                ("bytea_output", "hex"),
-                ("extra_float_digits", "1"),
-            ):
-                conn.execute(
-                    sql.SQL("SET {} = {}").format(sql.Identifier(setting), sql.Literal(value))
-                )
-            if not autocommit:
-                conn.commit()
-            return conn
-        except psycopg.Error as exc:
-            raise pg.translate(exc, "cannot connect", self.direction.capture_side) from None
+        # The type output functions run in this session: fix what pgoutput.py assumes.
+        apply_session_settings(conn, self.direction.capture_side)
+        return conn
+
+    def _open_reader(self) -> SlotReader:
+        """The reader of ``[source] read_mode`` (producers.slot_reader), at the slot's position."""
+        src = self.settings.source
+        side = self.direction.capture_side
+        if src.read_mode == "stream":
+            return WalStreamReader(
+                src.dsn,
+                self.ctl,
+                slot=src.slot,
+                publication=src.publication,
+                side=side,
+                start_lsn=self._position,
+                stop=self.stop,
+                timings=self._timings,
+                application_name="cutover produce (stream)",
+                log=self.log,
+            )
+        return PeekReader(
+            self._connect("reader", autocommit=False),
+            self.ctl,
+            slot=src.slot,
+            publication=src.publication,
+            side=side,
+            stop=self.stop,
+            timings=self._timings,
+        )
 
     def run(self) -> ProducerReport:
         settings = self.settings
         started = time.monotonic()
         self.mapping = self.direction.routes(load_mapping(settings.mapping_path))
-        with (
-            self._connect("control", autocommit=True) as ctl,
-            self._connect("reader", autocommit=False) as reader,
-        ):
+        with self._connect("control", autocommit=True) as ctl:
             # The producer's state lives next to the slot it reads (forward: legacy, schema
             # cutover; reverse: commerce, [target] control_schema).
             self.ctl = ctl
@@ -203,10 +217,13 @@ class CdcProducer:
                 topics=self._domain_partitions,
                 producer=self.options.producer_name,
                 fenced=sorted(self._fenced_seen),
+                read_mode=settings.source.read_mode,
             )
+            self.reader = self._open_reader()
             try:
-                self._loop(reader, started)
+                self._loop(started)
             finally:
+                self.reader.close()
                 self.report.elapsed_s = time.monotonic() - started
                 self.report.peak_rss_kb = peak_rss_kb()
                 self.log.info(
@@ -304,7 +321,7 @@ class CdcProducer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _loop(self, reader: Conn, started: float) -> None:
+    def _loop(self, started: float) -> None:
         src = self.settings.source
         limit = src.peek_batch
         max_limit = src.peek_batch * max(1, self.options.catchup_factor)
@@ -319,11 +336,11 @@ class CdcProducer:
                 self.report.stopped_by = "max_runtime"
                 break
             self.snapshots.maybe_start_chunk()
-            read = self._read_once(reader, limit)
-            if read >= limit:
+            read = self._read_once(limit)
+            if not self.reader.caught_up:
                 limit = min(limit * 2, max_limit)  # behind: read more per peek (module doc)
                 continue
-            # The peek returned less than asked: everything in the WAL was read (caught up).
+            # Everything in the WAL was read (caught up).
             limit = src.peek_batch
             busy = bool(self.stream.windows) or self.snapshots.request is not None
             if self.options.exit_when_idle and not busy and not self.snapshots.poll(force=True):
@@ -332,66 +349,31 @@ class CdcProducer:
             if time.monotonic() - self._last_advance >= src.heartbeat_interval_s:
                 self._emit_heartbeat()
             elif read == 0 and not busy:
-                self.stop.wait(self.options.idle_sleep_s)
+                self.reader.wait(self.options.idle_sleep_s)
         # Whatever was produced since the last checkpoint (heartbeats) must be acknowledged.
         self.kafka.flush()
 
-    def _read_once(self, reader: Conn, limit: int) -> int:
-        """One peek, streamed through; checkpoints every ~peek_batch changes. Returns rows read."""
-        src = self.settings.source
+    def _read_once(self, limit: int) -> int:
+        """One read of the slot; checkpoints every ~peek_batch changes. Returns messages read."""
+        batch = self.settings.source.peek_batch
         stream = self.stream
         feed = stream.feed
-        rows = 0
-        query = (
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s,"
-            " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')"
-        )
-        publication = '"' + src.publication.replace('"', '""') + '"'
-        self._timings["_t0"] = time.monotonic()
-        try:
-            with reader.cursor(name="cutover_peek", binary=True) as cur:
-                cur.itersize = _ITERSIZE
-                cur.execute(query, (src.slot, limit, publication))
-                stopping = False
-                first = True
-                while not stopping:
-                    batch = cur.fetchmany(_ITERSIZE)
-                    if first:
-                        # The first fetch runs the peek (decoding into a tuplestore): its time.
-                        self._timings["peek_ms"] = _ms_since(self._timings.pop("_t0", 0.0))
-                        first = False
-                    if not batch:
-                        break
-                    for (data,) in batch:
-                        feed(data)
-                        rows += 1
-                        if stream.tx is None and stream.changes_in_batch >= src.peek_batch:
-                            # (1) a bounded batch of whole transactions: checkpoint here.
-                            self._checkpoint()
-                            if self.stop.is_set():
-                                # Everything read so far is delivered and advanced: a signal
-                                # need not wait for the rest of a long catch-up peek.
-                                stopping = True
-                                break
-                    # A short fetch is the end of the peek: no round trip for an empty one.
-                    stopping = stopping or len(batch) < _ITERSIZE
-            reader.commit()
-        except psycopg.Error as exc:
-            with contextlib.suppress(psycopg.Error):
-                reader.rollback()
-            if exc.sqlstate == "42704":
-                raise SlotSafetyError(
-                    f"slot {src.slot} disappeared while the producer was reading it: possible "
-                    "data loss, re-snapshot required (`cutover init`, then `cutover init "
-                    "--resnapshot`)"
-                ) from None
-            raise pg.translate(
-                exc, f"reading slot {src.slot}", self.direction.capture_side
-            ) from None
+
+        def handle(data: bytes) -> bool:
+            feed(data)
+            if stream.tx is None and stream.changes_in_batch >= batch:
+                # (1) a bounded batch of whole transactions: checkpoint here.
+                self._checkpoint()
+                # Everything read so far is delivered and confirmed: a signal need not wait
+                # for the rest of a long catch-up read.
+                return not self.stop.is_set()
+            return True
+
+        rows = self.reader.read(limit, handle)
         if stream.tx is not None:
             raise RuntimeFailure(
-                f"the peek of slot {src.slot} ended inside a transaction; this should not happen "
-                "(PostgreSQL returns whole transactions)"
+                f"the read of slot {self.settings.source.slot} ended inside a transaction; this "
+                "should not happen (the readers return whole transactions)"
             )
         if stream.transactions != self._checkpointed_commits:
             self._checkpoint()
@@ -430,18 +412,9 @@ class CdcProducer:
         if self.options.crash_at == "after_ack_before_advance":
             _crash("after_ack_before_advance")
         self._timings["record_ms"] = _ms_since(t0)
-        t0 = time.monotonic()
-        # (5) advance the slot to the end of the last acknowledged commit.
-        try:
-            self.ctl.execute(
-                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                (self.settings.source.slot, lsn_to_str(lsn)),
-            )
-        except psycopg.Error as exc:
-            raise pg.translate(
-                exc, f"advancing slot {self.settings.source.slot}", self.direction.capture_side
-            ) from None
-        self._timings["advance_ms"] = _ms_since(t0)
+        # (5) confirm the end of the last acknowledged commit: the slot advances (SQL) or the
+        # walsender is told (stream); never before (3) and (4).
+        self.reader.confirm(lsn)
         self._account(lsn)
         # (6) heartbeats, at most one round per interval.
         now = time.monotonic()

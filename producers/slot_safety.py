@@ -76,6 +76,16 @@ def acquire_producer_lock(conn: Conn, slot: str) -> None:
     )
 
 
+def slot_in_use(slot: str, active_pid: int | None) -> CheckFailed:
+    """Another reader holds the slot (at start, or as the stream reader starts replication)."""
+    pid = "?" if active_pid is None else str(active_pid)
+    return CheckFailed(
+        f"slot {slot} is in use by backend pid {pid}: another reader (not a cutover "
+        "producer holding the lock) is attached; stop it first (on legacy: SELECT "
+        f"pg_terminate_backend({pid})), then run `cutover produce` again"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SlotStatus:
     confirmed: int
@@ -140,11 +150,7 @@ def check_slot(
             "Possible data loss, re-snapshot required: `cutover init --resnapshot`"
         )
     if active_pid is not None:
-        raise CheckFailed(
-            f"slot {slot} is in use by backend pid {active_pid}: another reader (not a cutover "
-            "producer holding the lock) is attached; stop it first (on legacy: SELECT "
-            f"pg_terminate_backend({active_pid})), then run `cutover produce` again"
-        )
+        raise slot_in_use(slot, int(active_pid))
     if log is not None and int(confirmed) < recorded:
         log.info(
             "slot.behind_record",

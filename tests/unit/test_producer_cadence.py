@@ -14,7 +14,8 @@ from psycopg import pq
 from cutover.control_store import ControlStore
 from cutover.control_store import producer as producer_state
 from producers import producer as producer_module
-from producers.producer import _ITERSIZE, CdcProducer
+from producers.producer import CdcProducer
+from producers.slot_reader import _ITERSIZE, PeekReader
 
 
 @dataclass
@@ -94,20 +95,34 @@ def _producer(**attrs: Any) -> Any:
     return producer
 
 
+def _peek(producer: Any, conn: FakeConn) -> Any:
+    """The SQL reader over ``conn``, as the producer's reader."""
+    producer.reader = PeekReader(
+        conn,  # type: ignore[arg-type]
+        conn,  # type: ignore[arg-type]
+        slot="s",
+        publication="p",
+        side="source",
+        stop=producer.stop,
+        timings=producer._timings,
+    )
+    return producer
+
+
 @pytest.mark.parametrize("rows", [0, 3, _ITERSIZE - 1])
 def test_a_short_fetch_ends_the_peek_without_an_empty_fetch(rows: int) -> None:
     reader = FakeConn(cursor_rows=[(b"x",)] * rows)
     stream = FakeStream()
-    producer = _producer(stream=stream)
-    assert producer._read_once(reader, 20_000) == rows
+    producer = _peek(_producer(stream=stream), reader)
+    assert producer._read_once(20_000) == rows
     assert reader.cursors[0].fetches == [_ITERSIZE]
     assert len(stream.fed) == rows
 
 
 def test_a_full_fetch_asks_again() -> None:
     reader = FakeConn(cursor_rows=[(b"x",)] * (_ITERSIZE + 2))
-    producer = _producer(stream=FakeStream())
-    assert producer._read_once(reader, 20_000) == _ITERSIZE + 2
+    producer = _peek(_producer(stream=FakeStream()), reader)
+    assert producer._read_once(20_000) == _ITERSIZE + 2
     assert reader.cursors[0].fetches == [_ITERSIZE, _ITERSIZE]
 
 
