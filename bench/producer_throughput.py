@@ -17,6 +17,10 @@ Run with the local stack up (``make up``)::
 Each case uses its own scratch database, slot, publication and topic prefix, all removed at the
 end. Prints a JSON document and a Markdown table; writes ``bench/results/producer.json``.
 ``--profile`` runs (a) in-process under cProfile instead and prints where the time goes.
+``--read-mode sql|stream`` sets ``[source] read_mode`` for every case. ``--compare-modes`` runs
+only (a), once per read mode on two slots created before the one backlog, one mode after the
+other, with the CPU of the PostgreSQL backends serving each (sampled from /proc); it writes
+``bench/results/producer_read_modes.json``.
 """
 
 from __future__ import annotations
@@ -132,6 +136,47 @@ def write_backlog(dsn: str, changes: int) -> float:
         conn.execute(BACKLOG_PROC)
         conn.execute("CALL pg_temp.backlog(%s)", (txs,))
     return time.monotonic() - started
+
+
+def compare_modes(env: dict[str, str], workdir: Path, changes: int) -> dict[str, Any]:
+    """(a) in both read modes: the same WAL (both slots exist before the backlog is written)."""
+    from bench.vs_debezium import _watch
+
+    out: dict[str, Any] = {"changes": changes, "load_1m_before": round(os.getloadavg()[0], 1)}
+    with pipeline(env, workdir, read_mode="sql") as sql_mode:
+        stream_mode = Scenario(
+            sql_mode.source_dsn, sql_mode.target_dsn, sql_mode.bootstrap, workdir,
+            read_mode="stream",
+        )  # fmt: skip
+        try:
+            harness.init(stream_mode)
+            out["write_s"] = round(write_backlog(sql_mode.source_dsn, changes), 2)
+            for scenario in (sql_mode, stream_mode):
+                load = os.getloadavg()[0]
+                report_path = workdir / f"report-{scenario.tag}.json"
+                config = str(scenario.write_config())
+                cmd = [sys.executable, "-m", "cli.entry", "--config", config, "produce",
+                       "--exit-when-idle", "--no-initial-snapshot", "--json"]  # fmt: skip
+                with report_path.open("wb") as stdout, scenario.log_path.open("ab") as log:
+                    tool = subprocess.Popen(cmd, env=scenario.env(), stdout=stdout, stderr=log)
+                    usage, pg, _ = _watch(tool, scenario.source_dsn, scenario.slot, lambda: False)
+                if tool.wait() != 0:
+                    raise SystemExit(f"produce failed: see {scenario.log_path}")
+                report = json.loads(report_path.read_text())
+                out[str(scenario.read_mode)] = {
+                    "events": report["events"],
+                    "produce_s": round(report["elapsed_s"], 2),
+                    "events_per_s": round(report["events"] / report["elapsed_s"]),
+                    "producer_cpu_s": round(usage.cpu_s, 2),
+                    "postgres_cpu_s": round(pg.cpu_s, 2),
+                    "postgres_cpu_us_per_change": round(pg.cpu_s / report["events"] * 1e6, 2),
+                    "peak_rss_mb": round(report["peak_rss_kb"] / 1024, 1),
+                    "load_1m_start": round(load, 1),
+                    "load_1m_end": round(os.getloadavg()[0], 1),
+                }
+        finally:
+            stream_mode.drop_slot()
+    return out
 
 
 def bench_backlog(env: dict[str, str], workdir: Path, changes: int) -> dict[str, Any]:
@@ -261,10 +306,23 @@ def main() -> None:
     parser.add_argument("--stream-seconds", type=float, default=30.0)
     parser.add_argument("--big-rows", type=int, default=1_000_000)
     parser.add_argument("--profile", action="store_true", help="profile (a) with cProfile")
+    parser.add_argument("--read-mode", choices=["sql", "stream"], help="[source] read_mode")
+    parser.add_argument(
+        "--compare-modes", action="store_true", help="(a) in both read modes, PostgreSQL's CPU"
+    )
     args = parser.parse_args()
     env = stack_env()
+    if args.read_mode:
+        # Scenario reads it (devtools.harness.READ_MODE_ENV) for every case below.
+        os.environ[harness.READ_MODE_ENV] = args.read_mode
     with tempfile.TemporaryDirectory(prefix="bench-producer-") as tmp:
         workdir = Path(tmp)
+        if args.compare_modes:
+            compared = compare_modes(env, workdir, args.changes)
+            path = RESULTS.with_name("producer_read_modes.json")
+            path.write_text(json.dumps(compared, indent=2) + "\n")
+            print(json.dumps(compared, indent=2))
+            return
         if args.profile:
             profile_backlog(env, workdir, args.changes)
             return

@@ -211,16 +211,26 @@ def preflight_server(conn: Conn, settings: Settings, report: InitReport) -> None
     )
     max_senders = int(conn.execute("SHOW max_wal_senders").fetchone()[0])  # type: ignore[index]
     senders = int(conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0])  # type: ignore[index]
+    stream = settings.source.read_mode == "stream"
     report.check(
         "wal_senders",
         True,
-        f"{senders} of max_wal_senders = {max_senders} in use (the producer reads through "
-        "the SQL interface and needs none; standbys and other tools do)",
+        f"{senders} of max_wal_senders = {max_senders} in use "
+        + (
+            "(the producer, read_mode = stream, takes one while it runs)"
+            if stream
+            else "(the producer reads through the SQL interface and needs none; standbys and "
+            "other tools do)"
+        ),
     )
     if max_senders - senders < 1:
         report.warnings.append(
-            f"no free WAL sender (max_wal_senders = {max_senders}); not needed by cutover, "
-            "but standbys and pg_basebackup will fail"
+            f"no free WAL sender (max_wal_senders = {max_senders}); "
+            + (
+                "a producer with read_mode = stream that is not running yet will fail to start"
+                if stream
+                else "not needed by cutover, but standbys and pg_basebackup will fail"
+            )
         )
     warning = pg.superuser_warning(conn, "cutover init")
     if warning is not None:
