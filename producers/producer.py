@@ -85,7 +85,7 @@ from producers.run_options import (
     ProducerReport,
     peak_rss_kb,
 )
-from producers.slot_reader import PeekReader, SlotReader, apply_session_settings
+from producers.slot_reader import PeekReader, SlotReader, apply_session_settings, ms_since
 from producers.slot_safety import SlotStatus, acquire_producer_lock, check_slot
 from producers.snapshot_runner import SnapshotRunner
 from producers.wal_stream import WalStreamReader
@@ -109,10 +109,6 @@ def _version() -> str:
 
 def _db(exc: psycopg.Error, doing: str) -> DatabaseError:
     return pg.translate(exc, doing, "source")
-
-
-def _ms_since(start: float) -> float:
-    return round((time.monotonic() - start) * 1000, 1)
 
 
 def _crash(point: str) -> None:
@@ -394,7 +390,7 @@ class CdcProducer:
         except KafkaError:
             metrics.delivery_failed()
             raise
-        self._timings["flush_ms"] = _ms_since(t0)
+        self._timings["flush_ms"] = ms_since(t0)
         t0 = time.monotonic()
         self.letters.resolve(stream.cleared)  # their full images are acknowledged
         stream.cleared.clear()
@@ -411,7 +407,7 @@ class CdcProducer:
         )
         if self.options.crash_at == "after_ack_before_advance":
             _crash("after_ack_before_advance")
-        self._timings["record_ms"] = _ms_since(t0)
+        self._timings["record_ms"] = ms_since(t0)
         # (5) confirm the end of the last acknowledged commit: the slot advances (SQL) or the
         # walsender is told (stream); never before (3) and (4).
         self.reader.confirm(lsn)

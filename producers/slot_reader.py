@@ -87,7 +87,8 @@ def slot_gone(slot: str) -> SlotSafetyError:
     )
 
 
-def _ms_since(start: float) -> float:
+def ms_since(start: float) -> float:
+    """Milliseconds since ``start`` (a monotonic time), for the cycle timings."""
     return round((time.monotonic() - start) * 1000, 1)
 
 
@@ -139,7 +140,7 @@ class PeekReader:
                     batch = cur.fetchmany(_ITERSIZE)
                     if first:
                         # The first fetch runs the peek (decoding into a tuplestore): its time.
-                        self.timings["peek_ms"] = _ms_since(t0)
+                        self.timings["peek_ms"] = ms_since(t0)
                         first = False
                     if not batch:
                         break
@@ -174,7 +175,7 @@ class PeekReader:
             )
         except psycopg.Error as exc:
             raise pg.translate(exc, f"advancing slot {self.slot}", self.side) from None
-        self.timings["advance_ms"] = _ms_since(t0)
+        self.timings["advance_ms"] = ms_since(t0)
 
     def close(self) -> None:
         self.reader.close()

@@ -51,7 +51,7 @@ from psycopg import pq
 from cutover import pg
 from cutover.errors import CutoverError, RuntimeFailure
 from producers.pgoutput import lsn_to_str
-from producers.slot_reader import Conn, Handler, apply_session_settings, slot_gone
+from producers.slot_reader import Conn, Handler, apply_session_settings, ms_since, slot_gone
 from producers.slot_safety import slot_in_use
 
 # No message for this long: probe whether the stream is caught up.
@@ -322,7 +322,7 @@ class WalStreamReader:
         # Never lower: the walsender would move the slot back.
         self.confirmed = max(self.confirmed, lsn)
         self._send_status()
-        self.timings["advance_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        self.timings["advance_ms"] = ms_since(t0)
 
     def close(self) -> None:
         """Final confirmation, applied by the walsender before the connection goes."""
