@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from cutover.config import load_settings
-from cutover.errors import ConfigError
+from cutover.errors import CheckFailed, ConfigError, DatabaseError, SlotSafetyError
 from producers import wal_stream
 from producers.wal_stream import (
     WalStreamReader,
@@ -241,3 +242,23 @@ def test_keepalive_replies_and_confirm_never_lower_the_position() -> None:
 
 def test_module_constants_bound_the_waits() -> None:
     assert wal_stream._QUIET_S <= 0.05 and wal_stream._STOP_SLICE_S <= 0.2
+
+
+def test_errors_are_mapped_at_the_edge() -> None:
+    reader = _reader(ScriptedPg([]), flush=0)
+
+    class ActivePid:
+        def execute(self, query: str, params: Any = None) -> Any:
+            return type("R", (), {"fetchone": lambda self: (4242,)})()
+
+    reader.ctl = ActivePid()
+    in_use = reader._translate(psycopg.errors.ObjectInUse("slot active for PID 4242"), "starting")
+    assert isinstance(in_use, CheckFailed)
+    assert "slot s is in use by backend pid 4242" in in_use.message
+    gone = reader._translate(psycopg.errors.UndefinedObject("no slot"), "starting")
+    assert isinstance(gone, SlotSafetyError) and "disappeared" in gone.message
+    other = reader._translate(
+        psycopg.OperationalError("could not connect to postgresql://u:hunter2@h/db"), "reading"
+    )
+    assert isinstance(other, DatabaseError) and "reading from slot s" in other.message
+    assert reader._broken is True  # close() then sends nothing more
