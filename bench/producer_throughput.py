@@ -140,8 +140,6 @@ def write_backlog(dsn: str, changes: int) -> float:
 
 def compare_modes(env: dict[str, str], workdir: Path, changes: int) -> dict[str, Any]:
     """(a) in both read modes: the same WAL (both slots exist before the backlog is written)."""
-    from bench.vs_debezium import _watch
-
     out: dict[str, Any] = {"changes": changes, "load_1m_before": round(os.getloadavg()[0], 1)}
     with pipeline(env, workdir, read_mode="sql") as sql_mode:
         stream_mode = Scenario(
@@ -159,17 +157,21 @@ def compare_modes(env: dict[str, str], workdir: Path, changes: int) -> dict[str,
                        "--exit-when-idle", "--no-initial-snapshot", "--json"]  # fmt: skip
                 with report_path.open("wb") as stdout, scenario.log_path.open("ab") as log:
                     tool = subprocess.Popen(cmd, env=scenario.env(), stdout=stdout, stderr=log)
-                    usage, pg, _ = _watch(tool, scenario.source_dsn, scenario.slot, lambda: False)
+                    usage, backends = _watch_backends(tool, scenario.source_dsn)
                 if tool.wait() != 0:
                     raise SystemExit(f"produce failed: see {scenario.log_path}")
                 report = json.loads(report_path.read_text())
+                pg_cpu = sum(u.cpu_s for u in backends.values())
                 out[str(scenario.read_mode)] = {
                     "events": report["events"],
                     "produce_s": round(report["elapsed_s"], 2),
                     "events_per_s": round(report["events"] / report["elapsed_s"]),
                     "producer_cpu_s": round(usage.cpu_s, 2),
-                    "postgres_cpu_s": round(pg.cpu_s, 2),
-                    "postgres_cpu_us_per_change": round(pg.cpu_s / report["events"] * 1e6, 2),
+                    "postgres_cpu_s": round(pg_cpu, 2),
+                    "postgres_cpu_us_per_change": round(pg_cpu / report["events"] * 1e6, 2),
+                    "postgres_cpu_s_by_backend": {
+                        name: round(u.cpu_s, 2) for name, u in sorted(backends.items())
+                    },
                     "peak_rss_mb": round(report["peak_rss_kb"] / 1024, 1),
                     "load_1m_start": round(load, 1),
                     "load_1m_end": round(os.getloadavg()[0], 1),
@@ -177,6 +179,27 @@ def compare_modes(env: dict[str, str], workdir: Path, changes: int) -> dict[str,
         finally:
             stream_mode.drop_slot()
     return out
+
+
+def _watch_backends(tool: subprocess.Popen[bytes], dsn: str) -> tuple[Any, dict[str, Any]]:
+    """CPU of ``tool`` and of the backends of ``dsn``'s database by application name, sampled
+    from /proc every 0.1 s until ``tool`` exits (the sampling session itself left out)."""
+    from bench.vs_debezium import Usage
+
+    ours, backends = Usage(), dict[str, Usage]()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        me = conn.info.backend_pid
+        while tool.poll() is None:
+            rows = conn.execute(
+                "SELECT pid, coalesce(nullif(application_name, ''), backend_type)"
+                " FROM pg_stat_activity WHERE datname = current_database() AND pid <> %s",
+                (me,),
+            ).fetchall()
+            for pid, name in rows:
+                backends.setdefault(str(name), Usage()).sample([pid])
+            ours.sample([tool.pid])
+            time.sleep(0.1)
+    return ours, backends
 
 
 def bench_backlog(env: dict[str, str], workdir: Path, changes: int) -> dict[str, Any]:
