@@ -43,7 +43,7 @@ class SourceSettings:
     # How the producer reads the slot (producers.slot_reader): "sql" peeks and advances (the
     # WAL is decoded by each peek and again by the advance); "stream" uses the streaming
     # replication protocol (decoded once, pushed; needs a free WAL sender).
-    read_mode: Literal["sql", "stream"] = "sql"
+    read_mode: Literal["sql", "stream"] = "stream"
     heartbeat_interval_s: float = 5.0
     snapshot_chunk_rows: int = 20_000
 

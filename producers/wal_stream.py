@@ -56,6 +56,10 @@ from producers.slot_safety import slot_in_use
 
 # No message for this long: probe whether the stream is caught up.
 _QUIET_S: Final = 0.02
+# A read returns at the first transaction boundary after this long, caught up or not: under
+# steady traffic the stream is never quiet, and the loop's other duties (the next snapshot
+# chunk, the slot confirmation at the checkpoint) must still come round, as between peeks.
+READ_BUDGET_S: Final = 0.5
 # Longest blocking wait while idle, so that a stop is seen promptly.
 _STOP_SLICE_S: Final = 0.1
 # How long close() waits for the walsender to apply the final confirmation.
@@ -272,11 +276,12 @@ class WalStreamReader:
 
     def read(self, limit: int, handle: Handler) -> int:
         """Messages as the walsender pushes them, until ``limit`` (at a transaction boundary),
-        a stop, or caught up (module docstring)."""
+        a stop, :data:`READ_BUDGET_S`, or caught up (module docstring)."""
         rows = 0
         self.caught_up = False
         target: int | None = None
         go_on = True
+        until = time.monotonic() + READ_BUDGET_S
         while True:
             frame = self._next(_QUIET_S)
             if frame is None:
@@ -292,7 +297,9 @@ class WalStreamReader:
                 self._in_tx = transaction_open(payload, self._in_tx)
                 rows += 1
                 go_on = handle(payload) and go_on
-                if not self._in_tx and (not go_on or rows >= limit or self.stop.is_set()):
+                if not self._in_tx and (
+                    not go_on or rows >= limit or self.stop.is_set() or time.monotonic() >= until
+                ):
                     return rows
             elif kind == _K:
                 if is_caught_up(self._keepalive(frame), target, self._in_tx):

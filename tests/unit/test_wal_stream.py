@@ -85,9 +85,9 @@ def test_read_mode_is_validated(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     env = {"CUTOVER_SOURCE_DSN": "postgresql://u@h/db", "CUTOVER_TARGET_DSN": "postgresql://u@h/c"}
     path.write_text("[source]\n")
+    assert load_settings(path, env).source.read_mode == "stream"  # the default: decode once
+    path.write_text('[source]\nread_mode = "sql"\n')
     assert load_settings(path, env).source.read_mode == "sql"
-    path.write_text('[source]\nread_mode = "stream"\n')
-    assert load_settings(path, env).source.read_mode == "stream"
     path.write_text('[source]\nread_mode = "walsender"\n')
     with pytest.raises(
         ConfigError, match=r"\[source\] read_mode must be one of \['sql', 'stream'\]"
@@ -228,6 +228,19 @@ def test_read_returns_at_a_transaction_boundary_after_limit() -> None:
     assert reader.read(2, lambda data: True) == 3  # not inside transaction 1
     assert reader.caught_up is False
     assert reader.read(2, lambda data: True) == 2
+
+
+def test_under_steady_traffic_a_read_returns_at_a_boundary_after_its_time_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never quiet, far below the limit: the read still ends (the loop's chunk scheduling and
+    checkpoints come round), at a transaction boundary, never inside one."""
+    monkeypatch.setattr(wal_stream, "READ_BUDGET_S", 0.0)
+    # (Without the budget it would read on until caught up: 5 messages.)
+    pg = ScriptedPg([w(b"B1"), w(b"I"), w(b"C1"), w(b"B2"), w(b"C2")], on_status=_answer(200))
+    reader = _reader(pg, flush=200)
+    assert reader.read(1_000_000, lambda data: True) == 3
+    assert reader.caught_up is False and reader._in_tx is False
 
 
 def test_keepalive_replies_and_confirm_never_lower_the_position() -> None:
