@@ -44,18 +44,10 @@ def candidates(ephemeral: range, low: int = _LOW) -> range:
     return range(ephemeral.stop, 65536)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _reserve(port: int, folder: Path) -> bool:
     """Take ``port`` for this process unless a live process holds it."""
+    from devtools.stack import _pid_alive as pid_alive  # the stack imports this module
+
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / str(port)
     for _ in range(2):
@@ -66,7 +58,7 @@ def _reserve(port: int, folder: Path) -> bool:
                 holder = int(path.read_text() or "0")
             except (OSError, ValueError):
                 return False  # being written right now: someone else's
-            if holder == os.getpid() or _pid_alive(holder):
+            if holder == os.getpid() or pid_alive(holder):
                 return False
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # a dead process's reservation: take it over

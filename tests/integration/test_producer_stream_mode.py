@@ -1,10 +1,13 @@
-"""``[source] read_mode = "stream"`` on the real stack: the same events as the SQL reader, the
-commit protocol's guarantees (kill -9 between ack and confirm, SIGTERM), an exact caught-up.
+"""``[source] read_mode`` on the real stack: the stream gives the same events as the SQL reader
+and an exact caught-up. Stream is the default, so the rest of the suite (the producer's fault
+tests included) runs the stream; here the SQL reader keeps the commit protocol's guarantees
+too (kill -9 between ack and advance, SIGTERM).
 
 One scratch database for the module, with session defaults that differ from what pgoutput.py
 assumes (DateStyle, TimeZone, extra_float_digits, bytea_output), so that a decoding session
 which does not fix them gives other bytes. Its slots are all created before anything is written:
-``stream`` (under test), ``sql`` (the reference, same WAL) and ``crash`` (kill -9 then restart).
+``stream`` (under test), ``sql`` (the reference, same WAL) and ``crash`` (the SQL reader,
+kill -9 then restart).
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ def trio(
             with (
                 open_scenario(legacy, commerce, kafka_bootstrap, workdir, read_mode="stream") as st,
                 open_scenario(legacy, commerce, kafka_bootstrap, workdir, read_mode="sql") as ref,
-                open_scenario(legacy, commerce, kafka_bootstrap, workdir, read_mode="stream") as cr,
+                open_scenario(legacy, commerce, kafka_bootstrap, workdir, read_mode="sql") as cr,
             ):
                 for scenario in (st, ref, cr):
                     harness.init(scenario)
@@ -198,7 +201,7 @@ def stream_report_position(report: dict[str, Any]) -> int:
 
 
 def test_kill_9_between_ack_and_confirm_loses_nothing(trio: dict[str, Scenario]) -> None:
-    crash, reference = trio["crash"], trio["sql"]
+    crash, reference = trio["crash"], trio["stream"]
     before, _ = crash.slot_state()
     crashed = crash.cli(
         "produce",
@@ -224,10 +227,10 @@ def pair(
 ) -> Iterator[tuple[Scenario, Scenario]]:
     with (
         open_scenario(
-            fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, read_mode="stream"
+            fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, read_mode="sql"
         ) as under_test,
         open_scenario(
-            fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, read_mode="sql"
+            fresh_legacy, fresh_commerce, kafka_bootstrap, tmp_path, read_mode="stream"
         ) as reference,
     ):
         harness.init(under_test)
@@ -262,7 +265,7 @@ def test_sigterm_confirms_the_last_checkpoint_and_exits_0(
     stopped = [e for e in under_test.log_events() if e["event"] == "producer.stopped"]
     assert stopped and stopped[-1]["reason"] == "signal"
     started = [e for e in under_test.log_events() if e["event"] == "producer.started"]
-    assert started and started[-1]["read_mode"] == "stream"
+    assert started and started[-1]["read_mode"] == "sql"
     drain(reference)
     want = {p for p in positions(reference) if p[0] < confirmed}
     assert want and want <= set(positions(under_test))
