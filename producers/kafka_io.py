@@ -13,7 +13,7 @@ event, which at 30,000 events/s is a measurable share of one core.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from confluent_kafka import KafkaError as RdKafkaError
@@ -34,6 +34,10 @@ Headers = list[tuple[str, str | bytes | None]]
 HEADERS_CHANGE: Final[Headers] = [("cutover.kind", b"change")]
 HEADERS_HEARTBEAT: Final[Headers] = [("cutover.kind", b"heartbeat")]
 HEADERS_SCHEMA: Final[Headers] = [("cutover.kind", b"schema")]
+
+
+def _nothing() -> None:
+    pass
 
 
 class KafkaOut:
@@ -57,6 +61,10 @@ class KafkaOut:
         #: The librdkafka error name of the first failure: an ACL refusal is not retried.
         self.failure_code: str | None = None
         self._since_poll = 0
+        #: Called about once a second while a produce or a flush waits for Kafka: the slot
+        #: reader keeps its replication connection alive (a walsender that hears nothing for
+        #: wal_sender_timeout ends the stream, and a broker outage can last longer).
+        self.while_waiting: Callable[[], None] = _nothing
 
     def _on_delivery(self, err: RdKafkaError | None, msg: Any) -> None:
         if err is None:  # only with delivery.report.only.error off; kept for safety
@@ -85,6 +93,7 @@ class KafkaOut:
                 break
             except BufferError:
                 producer.poll(0.05)
+                self.while_waiting()
             except KafkaException as exc:
                 raise translate(exc, f"producing to {topic}[{partition}]") from None
         self.sent += 1
@@ -120,6 +129,7 @@ class KafkaOut:
                     "in-sync replicas (brokers down or partitions without a leader); the slot is "
                     "not advanced until it does",
                 )
+            self.while_waiting()
             remaining = self._producer.flush(1.0)
         if self.failed:
             detail = "; ".join(self.failures)

@@ -216,6 +216,7 @@ class CdcProducer:
                 read_mode=settings.source.read_mode,
             )
             self.reader = self._open_reader()
+            self.kafka.while_waiting = self.reader.keep_alive
             try:
                 self._loop(started)
             finally:

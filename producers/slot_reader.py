@@ -74,6 +74,10 @@ class SlotReader(Protocol):
     def confirm(self, lsn: int) -> None:
         """Step 5: the slot may release everything up to ``lsn`` (acknowledged and recorded)."""
 
+    def keep_alive(self) -> None:
+        """While the producer waits for Kafka: keep the connection to the slot alive (the
+        stream: repeat the confirmed position, at most once a second; it never moves on)."""
+
     def close(self) -> None:
         """Release the reader's resources (the stream: final confirmation first)."""
 
@@ -176,6 +180,9 @@ class PeekReader:
         except psycopg.Error as exc:
             raise pg.translate(exc, f"advancing slot {self.slot}", self.side) from None
         self.timings["advance_ms"] = ms_since(t0)
+
+    def keep_alive(self) -> None:
+        """Nothing to keep: no connection holds the slot between peeks."""
 
     def close(self) -> None:
         self.reader.close()

@@ -62,6 +62,9 @@ _QUIET_S: Final = 0.02
 READ_BUDGET_S: Final = 0.5
 # Longest blocking wait while idle, so that a stop is seen promptly.
 _STOP_SLICE_S: Final = 0.1
+# While the producer waits for Kafka, the confirmed position is repeated this often: far
+# inside wal_sender_timeout (60 s by default), after which the walsender ends the stream.
+_KEEP_ALIVE_EVERY_S: Final = 1.0
 # How long close() waits for the walsender to apply the final confirmation.
 _CLOSE_WAIT_S: Final = 10.0
 _XLOGDATA_HEADER: Final = 25
@@ -159,6 +162,7 @@ class WalStreamReader:
         self._in_tx = False
         self._pending: memoryview | None = None
         self._broken = False
+        self._kept_alive = 0.0
         self.conn = pg.connect(
             dsn,
             side=side,
@@ -330,6 +334,14 @@ class WalStreamReader:
         self.confirmed = max(self.confirmed, lsn)
         self._send_status()
         self.timings["advance_ms"] = ms_since(t0)
+
+    def keep_alive(self) -> None:
+        # Sends only: what the walsender pushes meanwhile waits in the socket (bounded
+        # memory); the walsender reads our status while it waits to send more.
+        now = time.monotonic()
+        if now - self._kept_alive >= _KEEP_ALIVE_EVERY_S and not self._broken:
+            self._kept_alive = now
+            self._send_status()
 
     def close(self) -> None:
         """Final confirmation, applied by the walsender before the connection goes."""

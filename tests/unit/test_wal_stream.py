@@ -175,6 +175,7 @@ def _reader(pg: ScriptedPg, flush: int, confirmed: int = 50) -> Any:
         _in_tx=False,
         _pending=None,
         _broken=False,
+        _kept_alive=0.0,
         _pg=pg,
         _poll=QuietPoll(pg),
     )
@@ -251,6 +252,42 @@ def test_keepalive_replies_and_confirm_never_lower_the_position() -> None:
     assert [struct.unpack(">Q", s[9:17])[0] for s in pg.sent] == [80, 80]
     reader._keepalive(memoryview(k(90, reply=True)))
     assert struct.unpack(">Q", pg.sent[-1][9:17])[0] == 80
+
+
+def test_keep_alive_repeats_the_confirmed_position_at_most_once_a_second() -> None:
+    """While the producer waits for Kafka: the walsender hears from us (no wal_sender_timeout),
+    and the slot never moves past what was confirmed."""
+    pg = ScriptedPg([])
+    reader = _reader(pg, flush=0, confirmed=70)
+    for _ in range(5):
+        reader.keep_alive()
+    assert [struct.unpack(">QQQ", s[1:25]) for s in pg.sent] == [(70, 70, 70)]
+    reader._kept_alive -= wal_stream._KEEP_ALIVE_EVERY_S
+    reader.keep_alive()
+    assert len(pg.sent) == 2 and wal_stream._KEEP_ALIVE_EVERY_S * 10 < 60
+
+
+def test_a_flush_waiting_for_kafka_keeps_the_slot_reader_alive() -> None:
+    from producers.kafka_io import KafkaOut
+
+    class Stuck:
+        """Kafka holds the acks back for three rounds."""
+
+        def __init__(self) -> None:
+            self.left = 3
+
+        def flush(self, timeout: float) -> int:
+            self.left = max(0, self.left - 1)
+            return self.left
+
+    out: Any = KafkaOut.__new__(KafkaOut)
+    out.__dict__.update(
+        _producer=Stuck(), delivery_timeout_s=60.0, failed=0, failures=[], last_error=None
+    )
+    calls: list[int] = []
+    out.while_waiting = lambda: calls.append(1)
+    out.flush()
+    assert len(calls) == 2  # once per round that still waits
 
 
 def test_module_constants_bound_the_waits() -> None:
