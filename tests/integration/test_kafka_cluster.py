@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
+from psycopg.conninfo import make_conninfo
 
 from devtools import stack
 from devtools.harness import Scenario, changes
@@ -266,6 +267,10 @@ def test_two_brokers_down_then_one_back(
     cluster: ClusterStack, cluster_dbs: tuple[str, str], tmp_path: Path
 ) -> None:
     legacy, commerce = cluster_dbs
+    # The producer's walsender ends a stream it hears nothing from for wal_sender_timeout: 5 s
+    # here (60 s by default), far less than the outage, so the producer must keep it alive
+    # while it waits for the acks.
+    legacy = make_conninfo(legacy, options="-c wal_sender_timeout=5s")
     with running_pipeline(
         legacy, commerce, cluster.bootstrap, tmp_path, kafka_settings=REPLICATED
     ) as pipe:
