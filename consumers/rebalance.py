@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from structlog.typing import FilteringBoundLogger
 
 from consumers.batch import TP, Entry
@@ -138,15 +138,11 @@ class RebalanceCallbacks:
         if self.eager:
             tps |= set(self._parts)  # eager: everything goes, whatever the list says
         self._drop_partitions(tps, event)
-        try:
-            # Done here rather than left to the client's fallback: the state above and
-            # librdkafka's assignment change together.
-            if self.eager:
-                consumer.unassign()
-            else:
-                consumer.incremental_unassign(partitions)
-        except KafkaException as exc:
-            self._callback_error = self._callback_error or exc
+        # The client itself then gives the partitions up (``unassign`` when eager,
+        # ``incremental_unassign`` when cooperative), as it does after any revoke or lost
+        # callback that did not. Not called here: an explicit call counts as done even when it
+        # fails, and such a failure (the coordinator moving in a broker's restart) would
+        # become fatal to this member, where the client's own call is retried by the group.
 
     def _drop_partitions(self, tps: set[TP], event: str) -> None:
         if not tps:
