@@ -382,7 +382,10 @@ class CdcProducer:
         lsn = stream.last_commit_end_lsn
         assert lsn is not None
         # (2) every event of the batch has been handed to the producer by stream.feed.
-        if self.options.crash_at == "after_produce_before_ack":
+        # Crash points fire at the first checkpoint that carries events: one of only filtered
+        # transactions (echoes, heartbeats) would have nothing to redeliver.
+        carries = bool(stream.events_by_topic)
+        if self.options.crash_at == "after_produce_before_ack" and carries:
             _crash("after_produce_before_ack")
         # (3) flush and check every delivery; KafkaError propagates: no advance.
         t0 = time.monotonic()
@@ -406,7 +409,7 @@ class CdcProducer:
             lsn,
             self.options.producer_name,
         )
-        if self.options.crash_at == "after_ack_before_advance":
+        if self.options.crash_at == "after_ack_before_advance" and carries:
             _crash("after_ack_before_advance")
         self._timings["record_ms"] = ms_since(t0)
         # (5) confirm the end of the last acknowledged commit: the slot advances (SQL) or the
