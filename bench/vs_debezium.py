@@ -2,23 +2,29 @@
 
 Run with the local stack up (``make up``; Java 17 and Maven on PATH)::
 
-    .venv/bin/python -m bench.vs_debezium [N]        # or: make bench-vs-debezium
+    .venv/bin/python -m bench.vs_debezium [N] [--workload-transactions T] [--only KIND]
+    make bench-vs-debezium [N=1000000]
 
 Method (see /work/shared/notes/debezium-bench.md for why each step is there):
 
 * Debezium 3.6.1.Final's PostgreSQL connector on Kafka Connect 4.1.1 standalone, fetched from
   Maven Central with ``bench/debezium/pom.xml`` into ``.stack-cache/debezium-libs`` (first run);
+* two backlogs, each on its own scratch databases, one after the other: ``synthetic``, ``N``
+  changes of one narrow table (10 per transaction, bench/producer_throughput.py), and
+  ``workload``, ``T`` transactions of the shop workload (devtools.workload: timestamptz, numeric,
+  text; about 3.5 changes each) written after a small prefill;
 * each tool reads its OWN slot, both created (pgoutput, the same publication) BEFORE the backlog
-  of ``N`` synthetic changes (10 per transaction, bench/producer_throughput.py) is written, so
-  both decode the identical WAL; Debezium with ``snapshot.mode=no_data`` streams from its slot;
+  is written, so both decode the identical WAL; Debezium with ``snapshot.mode=no_data`` streams
+  from its slot;
 * the tools run one after the other; every topic has ``message.timestamp.type=LogAppendTime``:
-  a tool's time is from its start to the broker's append time of its last record, its records
-  are counted by reading every one back;
+  a tool's time is from its slot becoming active to the broker's append time of its last record,
+  its records are counted by reading every one back; the rate over the second half of the
+  records is given too (the JVM's JIT warm-up weighs on Debezium's first half);
 * RSS (peak) and CPU of each tool's process, and the CPU of the PostgreSQL backends serving it
   (sampled from /proc while it runs).
 
-Prints ``RATIO cutover/debezium = X (A ev/s, B ev/s, N=...)`` and a table; writes
-``bench/results/vs_debezium.json`` and ``bench/results/vs_debezium.md``. Not part of
+Prints ``RATIO cutover/debezium = X (A ev/s, B ev/s, N=..., backlog)`` per backlog and a table;
+writes ``bench/results/vs_debezium.json`` and ``bench/results/vs_debezium.md``. Not part of
 ``make test``; the pure parts are unit-tested (tests/unit/test_bench_vs_debezium.py).
 """
 
@@ -57,11 +63,21 @@ class Count:
     records: int = 0
     first_ms: int | None = None
     last_ms: int | None = None
+    stamps: list[int] = field(default_factory=list)
 
     def add(self, append_ms: int) -> None:
         self.records += 1
         self.first_ms = append_ms if self.first_ms is None else min(self.first_ms, append_ms)
         self.last_ms = append_ms if self.last_ms is None else max(self.last_ms, append_ms)
+        self.stamps.append(append_ms)
+
+    def second_half_rate(self) -> float:
+        """Events/s over the second half of the records, by append time (no warm-up in it)."""
+        if self.records < 2:
+            return 0.0
+        ordered = sorted(self.stamps)
+        half = self.records // 2
+        return rate(self.records - half, ordered[half - 1], ordered[-1])
 
 
 def count_records(timestamps: Iterable[tuple[int, int]]) -> Count:
@@ -84,10 +100,13 @@ def rate(records: int, start_ms: int, last_ms: int | None) -> float:
     return records / ((last_ms - start_ms) / 1000.0)
 
 
-def ratio_line(ours: float, theirs: float, n: int) -> str:
-    """The one summary line: ``RATIO cutover/debezium = X (A ev/s, B ev/s, N=...)``."""
+def ratio_line(ours: float, theirs: float, n: int, backlog: str | None = None) -> str:
+    """The summary line: ``RATIO cutover/debezium = X (A ev/s, B ev/s, N=...[, backlog])``."""
     ratio = f"{ours / theirs:.2f}" if theirs > 0 else "inf"
-    return f"RATIO cutover/debezium = {ratio} ({ours:,.0f} ev/s, {theirs:,.0f} ev/s, N={n:,})"
+    label = f", {backlog}" if backlog else ""
+    return (
+        f"RATIO cutover/debezium = {ratio} ({ours:,.0f} ev/s, {theirs:,.0f} ev/s, N={n:,}{label})"
+    )
 
 
 @dataclass
@@ -123,17 +142,24 @@ def _proc_sample(pid: int) -> tuple[float | None, float]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The RATIO lines, then one table row per backlog and tool, then the settings."""
+    runs = result["backlogs"]
     rows = [
-        "| tool | events | ev/s | RSS peak MB | CPU s | PostgreSQL CPU s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| backlog | tool | events | ev/s | ev/s, 2nd half | RSS peak MB | CPU s "
+        "| CPU µs/event | PostgreSQL CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("cutover", "debezium"):
-        r = result[name]
-        rows.append(
-            f"| {name} | {r['records']:,} | {r['events_per_s']:,.0f} | {r['rss_mb']:.0f} "
-            f"| {r['cpu_s']:.1f} | {r['pg_cpu_s']:.1f} |"
-        )
-    return "\n".join([result["ratio"], "", *rows, "", f"settings: {result['settings']}"])
+    for kind, run in runs.items():
+        for name in ("cutover", "debezium"):
+            r = run[name]
+            per_event = r["cpu_s"] / r["records"] * 1e6 if r["records"] else 0.0
+            rows.append(
+                f"| {kind} | {name} | {r['records']:,} | {r['events_per_s']:,.0f} "
+                f"| {r.get('second_half_events_per_s', 0):,.0f} | {r['rss_mb']:.0f} "
+                f"| {r['cpu_s']:.1f} | {per_event:.0f} | {r['pg_cpu_s']:.1f} |"
+            )
+    ratios = [run["ratio"] for run in runs.values()]
+    return "\n".join([*ratios, "", *rows, "", f"settings: {result['settings']}"])
 
 
 # ------------------------------------------------------------------------------ running
@@ -269,6 +295,7 @@ def _summary(count: Count, started_ms: int, usage: Usage, pg: Usage) -> dict[str
     return {
         "records": count.records,
         "events_per_s": round(rate(count.records, start, count.last_ms)),
+        "second_half_events_per_s": round(count.second_half_rate()),
         "rss_mb": round(usage.peak_rss_mb, 1),
         "cpu_s": round(usage.cpu_s, 2),
         "pg_cpu_s": round(pg.cpu_s, 2),
@@ -382,49 +409,107 @@ DEBEZIUM_CONNECTOR: dict[str, Any] = {
 }
 
 
-def run(n: int) -> dict[str, Any]:
+SETTINGS = (
+    "cutover: defaults (read_mode stream, linger 20 ms, lz4, Avro); Debezium 3.6.1 on Connect "
+    "4.1.1 standalone: JSON schemas off, max.batch.size 20,480, max.queue.size 81,920, poll "
+    "100 ms, linger 50 ms, batch.size 1 MB, -Xmx2G"
+)
+
+
+def _compare(
+    sc: Any, libs: Path, env: dict[str, str], write: Callable[[], object]
+) -> dict[str, Any]:
+    """Both tools over one backlog: slots first, then ``write()``, then each tool in turn."""
     import psycopg
 
-    from bench.producer_throughput import pipeline, stack_env, write_backlog
+    slot = f"dbz_{sc.tag}"
+    with psycopg.connect(sc.source_dsn, autocommit=True) as conn:
+        # Both slots exist before the backlog is written: both decode the same WAL.
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        published = _published(conn, sc.publication)
+    try:
+        _create_topics(sc.bootstrap, sc.topics(), sc.partitions)
+        write()
+        load = round(os.getloadavg()[0], 1)
+        ours = _run_cutover(sc, env, sc.topics())
+        theirs = _run_debezium(sc, libs, slot, published, ours["records"])
+    finally:
+        with psycopg.connect(sc.source_dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        _drop_topics(sc.bootstrap, [f"dbz{sc.tag}.{t}" for t in published[0]])
+    return {"load_1m_at_start": load, "cutover": ours, "debezium": theirs}
+
+
+def run_synthetic(libs: Path, env: dict[str, str], n: int) -> dict[str, Any]:
+    """``n`` changes of one narrow table, 10 per transaction."""
+    from bench.producer_throughput import pipeline, write_backlog
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-vs-debezium-"))
+    with pipeline(env, workdir) as sc:
+        out = _compare(sc, libs, env, lambda: write_backlog(sc.source_dsn, n))
+    return {"n_changes": n} | out
+
+
+def run_workload_backlog(libs: Path, env: dict[str, str], transactions: int) -> dict[str, Any]:
+    """``transactions`` of the shop workload, after a prefill that neither tool reads."""
+    from bench.producer_throughput import scratch
+    from devtools import harness
+    from devtools.workload import prefill, run_workload
+
+    shop = REPO / "examples" / "shop"
+    workdir = Path(tempfile.mkdtemp(prefix="bench-vs-debezium-"))
+    with (
+        scratch(env["CUTOVER_SOURCE_DSN"], shop / "legacy.sql", "benchlegacy") as source,
+        scratch(env["CUTOVER_TARGET_DSN"], None, "benchcommerce") as target,
+    ):
+        prefill(source, orders=20_000, seed=11)  # before the slots: not part of the backlog
+        with harness.open_scenario(source, target, env["CUTOVER_KAFKA_BOOTSTRAP"], workdir) as sc:
+            harness.init(sc)
+
+            def write() -> None:
+                run_workload(source, rate=1_000_000, max_transactions=transactions, seed=12)
+
+            out = _compare(sc, libs, env, write)
+    return {"n_transactions": transactions, "n_changes": out["cutover"]["records"]} | out
+
+
+def run(n: int, transactions: int, only: str | None = None) -> dict[str, Any]:
+    from bench.producer_throughput import stack_env
 
     libs = debezium_libs()
     env = stack_env()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-vs-debezium-"))
-    with pipeline(env, workdir) as sc:
-        slot = f"dbz_{sc.tag}"
-        with psycopg.connect(sc.source_dsn, autocommit=True) as conn:
-            # Both slots exist before the backlog is written: both decode the same WAL.
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-            published = _published(conn, sc.publication)
-        try:
-            _create_topics(sc.bootstrap, sc.topics(), sc.partitions)
-            write_backlog(sc.source_dsn, n)
-            ours = _run_cutover(sc, env, sc.topics())
-            theirs = _run_debezium(sc, libs, slot, published, ours["records"])
-        finally:
-            with psycopg.connect(sc.source_dsn, autocommit=True) as conn:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-            _drop_topics(sc.bootstrap, [f"dbz{sc.tag}.{t}" for t in published[0]])
-    result = {
+    backlogs: dict[str, dict[str, Any]] = {}
+    if only in (None, "synthetic"):
+        backlogs["synthetic"] = run_synthetic(libs, env, n)
+    if only in (None, "workload"):
+        backlogs["workload"] = run_workload_backlog(libs, env, transactions)
+    for kind, result in backlogs.items():
+        ours, theirs = result["cutover"], result["debezium"]
+        result["ratio"] = ratio_line(
+            ours["events_per_s"], theirs["events_per_s"], result["n_changes"], kind
+        )
+        result["ratio_second_half"] = round(
+            ours["second_half_events_per_s"] / max(1, theirs["second_half_events_per_s"]), 2
+        )
+    return {
         "benchmark": "vs_debezium",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1)},
-        "n_changes": n,
-        "ratio": ratio_line(ours["events_per_s"], theirs["events_per_s"], n),
-        "cutover": ours,
-        "debezium": theirs,
-        "settings": "cutover: defaults (peek_batch 20,000, linger 20 ms, lz4); Debezium 3.6.1 on "
-        "Connect 4.1.1 standalone: JSON schemas off, max.batch.size 20,480, max.queue.size "
-        "81,920, poll 100 ms, linger 50 ms, batch.size 1 MB, -Xmx2G",
+        "backlogs": backlogs,
+        "settings": SETTINGS,
     }
-    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", type=int, nargs="?", default=1_000_000, help="synthetic changes")
+    parser.add_argument(
+        "--workload-transactions", type=int, default=125_000,
+        help="shop workload transactions of the second backlog (125,000 ≈ 310,000 changes)",
+    )  # fmt: skip
+    parser.add_argument("--only", choices=("synthetic", "workload"), help="run one backlog")
     args = parser.parse_args()
-    result = run(args.n)
+    result = run(args.n, args.workload_transactions, args.only)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "vs_debezium.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "vs_debezium.md").write_text(markdown(result) + "\n")
