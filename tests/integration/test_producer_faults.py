@@ -17,19 +17,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from devtools import harness
-from devtools.harness import Scenario, changes, open_scenario
+from devtools.harness import Scenario, open_scenario
 from devtools.workload import prefill, run_workload
-from tests.integration.faults_support import wait_for
+from tests.integration.producer_support import drain, positions, sigterm_mid_stream
 
 pytestmark = pytest.mark.integration
-
-Position = tuple[int, int]
 
 
 @pytest.fixture
@@ -44,32 +41,6 @@ def pair(
         harness.init(under_test)
         harness.init(reference)
         yield under_test, reference
-
-
-def drain(scenario: Scenario, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = scenario.cli(
-        "produce", "--exit-when-idle", "--no-initial-snapshot", "--json", extra_env=extra_env
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
-
-
-def positions(scenario: Scenario) -> dict[Position, tuple[Any, ...]]:
-    """(lsn, seq) → content of every streamed change; duplicates must be identical."""
-    out: dict[Position, tuple[Any, ...]] = {}
-    for e in changes(scenario.read()):
-        rec = e.record
-        if rec["op"] == "r":
-            continue
-        src = rec["source"]
-        content = (
-            src["table"], rec["op"], e.raw.key, e.raw.partition,
-            repr(rec["before"]), repr(rec["after"]), tuple(rec["unchanged_toast"]),
-        )  # fmt: skip
-        pos = (src["lsn"], src["seq"])
-        assert out.setdefault(pos, content) == content, f"duplicate {pos} differs"
-    return out
 
 
 def assert_nothing_lost(under_test: Scenario, reference: Scenario) -> None:
@@ -140,40 +111,7 @@ def test_sigterm_finishes_deliveries_advances_and_exits_0(
     pair: tuple[Scenario, Scenario],
 ) -> None:
     under_test, reference = pair
-    writer = threading.Thread(
-        target=run_workload,
-        args=(under_test.source_dsn,),
-        kwargs={"rate": 1000, "duration": 8, "seed": 12},
-    )
-    proc = under_test.start_produce("--no-initial-snapshot")
-    writer.start()
-    # Mid-stream: once the producer delivered a batch (a fixed sleep lets a slow start under
-    # load take the signal before any delivery, and the check below then proves nothing).
-    wait_for(
-        lambda: any(
-            e["event"] == "producer.batch_delivered" and e.get("events", 0) > 0
-            for e in under_test.log_events()
-        ),
-        60,
-        "the producer's first delivered batch",
-        every=0.2,
-    )
-    assert harness.stop(proc, signal.SIGTERM) == 0
-    writer.join()
-    confirmed, _ = under_test.slot_state()
-    with psycopg.connect(under_test.source_dsn) as conn:
-        recorded = conn.execute(
-            "SELECT delivered_lsn FROM cutover.producer_state WHERE slot_name = %s",
-            (under_test.slot,),
-        ).fetchone()
-    assert recorded == (confirmed,)  # everything delivered was advanced
-    stopped = [e for e in under_test.log_events() if e["event"] == "producer.stopped"]
-    assert stopped and stopped[-1]["reason"] == "signal"
-    # Every change committed before the advance point is in Kafka already.
-    drain(reference)
-    assert confirmed is not None
-    want = {p for p in positions(reference) if p[0] < confirmed}
-    assert want and want <= set(positions(under_test))
+    sigterm_mid_stream(under_test, reference, rate=1000, duration=8, seed=12)
 
 
 def test_sigterm_while_starting_is_a_clean_stop(pair: tuple[Scenario, Scenario]) -> None:

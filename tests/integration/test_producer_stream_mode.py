@@ -12,9 +12,7 @@ kill -9 then restart).
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,13 +26,17 @@ from psycopg import sql
 from devtools import harness
 from devtools.harness import Scenario, changes, open_scenario
 from devtools.scratch import scratch_database
-from devtools.workload import prefill, run_workload
+from devtools.workload import prefill
 from tests.integration.conftest import EXAMPLES
-from tests.integration.faults_support import wait_for
+from tests.integration.producer_support import (
+    drain,
+    positions,
+    recorded,
+    sigterm_mid_stream,
+)
 
 pytestmark = pytest.mark.integration
 
-Position = tuple[int, int]
 FLOAT = 0.1 + 0.2  # 0.30000000000000004: 15 digits would print 0.3
 BLOB = bytes(range(256))
 WHEN = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
@@ -42,42 +44,6 @@ WHEN = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 # call the stream caught up in the middle of it and miss the marker committed after it.
 BULK_ROWS = 300_000
 MARKER_ID = 990_001
-
-
-def positions(scenario: Scenario) -> dict[Position, tuple[Any, ...]]:
-    """(lsn, seq) → content of every streamed change; duplicates must be identical."""
-    out: dict[Position, tuple[Any, ...]] = {}
-    for e in changes(scenario.read()):
-        rec = e.record
-        if rec["op"] == "r":
-            continue
-        src = rec["source"]
-        content = (
-            src["table"], rec["op"], e.raw.key, e.raw.partition,
-            repr(rec["before"]), repr(rec["after"]), tuple(rec["unchanged_toast"]),
-        )  # fmt: skip
-        pos = (src["lsn"], src["seq"])
-        assert out.setdefault(pos, content) == content, f"duplicate {pos} differs"
-    return out
-
-
-def drain(scenario: Scenario, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = scenario.cli(
-        "produce", "--exit-when-idle", "--no-initial-snapshot", "--json", extra_env=extra_env
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
-
-
-def recorded(scenario: Scenario) -> int:
-    with psycopg.connect(scenario.source_dsn) as conn:
-        row = conn.execute(
-            "SELECT delivered_lsn FROM cutover.producer_state WHERE slot_name = %s",
-            (scenario.slot,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _odd_session_defaults(dsn: str) -> None:
@@ -242,30 +208,6 @@ def test_sigterm_confirms_the_last_checkpoint_and_exits_0(
     pair: tuple[Scenario, Scenario],
 ) -> None:
     under_test, reference = pair
-    writer = threading.Thread(
-        target=run_workload,
-        args=(under_test.source_dsn,),
-        kwargs={"rate": 800, "duration": 5, "seed": 21},
-    )
-    proc = under_test.start_produce("--no-initial-snapshot")
-    writer.start()
-    wait_for(
-        lambda: any(
-            e["event"] == "producer.batch_delivered" and e.get("events", 0) > 0
-            for e in under_test.log_events()
-        ),
-        60,
-        "the producer's first delivered batch",
-        every=0.2,
-    )
-    assert harness.stop(proc, signal.SIGTERM) == 0
-    writer.join()
-    confirmed, _ = under_test.slot_state()
-    assert confirmed is not None and confirmed == recorded(under_test)
-    stopped = [e for e in under_test.log_events() if e["event"] == "producer.stopped"]
-    assert stopped and stopped[-1]["reason"] == "signal"
+    sigterm_mid_stream(under_test, reference, rate=800, duration=5, seed=21)
     started = [e for e in under_test.log_events() if e["event"] == "producer.started"]
     assert started and started[-1]["read_mode"] == "sql"
-    drain(reference)
-    want = {p for p in positions(reference) if p[0] < confirmed}
-    assert want and want <= set(positions(under_test))
