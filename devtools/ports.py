@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
+from devtools.procs import pid_alive
+
 _LOW: Final = 20000  # below the servers' usual ports' neighbours (PostgreSQL 5432, Kafka 9092)
 _TRIES: Final = 200
 _RESERVED = Path(tempfile.gettempdir()) / "cutover-ports"
@@ -46,8 +48,6 @@ def candidates(ephemeral: range, low: int = _LOW) -> range:
 
 def _reserve(port: int, folder: Path) -> bool:
     """Take ``port`` for this process unless a live process holds it."""
-    from devtools.stack import _pid_alive as pid_alive  # the stack imports this module
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / str(port)
     for _ in range(2):

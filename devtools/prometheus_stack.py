@@ -32,7 +32,8 @@ from pathlib import Path
 from cutover.errors import CutoverError, StackError
 from devtools import sidecar
 from devtools.ports import free_port
-from devtools.stack import _pid_alive, _say, ensure_prerequisites
+from devtools.procs import pid_alive
+from devtools.stack import _say, ensure_prerequisites
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "ops" / "prometheus-alerts.yml"
@@ -93,7 +94,7 @@ def start(root: Path) -> str:
     state = load(root) or {"port": free_port(), "pid": None}
     port = state["port"]
     assert port is not None
-    if _pid_alive(state["pid"]) and ready(port):
+    if pid_alive(state["pid"]) and ready(port):
         _say(f"prometheus already running on {url(port)} (pid {state['pid']})")
         return url(port)
     home = root / "prometheus"

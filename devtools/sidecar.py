@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cutover.errors import StackError
-from devtools.stack import _pid_alive, _stop_pids
+from devtools.procs import pid_alive, stop_pids
 
 State = dict[str, int | None]
 
@@ -35,7 +35,7 @@ def save(path: Path, state: State) -> None:
 def running_port(path: Path) -> int | None:
     """The port of the server whose state is in ``path`` if its process lives, else None."""
     state = load(path)
-    if state and state.get("port") and _pid_alive(state.get("pid")):
+    if state and state.get("port") and pid_alive(state.get("pid")):
         return int(state["port"] or 0)
     return None
 
@@ -44,10 +44,10 @@ def stop(path: Path, what: str) -> str | None:
     """Stop the server whose state is in ``path``; what was stopped (None: nothing ran)."""
     state = load(path)
     pid = state.get("pid") if state else None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return None
     assert pid is not None
-    _stop_pids([pid])
+    stop_pids([pid])
     return f"{what} (pid {pid})"
 
 

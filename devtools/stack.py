@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import secrets
@@ -50,6 +49,7 @@ from pathlib import Path
 from cutover.errors import CutoverError, PrerequisiteMissing, StackError
 from devtools import kafka_cluster, kafka_security, pg_security, tls
 from devtools.ports import free_port
+from devtools.procs import pid_alive, stop_pids
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("CUTOVER_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -152,23 +152,6 @@ def ensure_prerequisites(programs: Sequence[str] = ("java", "mvn", "initdb")) ->
 
 def _say(message: str) -> None:
     print(f"[stack] {message}", file=sys.stderr, flush=True)
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0): look at its state.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _run_as_db_user() -> list[str]:
@@ -396,7 +379,7 @@ def _pg_pid(root: Path, name: str) -> int | None:
         pid = int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def _start_pg(root: Path, name: str) -> None:
@@ -506,7 +489,7 @@ def write_env(root: Path, state: StackState) -> Path:
 
 def _set_brokers(root: Path, state: StackState, brokers: int) -> None:
     """Give ``state`` a Kafka of ``brokers`` nodes (new ports); an old Kafka's data is removed."""
-    alive = [p for p in state.kafka_pids() if _pid_alive(p)]
+    alive = [p for p in state.kafka_pids() if pid_alive(p)]
     if alive:
         raise StackError(
             f"the stack in {root} runs {state.brokers} Kafka node(s), not {brokers}: stop it "
@@ -530,13 +513,13 @@ def _start_kafka_nodes(root: Path, state: StackState, libs: Path) -> None:
     bootstrap = state.env()["CUTOVER_KAFKA_BOOTSTRAP"]
     pids = state.kafka_pids()
     security = _admin_security(root, state)
-    if all(_pid_alive(p) for p in pids) and _kafka_ready(bootstrap, state.brokers, security):
+    if all(pid_alive(p) for p in pids) and _kafka_ready(bootstrap, state.brokers, security):
         _say(f"kafka already running on {bootstrap} (pid {', '.join(map(str, pids))})")
         return
     for node, pid in enumerate(pids, 1):
-        if pid is not None and _pid_alive(pid) and state.brokers == 1:
-            _stop_pids([pid])  # a lone broker that does not answer: start it afresh
-        if not _pid_alive(pid):
+        if pid is not None and pid_alive(pid) and state.brokers == 1:
+            stop_pids([pid])  # a lone broker that does not answer: start it afresh
+        if not pid_alive(pid):
             # Nodes of a cluster start together: each waits for a quorum of the others.
             state.set_kafka_pid(node, _start_kafka(state, root, libs, node))
     _save_state(root, state)
@@ -630,7 +613,7 @@ def up(
     def kafka_ready() -> bool:
         # A node that died (its port taken, a bad config) never answers: say so at once.
         for node, pid in enumerate(state.kafka_pids(), 1):
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 log = kafka_cluster.node_dir(root, node) / "stdout.log"
                 raise StackError(f"Kafka node {node} exited during start-up; see {log}")
         return _kafka_ready(bootstrap, state.brokers, security)
@@ -651,22 +634,6 @@ def up(
     return state
 
 
-def _stop_pids(pids: Sequence[int], timeout: float = 30.0) -> None:
-    """SIGTERM them all at once (the nodes of a cluster shut down together: one by one, the last
-    would wait for a quorum that is gone), SIGKILL what is left after ``timeout``."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids:
-        if _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            time.sleep(0.2)
-
-
 def down(root: Path) -> list[str]:
     """Stop everything ``up`` started in ``root``; return what was stopped."""
     from devtools import prometheus_stack, registry_stack
@@ -676,14 +643,14 @@ def down(root: Path) -> list[str]:
         if what is not None:
             stopped.append(what)
     state = load_state(root)
-    alive = [p for p in (state.kafka_pids() if state else []) if p is not None and _pid_alive(p)]
-    _stop_pids(alive)
+    alive = [p for p in (state.kafka_pids() if state else []) if p is not None and pid_alive(p)]
+    stop_pids(alive)
     stopped += [f"kafka (pid {pid})" for pid in alive]
     for name in ("legacy", "commerce"):
         pid = _pg_pid(root, name)
         if pid:
             done = _pg_ctl(root, name, "-m", "fast", "-w", "-t", "60", "stop")
-            if done.returncode != 0 and _pid_alive(pid):
+            if done.returncode != 0 and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
             stopped.append(f"postgresql {name} (pid {pid})")
     left = running_pids(root)
@@ -704,7 +671,7 @@ def running_pids(root: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if marker in cmdline and _pid_alive(int(proc.name)):
+        if marker in cmdline and pid_alive(int(proc.name)):
             pids.append(int(proc.name))
     return pids
 

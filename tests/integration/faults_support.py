@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from devtools import stack
+from devtools import procs, stack
 from devtools.harness import Scenario, init, open_scenario, stop
 from devtools.scratch import scratch_database
 from devtools.workload import WorkloadReport, prefill, run_workload
@@ -150,10 +150,10 @@ class PrivateStack:
     def kill_kafka(self) -> int:
         """SIGKILL the broker (the JVM); returns its pid once it is gone."""
         pid = self.state.kafka_pid
-        assert pid is not None and stack._pid_alive(pid), "Kafka is not running"
+        assert pid is not None and procs.pid_alive(pid), "Kafka is not running"
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while stack._pid_alive(pid):
+        while procs.pid_alive(pid):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)  # our child when started in-process: reap it
             assert time.monotonic() < deadline, f"Kafka pid {pid} survived SIGKILL"
@@ -163,7 +163,7 @@ class PrivateStack:
         return pid
 
     def kafka_alive(self) -> bool:
-        return stack._pid_alive(self.state.kafka_pid)
+        return procs.pid_alive(self.state.kafka_pid)
 
     # PostgreSQL --------------------------------------------------------------------------
 

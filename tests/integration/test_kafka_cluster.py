@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from psycopg.conninfo import make_conninfo
 
-from devtools import stack
+from devtools import procs, stack
 from devtools.harness import Scenario, changes
 from devtools.workload import run_workload
 from tests.integration.faults_support import (
@@ -76,7 +76,7 @@ class ClusterStack(PrivateStack):
         def dead() -> bool:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)  # our child (started in-process): reap it
-            return not stack._pid_alive(pid)
+            return not procs.pid_alive(pid)
 
         wait_for(dead, timeout, f"Kafka pid {pid} to exit", every=0.1)
 
@@ -95,7 +95,7 @@ class ClusterStack(PrivateStack):
     def start_node(self, node: int) -> None:
         """Start one node again (on its ports and data) without waiting for the others."""
         state = self.state
-        assert not stack._pid_alive(state.kafka_pids()[node - 1])
+        assert not procs.pid_alive(state.kafka_pids()[node - 1])
         pid = stack._start_kafka(state, self.root, stack.kafka_libs(self.cache), node)
         state.set_kafka_pid(node, pid)
         stack._save_state(self.root, state)
