@@ -30,7 +30,8 @@ from typing import Any, Literal, TypedDict, Unpack
 import psycopg
 
 from control import audit
-from control.gates import Decision, GateResult, collect, decide, evaluate
+from control.gate_evidence import collect
+from control.gates import Decision, GateResult, decide, evaluate
 from control.machine import (
     RULES,
     Action,

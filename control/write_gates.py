@@ -33,6 +33,7 @@ from typing import Any, TypeAlias
 
 import psycopg
 
+from control.gate_evidence import dead_letter_evidence, lag_evidence, verify_evidence
 from control.gates import (
     DeadLetterEvidence,
     Evidence,
@@ -43,10 +44,7 @@ from control.gates import (
     VerifyEvidence,
     apply_lag,
     apply_lag_gate,
-    dead_letter_evidence,
     dead_letters_gate,
-    lag_evidence,
-    verify_evidence,
     verify_gate,
 )
 from control.write_switch import LEGACY_FENCE_SCHEMA, ReversePath, reverse_path

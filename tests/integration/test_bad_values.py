@@ -23,7 +23,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from control.gates import collect, evaluate
+from control.gate_evidence import collect
+from control.gates import evaluate
 from devtools import harness
 from devtools.harness import Scenario, open_scenario, stop
 from devtools.readback import read_all

@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from control.gates import collect, evaluate
+from control.gate_evidence import collect
+from control.gates import evaluate
 from devtools import harness
 from devtools.harness import Scenario, changes, open_scenario
 
