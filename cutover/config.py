@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -271,6 +272,20 @@ def _check_type(section: str, key: str, value: Any, expected: str) -> Any:
     return value
 
 
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+
+
+def _check_value(section: str, key: str, value: Any) -> None:
+    """Refuse values PostgreSQL would refuse later, after part of the work was done."""
+    if key == "slot" and not _SLOT_NAME.fullmatch(value):
+        # PostgreSQL's rule (ReplicationSlotValidateName), checked here so that `init` does not
+        # create the publication and then fail on the slot.
+        raise ConfigError(
+            f"[{section}] {key} = {value!r} is not a valid replication slot name: use 1 to 63 "
+            "lower-case letters, digits and underscores"
+        )
+
+
 def _build(section: str, cls: type[Any], raw: Mapping[str, Any], extra: Mapping[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -279,6 +294,7 @@ def _build(section: str, cls: type[Any], raw: Mapping[str, Any], extra: Mapping[
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown setting [{section}] {key}; known settings: {known}")
         values[key] = _check_type(section, key, value, str(fields[key].type))
+        _check_value(section, key, values[key])
     missing = [
         name
         for name, f in fields.items()

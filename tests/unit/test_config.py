@@ -99,6 +99,14 @@ def test_environment_alone_is_enough_when_file_optional(
         ),
         ("[target]\ndsn='y'\n", "missing setting [source] dsn"),
         ("[source\n", "not valid TOML"),
+        (
+            "[source]\ndsn='x'\nslot='Cutover-Slot'\n[target]\ndsn='y'\n",
+            "[source] slot = 'Cutover-Slot' is not a valid replication slot name",
+        ),
+        (
+            "[source]\ndsn='x'\n[target]\ndsn='y'\n[reverse]\nslot='" + "r" * 64 + "'\n",
+            "[reverse] slot = 'rrrr",
+        ),
     ],
 )
 def test_bad_config_names_the_setting(tmp_path: Path, text: str, needle: str) -> None:
