@@ -35,11 +35,14 @@ from psycopg import sql
 
 from cutover import pg
 from cutover.envelope import lsn_to_str
+from cutover.errors import UsageError
 
 Conn = psycopg.Connection[Any]
 
 #: The SQLSTATE of a write the fence refused (read_only_sql_transaction).
 FENCE_SQLSTATE = "25006"
+#: The dollar quote of the guard's body in fence.sql.
+_BODY_QUOTE: Final = "$guard$"
 #: The DETAIL every refusal carries, followed by the domain name.
 FENCE_DETAIL_PREFIX = "cutover fence of domain "
 TRIGGER_NAME = "cutover_write_fence"
@@ -64,9 +67,13 @@ class FenceState:
     fence_lsn: int | None
 
 
-def fence_ddl() -> str:
-    """The text of ``cutover/fence.sql`` (unqualified names; run with search_path set)."""
-    return resources.files("cutover").joinpath("fence.sql").read_text(encoding="utf-8")
+def fence_ddl(quoted_schema: str) -> str:
+    """The text of ``cutover/fence.sql`` for the fence schema ``quoted_schema`` (its quoted
+    identifier, which the guard's static query names); run it with search_path set to it."""
+    if _BODY_QUOTE in quoted_schema:  # it would end the guard's body early
+        raise UsageError(f"the control schema name {quoted_schema} contains {_BODY_QUOTE}")
+    text = resources.files("cutover").joinpath("fence.sql").read_text(encoding="utf-8")
+    return text.replace("@fence_schema@", quoted_schema)
 
 
 def fence_message(domain: str, fenced: bool) -> bytes:
@@ -122,7 +129,7 @@ def install(
         with conn.transaction():
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
-            conn.execute(fence_ddl().encode())
+            conn.execute(fence_ddl(sql.Identifier(schema).as_string(conn)).encode())
             for domain, tables in domain_tables.items():
                 conn.execute(
                     sql.SQL(
