@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import accumulate
+from itertools import accumulate, islice
 from typing import Any, Final
 
 import psycopg
@@ -59,6 +59,7 @@ from psycopg import conninfo, sql
 
 from cutover.errors import DatabaseError, UsageError, redact_dsn
 from cutover.logging import get_logger
+from devtools.workload_send import PipelineSender
 
 __all__ = [
     "BASE_TIME",
@@ -1432,8 +1433,9 @@ def run_workload(
     first; at least one of the two is required.
 
     Commit protocol: every transaction is sent as BEGIN, its statements, COMMIT (or ROLLBACK) in
-    libpq pipeline mode; the pipeline is synced at most every ``_BATCH_MAX`` transactions and
-    before any sleep, and transactions are counted once their sync returned without error.
+    libpq pipeline mode (:class:`devtools.workload_send.PipelineSender`); the pipeline is synced
+    at most every ``_BATCH_MAX`` transactions and before any sleep, and transactions are counted
+    once their sync returned without error.
     """
     _check_positive("transactions per second", rate, "--rate")
     _check_positive("seconds", duration, "--duration")
@@ -1462,7 +1464,7 @@ def run_workload(
             **start.summary()["max_ids"],
         )
         plan = plan_operations(seed, start, bulk_every=bulk_every)
-        cur = conn.cursor()
+        sender = PipelineSender(conn)
         t0 = clock()
         deadline = t0 + duration if duration is not None else math.inf
         limit = max_transactions if max_transactions is not None else math.inf
@@ -1470,39 +1472,29 @@ def run_workload(
         sent: list[Operation] = []
         last_progress = t0
         try:
-            with conn.pipeline() as pipe:
-                while done < limit:
-                    now = clock()
-                    if now >= deadline:
-                        break
-                    due = min(limit, math.floor((now - t0) * rate) + 1) - done
-                    if due <= 0:
-                        sleep(min(t0 + done / rate, deadline) - now)
-                        continue
-                    behind = max(behind, now - (t0 + done / rate))
-                    batch = min(due, _BATCH_MAX)
-                    sent = []
-                    for op in plan:
-                        sent.append(op)
-                        cur.execute("BEGIN")
-                        for text, params in op.statements:
-                            cur.execute(text, params, prepare=True)
-                        cur.execute("ROLLBACK" if op.rollback else "COMMIT")
-                        if len(sent) >= batch:
-                            break
-                    pipe.sync()
-                    for op in sent:
-                        counts[op.kind] += 1
-                        statements += len(op.statements)
-                        if op.rollback:
-                            rolled_back += 1
-                        else:
-                            committed += 1
-                    done += len(sent)
-                    sent = []
-                    if progress is not None and (now - last_progress) >= _PROGRESS_EVERY_S:
-                        last_progress = now
-                        progress(WorkloadProgress(done, expected, now - t0))
+            while done < limit:
+                now = clock()
+                if now >= deadline:
+                    break
+                due = min(limit, math.floor((now - t0) * rate) + 1) - done
+                if due <= 0:
+                    sleep(min(t0 + done / rate, deadline) - now)
+                    continue
+                behind = max(behind, now - (t0 + done / rate))
+                sent = list(islice(plan, int(min(due, _BATCH_MAX))))
+                sender.send(sent)
+                for op in sent:
+                    counts[op.kind] += 1
+                    statements += len(op.statements)
+                    if op.rollback:
+                        rolled_back += 1
+                    else:
+                        committed += 1
+                done += len(sent)
+                sent = []
+                if progress is not None and (now - last_progress) >= _PROGRESS_EVERY_S:
+                    last_progress = now
+                    progress(WorkloadProgress(done, expected, now - t0))
         except psycopg.Error as exc:
             first, last = done + 1, done + max(len(sent), 1)
             doing = (
