@@ -6,8 +6,9 @@ Run with the local stack up (``make up``)::
         [--window 45] [--producer linger.ms=5] [--consumer fetch.wait.max.ms=10]
         [--apply batch_max_wait_ms=50]
 
-``--producer``/``--consumer``/``--apply KEY=VALUE`` (repeatable) pass settings of the
-``[kafka.producer]``, ``[kafka.consumer]`` and ``[apply]`` sections to this run's processes
+``--kafka``/``--producer``/``--consumer``/``--apply KEY=VALUE`` (repeatable) pass settings of
+the ``[kafka]``, ``[kafka.producer]``, ``[kafka.consumer]`` and ``[apply]`` sections to this
+run's processes
 (recorded under ``settings`` in the result), to try a setting without changing a default.
 
 The clock starts at the source transaction's COMMIT in the legacy database (the commit
@@ -130,13 +131,33 @@ def _wait_snapshots(source_dsn: str, slot: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
+def _legacy_backends(source: str) -> dict[str, list[int]]:
+    """The legacy backends worth their own line: the workload's (its writes, the write fence's
+    trigger included) and the walsender that decodes for the producer."""
+    query = (
+        "SELECT pid, application_name = 'cutover-workload' FROM pg_stat_activity"
+        " WHERE datname = current_database()"
+        "   AND (application_name = 'cutover-workload' OR backend_type = 'walsender')"
+    )
+    with psycopg.connect(source, autocommit=True) as conn:
+        rows = conn.execute(query).fetchall()
+    return {
+        "PostgreSQL legacy: workload's backend": [pid for pid, workload in rows if workload],
+        "PostgreSQL legacy: walsender": [pid for pid, workload in rows if not workload],
+    }
+
+
 def _cpu_groups(procs: list[Any], source: str, target: str, bootstrap: str) -> dict[str, list[int]]:
     """The processes whose CPU the window reports (bench.latency_stages.CpuWindow)."""
+    singled = _legacy_backends(source)
+    apart = {pid for pids in singled.values() for pid in pids}
+    legacy = [p for p in stages.process_tree(stages.postmaster_of(source)) if p not in apart]
     groups = {
         "producer": [procs[-1].pid],
         **{f"apply-{i}": [p.pid] for i, p in enumerate(procs[:-1])},
         "workload (this benchmark process)": [os.getpid()],
-        "PostgreSQL legacy (all backends)": stages.process_tree(stages.postmaster_of(source)),
+        **singled,
+        "PostgreSQL legacy (other backends)": legacy,
         "PostgreSQL commerce (all backends)": stages.process_tree(stages.postmaster_of(target)),
     }
     state = load_state(REPO / ".stack")
@@ -182,7 +203,8 @@ def run(
     tuning: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One measured run; ``tuning`` holds config sections passed to the processes
-    (``producer`` = [kafka.producer], ``consumer`` = [kafka.consumer], ``apply`` = [apply])."""
+    (``kafka`` = [kafka], ``producer`` = [kafka.producer], ``consumer`` = [kafka.consumer],
+    ``apply`` = [apply])."""
     tuning = {k: v for k, v in (tuning or {}).items() if v}
     env = stack_env()
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -195,6 +217,7 @@ def run(
             target,
             bootstrap,
             workdir,
+            kafka_settings=tuning.get("kafka", {}),
             producer_settings=tuning.get("producer", {}),
             apply_settings=tuning.get("apply", {}),
         ) as sc,
@@ -294,6 +317,11 @@ def run(
             "redecoded_wal_bytes_start_end": [redecode0, redecode1],
         },
         "cpu": usage,
+        # The primary figure on a shared machine (less sensitive to load than events/s).
+        "cpu_us_per_event": {
+            name: round(pct * 10_000 / (events / (t1 - t0))) if events else None
+            for name, pct in usage["processes"].items()
+        },
         "method": "per-event histogram of the appliers (source.ts_ms = source commit time), "
         "scraped before and after the window; quantiles interpolated inside buckets. Stages: "
         "the window's records read back (exact per-event quantiles)",
@@ -314,6 +342,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=45)
     parser.add_argument("--orders", type=int, default=5_000, help="prefill size")
     for section, where in (
+        ("kafka", "[kafka]"),
         ("producer", "[kafka.producer]"),
         ("consumer", "[kafka.consumer]"),
         ("apply", "[apply]"),
@@ -326,7 +355,8 @@ def main() -> None:
         )
     args = parser.parse_args()
     tx_rate = args.rate if args.events_rate is None else args.events_rate / EVENTS_PER_TX
-    tuning = {s: parse_settings(getattr(args, s)) for s in ("producer", "consumer", "apply")}
+    sections = ("kafka", "producer", "consumer", "apply")
+    tuning = {s: parse_settings(getattr(args, s)) for s in sections}
     result = run(tx_rate, args.warmup, args.window, args.orders, tuning)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
@@ -355,6 +385,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cpu['machine_busy']} % of {cpu['machine_capacity']} %; CPU % of one core: "
         + ", ".join(f"{k} {v}" for k, v in cpu["processes"].items())
         + f", others {cpu['others']}",
+        "CPU µs per applied event: "
+        + ", ".join(f"{k} {v}" for k, v in result["cpu_us_per_event"].items()),
         "settings: "
         + (
             "; ".join(
