@@ -52,7 +52,8 @@ class PipelineSender:
         self._names: dict[str, bytes] = {}
 
     def send(self, ops: Iterable[Operation]) -> None:
-        """Run the transactions of ``ops`` as one pipelined batch; raise the first error."""
+        """Run the transactions of ``ops`` as one pipelined batch; raise the first error (the
+        sender is not used again after an error: the workload stops there)."""
         pg = self._pg
         pg.enter_pipeline_mode()
         try:
@@ -66,9 +67,13 @@ class PipelineSender:
             pg.pipeline_sync()
             pg.flush()
             failed = self._read_to_sync()
-        finally:
-            if pg.pipeline_status != pq.PipelineStatus.OFF:
-                pg.exit_pipeline_mode()
+        except BaseException:
+            # Interrupted half-way (a lost connection, Ctrl-C): results are pending, so the
+            # pipeline cannot be left and the connection is of no more use. Closed here, the
+            # caller's rollback-on-close has nothing to trip over (and hides nothing).
+            pg.finish()
+            raise
+        pg.exit_pipeline_mode()
         if failed is not None:
             raise errors.error_from_result(failed, encoding=self._encoding)
 
