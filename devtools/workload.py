@@ -44,11 +44,12 @@ fast the machine is. One connection executes them in plan order.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import accumulate, islice
@@ -79,11 +80,14 @@ __all__ = [
     "WorkloadProgress",
     "WorkloadReport",
     "default_prefill_sizes",
+    "owned_id",
     "plan_operations",
     "prefill",
     "prefill_tables",
     "read_start_state",
     "run_workload",
+    "split_start",
+    "worker_seed",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -593,18 +597,23 @@ class _Planner:
     apply it to (then a fallback kind is used). Rolled-back kinds never change the model.
     """
 
-    def __init__(self, seed: int, start: StartState, bulk_every: int) -> None:
+    def __init__(
+        self, seed: int, start: StartState, bulk_every: int, worker: int = 0, workers: int = 1
+    ) -> None:
         self.rng = random.Random(seed)
         self.text = _Text(self.rng)
         self.bulk_every = bulk_every
         self.clock = start.clock
-        self.next_user = start.max_user_id + 1
-        self.next_merchant = start.max_merchant_id + 1
-        self.next_product = start.max_product_id + 1
-        self.next_order = start.max_order_id + 1
-        self.next_payment = start.max_payment_id + 1
-        self.next_invoice = start.max_invoice_id + 1
-        self.next_rollback = ROLLBACK_ID_BASE
+        # Worker k of n allocates the ids ≡ k (mod n) and plays the global sequence numbers
+        # k, k+n, k+2n, ...: n workers never write the same new row (see split_start).
+        self.worker, self.stride = worker, workers
+        self.next_user = owned_id(start.max_user_id + 1, worker, workers)
+        self.next_merchant = owned_id(start.max_merchant_id + 1, worker, workers)
+        self.next_product = owned_id(start.max_product_id + 1, worker, workers)
+        self.next_order = owned_id(start.max_order_id + 1, worker, workers)
+        self.next_payment = owned_id(start.max_payment_id + 1, worker, workers)
+        self.next_invoice = owned_id(start.max_invoice_id + 1, worker, workers)
+        self.next_rollback = owned_id(ROLLBACK_ID_BASE, worker, workers)
         self.users: list[int] = list(start.user_ids)
         self.merchant_status: dict[int, str] = {}
         self.active = _Pool()
@@ -697,7 +706,7 @@ class _Planner:
 
     def operations(self) -> Iterator[Operation]:
         rng = self.rng
-        seq = 0
+        seq = self.worker
         methods = self.methods
         while True:
             at = self.clock + seq * TICK
@@ -720,7 +729,7 @@ class _Planner:
                 statements = self._user_signup(seq, at)
             assert statements is not None
             yield Operation(seq, kind, tuple(statements), kind.startswith("rollback."))
-            seq += 1
+            seq += self.stride
 
     # -- users ------------------------------------------------------------------------------
 
@@ -746,7 +755,7 @@ class _Planner:
 
     def _user_signup(self, seq: int, at: datetime) -> list[Statement]:
         uid = self.next_user
-        self.next_user += 1
+        self.next_user += self.stride
         self.users.append(uid)
         return [self._new_user(uid, at)]
 
@@ -789,7 +798,7 @@ class _Planner:
             return None
         rng = self.rng
         mid = self.next_merchant
-        self.next_merchant += 1
+        self.next_merchant += self.stride
         self._set_merchant(mid, "active")
         name = _shop_name(rng, rng.choice(_FIRST))
         rating = _rating(rng) if rng.random() < 0.5 else None
@@ -837,7 +846,7 @@ class _Planner:
         rng = self.rng
         mid = self.active.pick(rng)
         pid = self.next_product
-        self.next_product += 1
+        self.next_product += self.stride
         price = _price_cents(rng)
         stock = rng.randint(0, 500)
         self._add_product(_Product(pid, mid, price, stock, "live"))
@@ -940,9 +949,9 @@ class _Planner:
         mid, pool = sellable
         rng = self.rng
         oid = self.next_order
-        self.next_order += 1
+        self.next_order += self.stride
         pay_id = self.next_payment
-        self.next_payment += 1
+        self.next_payment += self.stride
         lines = self._order_lines(pool, rng.randint(1, 5))
         order = _Order(oid, mid, "created", pay_id, lines)
         self.orders[oid] = order
@@ -985,7 +994,7 @@ class _Planner:
         if o is None:
             return None
         inv = self.next_invoice
-        self.next_invoice += 1
+        self.next_invoice += self.stride
         no = _invoice_no(inv)
         ref = f"psp-{self.rng.getrandbits(48):012x}"
         self._set_order_status(o, "paid")
@@ -1001,7 +1010,7 @@ class _Planner:
         if o is None:
             return None
         pay_id = self.next_payment
-        self.next_payment += 1
+        self.next_payment += self.stride
         failed, o.payment_id = o.payment_id, pay_id
         total = _money(o.total())
         return [
@@ -1049,7 +1058,7 @@ class _Planner:
 
     def _reserved(self) -> int:
         rid = self.next_rollback
-        self.next_rollback += 1
+        self.next_rollback += self.stride
         return rid
 
     def _rollback_order(self, seq: int, at: datetime) -> list[Statement] | None:
@@ -1095,16 +1104,59 @@ class _Planner:
 
 
 def plan_operations(
-    seed: int, start: StartState | None = None, *, bulk_every: int = BULK_EVERY
+    seed: int,
+    start: StartState | None = None,
+    *,
+    bulk_every: int = BULK_EVERY,
+    worker: int = 0,
+    workers: int = 1,
 ) -> Iterator[Operation]:
     """The endless, deterministic stream of transactions for ``seed`` from ``start`` (pure).
 
     Take what you need with ``itertools.islice``. Two calls with the same arguments yield equal
-    operations; the stream never touches the database.
+    operations; the stream never touches the database. ``worker`` k of ``workers`` n > 1 gives
+    that worker's sub-plan: pass it ``split_start(start, k, n)`` and ``worker_seed(seed, k, n)``;
+    its operations carry the sequence numbers k, k+n, ... (timestamps and the bulk repricing
+    follow them) and every id it allocates is ≡ k (mod n), so the n sub-plans write disjoint rows.
     """
     if bulk_every < 1:
         raise UsageError(f"bulk_every must be at least 1, not {bulk_every}")
-    return _Planner(seed, start or StartState(), bulk_every).operations()
+    if not 0 <= worker < workers:
+        raise UsageError(f"worker must be in 0..{workers - 1}, not {worker}")
+    return _Planner(seed, start or StartState(), bulk_every, worker, workers).operations()
+
+
+def owned_id(first: int, worker: int, workers: int) -> int:
+    """The smallest id ≥ ``first`` that worker k of n allocates (ids ≡ k mod n)."""
+    return first + (worker - first) % workers
+
+
+def worker_seed(seed: int, worker: int, workers: int) -> int:
+    """The seed of worker k of n: ``seed`` itself for one worker (the plan stays as it was),
+    else derived from (seed, k, n) so that the workers' random choices are independent."""
+    if workers == 1:
+        return seed
+    digest = hashlib.sha256(f"workload:{seed}:{worker}/{workers}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def split_start(start: StartState, worker: int, workers: int) -> StartState:
+    """The rows worker k of n may write: users and merchants with id ≡ k (mod n), and the
+    products and open orders of those merchants (an order's lines are its merchant's listings).
+    The max ids and the clock stay global (ids are allocated by :func:`owned_id`)."""
+    if workers == 1:
+        return start
+
+    def mine(row_id: int) -> bool:
+        return row_id % workers == worker
+
+    return replace(
+        start,
+        user_ids=tuple(u for u in start.user_ids if mine(u)),
+        merchants=tuple(m for m in start.merchants if mine(m[0])),
+        products=tuple(p for p in start.products if mine(p.merchant_id)),
+        open_orders=tuple(o for o in start.open_orders if mine(o.merchant_id)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
