@@ -77,10 +77,12 @@ __all__ = [
     "ProgressCallback",
     "StartState",
     "Statement",
+    "Tally",
     "WorkloadProgress",
     "WorkloadReport",
     "default_prefill_sizes",
     "owned_id",
+    "pace",
     "plan_operations",
     "prefill",
     "prefill_tables",
@@ -1465,6 +1467,83 @@ def _check_positive(name: str, value: float | None, flag: str) -> None:
         raise UsageError(f"{flag} must be a positive number, not {value:g} ({name})")
 
 
+@dataclass(slots=True)
+class Tally:
+    """What one paced connection did (:func:`pace`); the workers' tallies are summed."""
+
+    done: int = 0
+    committed: int = 0
+    rolled_back: int = 0
+    statements: int = 0
+    #: The worst lateness behind the schedule, seconds.
+    behind: float = 0.0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+
+    def add(self, other: Tally) -> None:
+        self.done += other.done
+        self.committed += other.committed
+        self.rolled_back += other.rolled_back
+        self.statements += other.statements
+        self.behind = max(self.behind, other.behind)
+        for kind, count in other.counts.items():
+            self.counts[kind] += count
+
+
+def pace(
+    plan: Iterator[Operation],
+    sender: PipelineSender,
+    dsn: str,
+    *,
+    rate: float,
+    t0: float,
+    deadline: float,
+    limit: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    tick: Callable[[int, float], None] | None = None,
+) -> Tally:
+    """Send ``plan``'s transactions on schedule: transaction i is due at ``t0 + i / rate``, until
+    ``limit`` transactions or the ``deadline`` (see :func:`run_workload`). ``tick(done,
+    elapsed_s)`` is called at most every ``_PROGRESS_EVERY_S``."""
+    tally = Tally()
+    sent: list[Operation] = []
+    last_tick = t0
+    try:
+        while tally.done < limit:
+            now = clock()
+            if now >= deadline:
+                break
+            done = tally.done
+            due = min(limit, math.floor((now - t0) * rate) + 1) - done
+            if due <= 0:
+                sleep(min(t0 + done / rate, deadline) - now)
+                continue
+            tally.behind = max(tally.behind, now - (t0 + done / rate))
+            sent = list(islice(plan, int(min(due, _BATCH_MAX))))
+            sender.send(sent)
+            for op in sent:
+                tally.counts[op.kind] += 1
+                tally.statements += len(op.statements)
+                if op.rollback:
+                    tally.rolled_back += 1
+                else:
+                    tally.committed += 1
+            tally.done += len(sent)
+            sent = []
+            if tick is not None and (now - last_tick) >= _PROGRESS_EVERY_S:
+                last_tick = now
+                tick(tally.done, now - t0)
+    except psycopg.Error as exc:
+        first, last = tally.done + 1, tally.done + max(len(sent), 1)
+        doing = (
+            f"workload transaction #{first}"
+            if first == last
+            else f"workload transactions #{first}-#{last} (one pipelined batch)"
+        )
+        raise _db_error(exc, dsn, doing) from None
+    return tally
+
+
 def run_workload(
     dsn: str,
     *,
@@ -1474,6 +1553,7 @@ def run_workload(
     max_transactions: int | None = None,
     progress: ProgressCallback | None = None,
     bulk_every: int = BULK_EVERY,
+    workers: int = 1,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> WorkloadReport:
@@ -1488,6 +1568,10 @@ def run_workload(
     libpq pipeline mode (:class:`devtools.workload_send.PipelineSender`); the pipeline is synced
     at most every ``_BATCH_MAX`` transactions and before any sleep, and transactions are counted
     once their sync returned without error.
+
+    ``workers`` > 1: that many processes, each with its own connection and sub-plan over
+    disjoint rows (:func:`plan_operations`, :mod:`devtools.workload_workers`); worker k sends
+    the transactions k, k+n, ... of the global schedule. The report sums them.
     """
     _check_positive("transactions per second", rate, "--rate")
     _check_positive("seconds", duration, "--duration")
@@ -1495,12 +1579,11 @@ def run_workload(
         raise UsageError(f"max_transactions must be at least 1, not {max_transactions}")
     if duration is None and max_transactions is None:
         raise UsageError("give a duration or a number of transactions to run")
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
     log = get_logger("devtools.workload")
     bounds = [n for n in (max_transactions, duration and math.ceil(rate * duration)) if n]
     expected = min(bounds) if bounds else None
-    counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-    committed = rolled_back = statements = 0
-    behind = 0.0
     with _connect(dsn) as conn:
         try:
             start = read_start_state(conn)
@@ -1512,75 +1595,59 @@ def run_workload(
             rate=rate,
             duration_s=duration,
             max_transactions=max_transactions,
+            workers=workers,
             where=_where(dsn),
             **start.summary()["max_ids"],
         )
-        plan = plan_operations(seed, start, bulk_every=bulk_every)
-        sender = PipelineSender(conn)
-        t0 = clock()
-        deadline = t0 + duration if duration is not None else math.inf
+
+        def tick(done: int, elapsed_s: float) -> None:
+            if progress is not None:
+                progress(WorkloadProgress(done, expected, elapsed_s))
+
         limit = max_transactions if max_transactions is not None else math.inf
-        done = 0
-        sent: list[Operation] = []
-        last_progress = t0
-        try:
-            while done < limit:
-                now = clock()
-                if now >= deadline:
-                    break
-                due = min(limit, math.floor((now - t0) * rate) + 1) - done
-                if due <= 0:
-                    sleep(min(t0 + done / rate, deadline) - now)
-                    continue
-                behind = max(behind, now - (t0 + done / rate))
-                sent = list(islice(plan, int(min(due, _BATCH_MAX))))
-                sender.send(sent)
-                for op in sent:
-                    counts[op.kind] += 1
-                    statements += len(op.statements)
-                    if op.rollback:
-                        rolled_back += 1
-                    else:
-                        committed += 1
-                done += len(sent)
-                sent = []
-                if progress is not None and (now - last_progress) >= _PROGRESS_EVERY_S:
-                    last_progress = now
-                    progress(WorkloadProgress(done, expected, now - t0))
-        except psycopg.Error as exc:
-            first, last = done + 1, done + max(len(sent), 1)
-            doing = (
-                f"workload transaction #{first}"
-                if first == last
-                else f"workload transactions #{first}-#{last} (one pipelined batch)"
-            )
-            raise _db_error(exc, dsn, doing) from None
-        elapsed = clock() - t0
+        if workers > 1:
+            from devtools.workload_workers import run_workers
+
+            conn.close()  # the workers have their own connections
+            tally, elapsed = run_workers(
+                dsn, start, rate=rate, duration=duration, seed=seed, limit=limit,
+                bulk_every=bulk_every, workers=workers, tick=tick,
+            )  # fmt: skip
+        else:
+            plan = plan_operations(seed, start, bulk_every=bulk_every)
+            t0 = clock()
+            deadline = t0 + duration if duration is not None else math.inf
+            tally = pace(
+                plan, PipelineSender(conn), dsn, rate=rate, t0=t0, deadline=deadline,
+                limit=limit, clock=clock, sleep=sleep, tick=tick,
+            )  # fmt: skip
+            elapsed = clock() - t0
     if progress is not None:
-        progress(WorkloadProgress(done, expected, elapsed))
+        progress(WorkloadProgress(tally.done, expected, elapsed))
     report = WorkloadReport(
         seed=seed,
         rate_asked=rate,
         duration_asked_s=duration,
         max_transactions=max_transactions,
-        transactions=done,
-        committed=committed,
-        rolled_back=rolled_back,
-        statements=statements,
+        transactions=tally.done,
+        committed=tally.committed,
+        rolled_back=tally.rolled_back,
+        statements=tally.statements,
         elapsed_s=elapsed,
-        achieved_rate=done / elapsed if elapsed > 0 else 0.0,
-        max_behind_s=behind,
-        counts={k: v for k, v in counts.items() if v},
+        achieved_rate=tally.done / elapsed if elapsed > 0 else 0.0,
+        max_behind_s=tally.behind,
+        counts={k: v for k, v in tally.counts.items() if v},
         start=start.summary(),
     )
     log.info(
         "workload.finished",
-        transactions=done,
-        committed=committed,
-        rolled_back=rolled_back,
+        transactions=tally.done,
+        committed=tally.committed,
+        rolled_back=tally.rolled_back,
         elapsed_s=round(elapsed, 3),
         achieved_rate=round(report.achieved_rate, 1),
         rate_asked=rate,
+        workers=workers,
     )
     return report
 

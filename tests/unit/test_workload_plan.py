@@ -254,10 +254,17 @@ def test_prefill_data_is_deterministic_and_consistent() -> None:
 
 
 def test_cli_rejects_bad_flags_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--rate", "0"], ["--rate", "-5"], ["--duration", "0"], ["--orders", "0"]):
+    bad = (["--rate", "0"], ["--rate", "-5"], ["--duration", "0"], ["--orders", "0"],
+           ["--workers", "0"])  # fmt: skip
+    for argv in bad:
         assert cli.main(["workload", *argv, "--dsn", "host=127.0.0.1 port=1"]) == 2
         err = capsys.readouterr().err
         assert argv[0] in err and "must be" in err
+
+
+def test_cli_workers_write_directly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["workload", "--workers", "2", "--router", "--dsn", "host=x port=1"]) == 2
+    assert "--workers is for direct writes" in capsys.readouterr().err
 
 
 def test_cli_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
