@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -155,7 +156,11 @@ def _cpu_groups(procs: list[Any], source: str, target: str, bootstrap: str) -> d
     groups = {
         "producer": [procs[-1].pid],
         **{f"apply-{i}": [p.pid] for i, p in enumerate(procs[:-1])},
-        "workload (this benchmark process)": [os.getpid()],
+        # The generator's thread, and its --workers processes (multiprocessing children).
+        "workload (this benchmark process)": [
+            os.getpid(),
+            *(p.pid for p in multiprocessing.active_children() if p.pid),
+        ],
         **singled,
         "PostgreSQL legacy (other backends)": legacy,
         "PostgreSQL commerce (all backends)": stages.process_tree(stages.postmaster_of(target)),
@@ -201,6 +206,8 @@ def run(
     window: float,
     orders: int,
     tuning: dict[str, dict[str, Any]] | None = None,
+    *,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One measured run; ``tuning`` holds config sections passed to the processes
     (``kafka`` = [kafka], ``producer`` = [kafka.producer], ``consumer`` = [kafka.consumer],
@@ -244,7 +251,7 @@ def run(
             report: dict[str, Any] = {}
             writer = threading.Thread(
                 target=lambda: report.update(
-                    r=run_workload(source, rate=rate, duration=duration, seed=21)
+                    r=run_workload(source, rate=rate, duration=duration, seed=21, workers=workers)
                 ),
                 daemon=True,
             )
@@ -293,6 +300,7 @@ def run(
         "path": "legacy COMMIT -> cutover produce -> Kafka -> 2 x cutover apply -> commerce COMMIT",
         "settings": tuning,
         "asked_tx_per_s": rate,
+        "workload_workers": workers,
         "workload_committed_tx": workload.committed if workload else None,
         "workload_tx_per_s": round(workload.committed / workload.elapsed_s) if workload else None,
         "window_s": round(t1 - t0, 1),
@@ -341,6 +349,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=15)
     parser.add_argument("--window", type=float, default=45)
     parser.add_argument("--orders", type=int, default=5_000, help="prefill size")
+    parser.add_argument("--workers", type=int, default=1, help="workload connections")
     for section, where in (
         ("kafka", "[kafka]"),
         ("producer", "[kafka.producer]"),
@@ -357,7 +366,7 @@ def main() -> None:
     tx_rate = args.rate if args.events_rate is None else args.events_rate / EVENTS_PER_TX
     sections = ("kafka", "producer", "consumer", "apply")
     tuning = {s: parse_settings(getattr(args, s)) for s in sections}
-    result = run(tx_rate, args.warmup, args.window, args.orders, tuning)
+    result = run(tx_rate, args.warmup, args.window, args.orders, tuning, workers=args.workers)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
