@@ -49,12 +49,18 @@ def _with_dbname(dsn: str, dbname: str) -> str:
 
 
 def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process and its reaped children (the --workers processes)."""
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
 
 
 def bench(
-    admin_dsn: str, rates: list[float], duration: float, orders: int, seed: int
+    admin_dsn: str, rates: list[float], duration: float, orders: int, seed: int, *, workers: int = 1
 ) -> dict[str, Any]:
     name = f"bench_workload_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -74,7 +80,7 @@ def bench(
             # CPU per transaction: this process is the client; the server side is the whole
             # cluster (the workload's backend, the WAL writer, ...: nothing else uses it).
             client0, cluster0 = _own_cpu_s(), tree_cpu_s(postmaster)
-            report = run_workload(dsn, rate=rate, duration=duration, seed=seed)
+            report = run_workload(dsn, rate=rate, duration=duration, seed=seed, workers=workers)
             time.sleep(0.5)  # the backend exits and is reaped: its CPU moves to the postmaster
             client, cluster = _own_cpu_s() - client0, tree_cpu_s(postmaster) - cluster0
             per_tx = 1e6 / max(report.transactions, 1)
@@ -108,6 +114,7 @@ def bench(
             "postgresql": server[0] if server else None,
         },
         "seed": seed,
+        "workers": workers,
         "duration_s": duration,
         "prefill": filled.to_dict(),
         "runs": runs,
@@ -142,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
     parser.add_argument("--orders", type=int, default=100_000, help="prefill size")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="workload connections")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not args.dsn:
         parser.error("no DSN: pass --dsn, set CUTOVER_SOURCE_DSN, or run `make up`")
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    result = bench(args.dsn, rates, args.duration, args.orders, args.seed)
+    result = bench(args.dsn, rates, args.duration, args.orders, args.seed, workers=args.workers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
