@@ -2,7 +2,14 @@
 
 Run with the local stack up (``make up``)::
 
-    .venv/bin/python -m bench.cdc_latency [--rate 600] [--warmup 15] [--window 45]
+    .venv/bin/python -m bench.cdc_latency [--rate 600 | --events-rate 2000] [--warmup 15]
+        [--window 45] [--producer linger.ms=5] [--consumer fetch.wait.max.ms=10]
+        [--apply batch_max_wait_ms=50]
+
+``--kafka``/``--producer``/``--consumer``/``--apply KEY=VALUE`` (repeatable) pass settings of
+the ``[kafka]``, ``[kafka.producer]``, ``[kafka.consumer]`` and ``[apply]`` sections to this
+run's processes
+(recorded under ``settings`` in the result), to try a setting without changing a default.
 
 The clock starts at the source transaction's COMMIT in the legacy database (the commit
 timestamp pgoutput's Begin message carries, ``source.ts_ms`` of every event) and stops at the
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -55,6 +63,9 @@ from devtools.stack import load_state  # noqa: E402
 from devtools.workload import prefill, run_workload  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "cdc_latency.json"
+#: Change events per workload transaction, measured (events applied / transactions committed:
+#: 1,221 events/s at 587 tx/s on the 5,000-order prefill); --events-rate divides by it.
+EVENTS_PER_TX = 2.08
 EXAMPLES = REPO / "examples" / "shop"
 _BUCKET = re.compile(r'^cutover_apply_latency_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$')
 
@@ -121,13 +132,37 @@ def _wait_snapshots(source_dsn: str, slot: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
+def _legacy_backends(source: str) -> dict[str, list[int]]:
+    """The legacy backends worth their own line: the workload's (its writes, the write fence's
+    trigger included) and the walsender that decodes for the producer."""
+    query = (
+        "SELECT pid, application_name = 'cutover-workload' FROM pg_stat_activity"
+        " WHERE datname = current_database()"
+        "   AND (application_name = 'cutover-workload' OR backend_type = 'walsender')"
+    )
+    with psycopg.connect(source, autocommit=True) as conn:
+        rows = conn.execute(query).fetchall()
+    return {
+        "PostgreSQL legacy: workload's backend": [pid for pid, workload in rows if workload],
+        "PostgreSQL legacy: walsender": [pid for pid, workload in rows if not workload],
+    }
+
+
 def _cpu_groups(procs: list[Any], source: str, target: str, bootstrap: str) -> dict[str, list[int]]:
     """The processes whose CPU the window reports (bench.latency_stages.CpuWindow)."""
+    singled = _legacy_backends(source)
+    apart = {pid for pids in singled.values() for pid in pids}
+    legacy = [p for p in stages.process_tree(stages.postmaster_of(source)) if p not in apart]
     groups = {
         "producer": [procs[-1].pid],
         **{f"apply-{i}": [p.pid] for i, p in enumerate(procs[:-1])},
-        "workload (this benchmark process)": [os.getpid()],
-        "PostgreSQL legacy (all backends)": stages.process_tree(stages.postmaster_of(source)),
+        # The generator's thread, and its --workers processes (multiprocessing children).
+        "workload (this benchmark process)": [
+            os.getpid(),
+            *(p.pid for p in multiprocessing.active_children() if p.pid),
+        ],
+        **singled,
+        "PostgreSQL legacy (other backends)": legacy,
         "PostgreSQL commerce (all backends)": stages.process_tree(stages.postmaster_of(target)),
     }
     state = load_state(REPO / ".stack")
@@ -136,17 +171,69 @@ def _cpu_groups(procs: list[Any], source: str, target: str, bootstrap: str) -> d
     return groups
 
 
-def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any]:
+def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` flags to config values (int, float, true/false, else the text)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"expected KEY=VALUE, not {pair!r}")
+        value: Any = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = value
+    return out
+
+
+def consumer_section(settings: dict[str, Any]) -> str:
+    """The ``[kafka.consumer]`` table for the config (the harness writes none)."""
+    if not settings:
+        return ""
+    lines = ["[kafka.consumer]", *(f'"{k}" = {json.dumps(v)}' for k, v in settings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    rate: float,
+    warmup: float,
+    window: float,
+    orders: int,
+    tuning: dict[str, dict[str, Any]] | None = None,
+    *,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """One measured run; ``tuning`` holds config sections passed to the processes
+    (``kafka`` = [kafka], ``producer`` = [kafka.producer], ``consumer`` = [kafka.consumer],
+    ``apply`` = [apply])."""
+    tuning = {k: v for k, v in (tuning or {}).items() if v}
     env = stack_env()
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     bootstrap = env["CUTOVER_KAFKA_BOOTSTRAP"]
     with (
         scratch(env["CUTOVER_SOURCE_DSN"], EXAMPLES / "legacy.sql", "latlegacy") as source,
         scratch(env["CUTOVER_TARGET_DSN"], EXAMPLES / "commerce.sql", "latcommerce") as target,
-        harness.open_scenario(source, target, bootstrap, workdir) as sc,
+        harness.open_scenario(
+            source,
+            target,
+            bootstrap,
+            workdir,
+            kafka_settings=tuning.get("kafka", {}),
+            producer_settings=tuning.get("producer", {}),
+            apply_settings=tuning.get("apply", {}),
+        ) as sc,
     ):
         prefill(source, orders=orders, seed=11)
         harness.init(sc)
+        # The processes below read this file as it is now (harness rewrites it per CLI call).
+        with sc.config.open("a", encoding="utf-8") as config:
+            config.write(consumer_section(tuning.get("consumer", {})))
         topics = sc.topics()
         # Before anything is produced: record timestamps = the broker's append time.
         _create_topics(bootstrap, topics, sc.partitions)
@@ -164,7 +251,7 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
             report: dict[str, Any] = {}
             writer = threading.Thread(
                 target=lambda: report.update(
-                    r=run_workload(source, rate=rate, duration=duration, seed=21)
+                    r=run_workload(source, rate=rate, duration=duration, seed=21, workers=workers)
                 ),
                 daemon=True,
             )
@@ -211,7 +298,9 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
             "load_1m": round(os.getloadavg()[0], 1),
         },
         "path": "legacy COMMIT -> cutover produce -> Kafka -> 2 x cutover apply -> commerce COMMIT",
+        "settings": tuning,
         "asked_tx_per_s": rate,
+        "workload_workers": workers,
         "workload_committed_tx": workload.committed if workload else None,
         "workload_tx_per_s": round(workload.committed / workload.elapsed_s) if workload else None,
         "window_s": round(t1 - t0, 1),
@@ -236,6 +325,11 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
             "redecoded_wal_bytes_start_end": [redecode0, redecode1],
         },
         "cpu": usage,
+        # The primary figure on a shared machine (less sensitive to load than events/s).
+        "cpu_us_per_event": {
+            name: round(pct * 10_000 / (events / (t1 - t0))) if events else None
+            for name, pct in usage["processes"].items()
+        },
         "method": "per-event histogram of the appliers (source.ts_ms = source commit time), "
         "scraped before and after the window; quantiles interpolated inside buckets. Stages: "
         "the window's records read back (exact per-event quantiles)",
@@ -244,12 +338,35 @@ def run(rate: float, warmup: float, window: float, orders: int) -> dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=600, help="workload transactions/s")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, default=600, help="workload transactions/s")
+    rate.add_argument(
+        "--events-rate",
+        type=float,
+        default=None,
+        help=f"change events/s to aim for instead (÷ {EVENTS_PER_TX} events per transaction)",
+    )
     parser.add_argument("--warmup", type=float, default=15)
     parser.add_argument("--window", type=float, default=45)
     parser.add_argument("--orders", type=int, default=5_000, help="prefill size")
+    parser.add_argument("--workers", type=int, default=1, help="workload connections")
+    for section, where in (
+        ("kafka", "[kafka]"),
+        ("producer", "[kafka.producer]"),
+        ("consumer", "[kafka.consumer]"),
+        ("apply", "[apply]"),
+    ):
+        parser.add_argument(
+            f"--{section}",
+            action="append",
+            metavar="KEY=VALUE",
+            help=f"a {where} setting for this run (repeat the flag for more)",
+        )
     args = parser.parse_args()
-    result = run(args.rate, args.warmup, args.window, args.orders)
+    tx_rate = args.rate if args.events_rate is None else args.events_rate / EVENTS_PER_TX
+    sections = ("kafka", "producer", "consumer", "apply")
+    tuning = {s: parse_settings(getattr(args, s)) for s in sections}
+    result = run(tx_rate, args.warmup, args.window, args.orders, tuning, workers=args.workers)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
@@ -277,6 +394,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cpu['machine_busy']} % of {cpu['machine_capacity']} %; CPU % of one core: "
         + ", ".join(f"{k} {v}" for k, v in cpu["processes"].items())
         + f", others {cpu['others']}",
+        "CPU µs per applied event: "
+        + ", ".join(f"{k} {v}" for k, v in result["cpu_us_per_event"].items()),
+        "settings: "
+        + (
+            "; ".join(
+                f"{section} " + ", ".join(f"{k}={v}" for k, v in values.items())
+                for section, values in result.get("settings", {}).items()
+            )
+            or "defaults"
+        ),
     ]
     return "\n".join(lines)
 

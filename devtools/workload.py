@@ -44,14 +44,15 @@ fast the machine is. One connection executes them in plan order.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import accumulate
+from itertools import accumulate, islice
 from typing import Any, Final
 
 import psycopg
@@ -59,6 +60,7 @@ from psycopg import conninfo, sql
 
 from cutover.errors import DatabaseError, UsageError, redact_dsn
 from cutover.logging import get_logger
+from devtools.workload_send import PipelineSender
 
 __all__ = [
     "BASE_TIME",
@@ -75,14 +77,19 @@ __all__ = [
     "ProgressCallback",
     "StartState",
     "Statement",
+    "Tally",
     "WorkloadProgress",
     "WorkloadReport",
     "default_prefill_sizes",
+    "owned_id",
+    "pace",
     "plan_operations",
     "prefill",
     "prefill_tables",
     "read_start_state",
     "run_workload",
+    "split_start",
+    "worker_seed",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -592,18 +599,23 @@ class _Planner:
     apply it to (then a fallback kind is used). Rolled-back kinds never change the model.
     """
 
-    def __init__(self, seed: int, start: StartState, bulk_every: int) -> None:
+    def __init__(
+        self, seed: int, start: StartState, bulk_every: int, worker: int = 0, workers: int = 1
+    ) -> None:
         self.rng = random.Random(seed)
         self.text = _Text(self.rng)
         self.bulk_every = bulk_every
         self.clock = start.clock
-        self.next_user = start.max_user_id + 1
-        self.next_merchant = start.max_merchant_id + 1
-        self.next_product = start.max_product_id + 1
-        self.next_order = start.max_order_id + 1
-        self.next_payment = start.max_payment_id + 1
-        self.next_invoice = start.max_invoice_id + 1
-        self.next_rollback = ROLLBACK_ID_BASE
+        # Worker k of n allocates the ids ≡ k (mod n) and plays the global sequence numbers
+        # k, k+n, k+2n, ...: n workers never write the same new row (see split_start).
+        self.worker, self.stride = worker, workers
+        self.next_user = owned_id(start.max_user_id + 1, worker, workers)
+        self.next_merchant = owned_id(start.max_merchant_id + 1, worker, workers)
+        self.next_product = owned_id(start.max_product_id + 1, worker, workers)
+        self.next_order = owned_id(start.max_order_id + 1, worker, workers)
+        self.next_payment = owned_id(start.max_payment_id + 1, worker, workers)
+        self.next_invoice = owned_id(start.max_invoice_id + 1, worker, workers)
+        self.next_rollback = owned_id(ROLLBACK_ID_BASE, worker, workers)
         self.users: list[int] = list(start.user_ids)
         self.merchant_status: dict[int, str] = {}
         self.active = _Pool()
@@ -696,7 +708,7 @@ class _Planner:
 
     def operations(self) -> Iterator[Operation]:
         rng = self.rng
-        seq = 0
+        seq = self.worker
         methods = self.methods
         while True:
             at = self.clock + seq * TICK
@@ -719,7 +731,7 @@ class _Planner:
                 statements = self._user_signup(seq, at)
             assert statements is not None
             yield Operation(seq, kind, tuple(statements), kind.startswith("rollback."))
-            seq += 1
+            seq += self.stride
 
     # -- users ------------------------------------------------------------------------------
 
@@ -745,7 +757,7 @@ class _Planner:
 
     def _user_signup(self, seq: int, at: datetime) -> list[Statement]:
         uid = self.next_user
-        self.next_user += 1
+        self.next_user += self.stride
         self.users.append(uid)
         return [self._new_user(uid, at)]
 
@@ -788,7 +800,7 @@ class _Planner:
             return None
         rng = self.rng
         mid = self.next_merchant
-        self.next_merchant += 1
+        self.next_merchant += self.stride
         self._set_merchant(mid, "active")
         name = _shop_name(rng, rng.choice(_FIRST))
         rating = _rating(rng) if rng.random() < 0.5 else None
@@ -836,7 +848,7 @@ class _Planner:
         rng = self.rng
         mid = self.active.pick(rng)
         pid = self.next_product
-        self.next_product += 1
+        self.next_product += self.stride
         price = _price_cents(rng)
         stock = rng.randint(0, 500)
         self._add_product(_Product(pid, mid, price, stock, "live"))
@@ -939,9 +951,9 @@ class _Planner:
         mid, pool = sellable
         rng = self.rng
         oid = self.next_order
-        self.next_order += 1
+        self.next_order += self.stride
         pay_id = self.next_payment
-        self.next_payment += 1
+        self.next_payment += self.stride
         lines = self._order_lines(pool, rng.randint(1, 5))
         order = _Order(oid, mid, "created", pay_id, lines)
         self.orders[oid] = order
@@ -984,7 +996,7 @@ class _Planner:
         if o is None:
             return None
         inv = self.next_invoice
-        self.next_invoice += 1
+        self.next_invoice += self.stride
         no = _invoice_no(inv)
         ref = f"psp-{self.rng.getrandbits(48):012x}"
         self._set_order_status(o, "paid")
@@ -1000,7 +1012,7 @@ class _Planner:
         if o is None:
             return None
         pay_id = self.next_payment
-        self.next_payment += 1
+        self.next_payment += self.stride
         failed, o.payment_id = o.payment_id, pay_id
         total = _money(o.total())
         return [
@@ -1048,7 +1060,7 @@ class _Planner:
 
     def _reserved(self) -> int:
         rid = self.next_rollback
-        self.next_rollback += 1
+        self.next_rollback += self.stride
         return rid
 
     def _rollback_order(self, seq: int, at: datetime) -> list[Statement] | None:
@@ -1094,16 +1106,59 @@ class _Planner:
 
 
 def plan_operations(
-    seed: int, start: StartState | None = None, *, bulk_every: int = BULK_EVERY
+    seed: int,
+    start: StartState | None = None,
+    *,
+    bulk_every: int = BULK_EVERY,
+    worker: int = 0,
+    workers: int = 1,
 ) -> Iterator[Operation]:
     """The endless, deterministic stream of transactions for ``seed`` from ``start`` (pure).
 
     Take what you need with ``itertools.islice``. Two calls with the same arguments yield equal
-    operations; the stream never touches the database.
+    operations; the stream never touches the database. ``worker`` k of ``workers`` n > 1 gives
+    that worker's sub-plan: pass it ``split_start(start, k, n)`` and ``worker_seed(seed, k, n)``;
+    its operations carry the sequence numbers k, k+n, ... (timestamps and the bulk repricing
+    follow them) and every id it allocates is ≡ k (mod n), so the n sub-plans write disjoint rows.
     """
     if bulk_every < 1:
         raise UsageError(f"bulk_every must be at least 1, not {bulk_every}")
-    return _Planner(seed, start or StartState(), bulk_every).operations()
+    if not 0 <= worker < workers:
+        raise UsageError(f"worker must be in 0..{workers - 1}, not {worker}")
+    return _Planner(seed, start or StartState(), bulk_every, worker, workers).operations()
+
+
+def owned_id(first: int, worker: int, workers: int) -> int:
+    """The smallest id ≥ ``first`` that worker k of n allocates (ids ≡ k mod n)."""
+    return first + (worker - first) % workers
+
+
+def worker_seed(seed: int, worker: int, workers: int) -> int:
+    """The seed of worker k of n: ``seed`` itself for one worker (the plan stays as it was),
+    else derived from (seed, k, n) so that the workers' random choices are independent."""
+    if workers == 1:
+        return seed
+    digest = hashlib.sha256(f"workload:{seed}:{worker}/{workers}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def split_start(start: StartState, worker: int, workers: int) -> StartState:
+    """The rows worker k of n may write: users and merchants with id ≡ k (mod n), and the
+    products and open orders of those merchants (an order's lines are its merchant's listings).
+    The max ids and the clock stay global (ids are allocated by :func:`owned_id`)."""
+    if workers == 1:
+        return start
+
+    def mine(row_id: int) -> bool:
+        return row_id % workers == worker
+
+    return replace(
+        start,
+        user_ids=tuple(u for u in start.user_ids if mine(u)),
+        merchants=tuple(m for m in start.merchants if mine(m[0])),
+        products=tuple(p for p in start.products if mine(p.merchant_id)),
+        open_orders=tuple(o for o in start.open_orders if mine(o.merchant_id)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1412,6 +1467,83 @@ def _check_positive(name: str, value: float | None, flag: str) -> None:
         raise UsageError(f"{flag} must be a positive number, not {value:g} ({name})")
 
 
+@dataclass(slots=True)
+class Tally:
+    """What one paced connection did (:func:`pace`); the workers' tallies are summed."""
+
+    done: int = 0
+    committed: int = 0
+    rolled_back: int = 0
+    statements: int = 0
+    #: The worst lateness behind the schedule, seconds.
+    behind: float = 0.0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+
+    def add(self, other: Tally) -> None:
+        self.done += other.done
+        self.committed += other.committed
+        self.rolled_back += other.rolled_back
+        self.statements += other.statements
+        self.behind = max(self.behind, other.behind)
+        for kind, count in other.counts.items():
+            self.counts[kind] += count
+
+
+def pace(
+    plan: Iterator[Operation],
+    sender: PipelineSender,
+    dsn: str,
+    *,
+    rate: float,
+    t0: float,
+    deadline: float,
+    limit: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    tick: Callable[[int, float], None] | None = None,
+) -> Tally:
+    """Send ``plan``'s transactions on schedule: transaction i is due at ``t0 + i / rate``, until
+    ``limit`` transactions or the ``deadline`` (see :func:`run_workload`). ``tick(done,
+    elapsed_s)`` is called at most every ``_PROGRESS_EVERY_S``."""
+    tally = Tally()
+    sent: list[Operation] = []
+    last_tick = t0
+    try:
+        while tally.done < limit:
+            now = clock()
+            if now >= deadline:
+                break
+            done = tally.done
+            due = min(limit, math.floor((now - t0) * rate) + 1) - done
+            if due <= 0:
+                sleep(min(t0 + done / rate, deadline) - now)
+                continue
+            tally.behind = max(tally.behind, now - (t0 + done / rate))
+            sent = list(islice(plan, int(min(due, _BATCH_MAX))))
+            sender.send(sent)
+            for op in sent:
+                tally.counts[op.kind] += 1
+                tally.statements += len(op.statements)
+                if op.rollback:
+                    tally.rolled_back += 1
+                else:
+                    tally.committed += 1
+            tally.done += len(sent)
+            sent = []
+            if tick is not None and (now - last_tick) >= _PROGRESS_EVERY_S:
+                last_tick = now
+                tick(tally.done, now - t0)
+    except psycopg.Error as exc:
+        first, last = tally.done + 1, tally.done + max(len(sent), 1)
+        doing = (
+            f"workload transaction #{first}"
+            if first == last
+            else f"workload transactions #{first}-#{last} (one pipelined batch)"
+        )
+        raise _db_error(exc, dsn, doing) from None
+    return tally
+
+
 def run_workload(
     dsn: str,
     *,
@@ -1421,6 +1553,7 @@ def run_workload(
     max_transactions: int | None = None,
     progress: ProgressCallback | None = None,
     bulk_every: int = BULK_EVERY,
+    workers: int = 1,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> WorkloadReport:
@@ -1432,8 +1565,13 @@ def run_workload(
     first; at least one of the two is required.
 
     Commit protocol: every transaction is sent as BEGIN, its statements, COMMIT (or ROLLBACK) in
-    libpq pipeline mode; the pipeline is synced at most every ``_BATCH_MAX`` transactions and
-    before any sleep, and transactions are counted once their sync returned without error.
+    libpq pipeline mode (:class:`devtools.workload_send.PipelineSender`); the pipeline is synced
+    at most every ``_BATCH_MAX`` transactions and before any sleep, and transactions are counted
+    once their sync returned without error.
+
+    ``workers`` > 1: that many processes, each with its own connection and sub-plan over
+    disjoint rows (:func:`plan_operations`, :mod:`devtools.workload_workers`); worker k sends
+    the transactions k, k+n, ... of the global schedule. The report sums them.
     """
     _check_positive("transactions per second", rate, "--rate")
     _check_positive("seconds", duration, "--duration")
@@ -1441,12 +1579,11 @@ def run_workload(
         raise UsageError(f"max_transactions must be at least 1, not {max_transactions}")
     if duration is None and max_transactions is None:
         raise UsageError("give a duration or a number of transactions to run")
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
     log = get_logger("devtools.workload")
     bounds = [n for n in (max_transactions, duration and math.ceil(rate * duration)) if n]
     expected = min(bounds) if bounds else None
-    counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-    committed = rolled_back = statements = 0
-    behind = 0.0
     with _connect(dsn) as conn:
         try:
             start = read_start_state(conn)
@@ -1458,85 +1595,59 @@ def run_workload(
             rate=rate,
             duration_s=duration,
             max_transactions=max_transactions,
+            workers=workers,
             where=_where(dsn),
             **start.summary()["max_ids"],
         )
-        plan = plan_operations(seed, start, bulk_every=bulk_every)
-        cur = conn.cursor()
-        t0 = clock()
-        deadline = t0 + duration if duration is not None else math.inf
+
+        def tick(done: int, elapsed_s: float) -> None:
+            if progress is not None:
+                progress(WorkloadProgress(done, expected, elapsed_s))
+
         limit = max_transactions if max_transactions is not None else math.inf
-        done = 0
-        sent: list[Operation] = []
-        last_progress = t0
-        try:
-            with conn.pipeline() as pipe:
-                while done < limit:
-                    now = clock()
-                    if now >= deadline:
-                        break
-                    due = min(limit, math.floor((now - t0) * rate) + 1) - done
-                    if due <= 0:
-                        sleep(min(t0 + done / rate, deadline) - now)
-                        continue
-                    behind = max(behind, now - (t0 + done / rate))
-                    batch = min(due, _BATCH_MAX)
-                    sent = []
-                    for op in plan:
-                        sent.append(op)
-                        cur.execute("BEGIN")
-                        for text, params in op.statements:
-                            cur.execute(text, params, prepare=True)
-                        cur.execute("ROLLBACK" if op.rollback else "COMMIT")
-                        if len(sent) >= batch:
-                            break
-                    pipe.sync()
-                    for op in sent:
-                        counts[op.kind] += 1
-                        statements += len(op.statements)
-                        if op.rollback:
-                            rolled_back += 1
-                        else:
-                            committed += 1
-                    done += len(sent)
-                    sent = []
-                    if progress is not None and (now - last_progress) >= _PROGRESS_EVERY_S:
-                        last_progress = now
-                        progress(WorkloadProgress(done, expected, now - t0))
-        except psycopg.Error as exc:
-            first, last = done + 1, done + max(len(sent), 1)
-            doing = (
-                f"workload transaction #{first}"
-                if first == last
-                else f"workload transactions #{first}-#{last} (one pipelined batch)"
-            )
-            raise _db_error(exc, dsn, doing) from None
-        elapsed = clock() - t0
+        if workers > 1:
+            from devtools.workload_workers import run_workers
+
+            conn.close()  # the workers have their own connections
+            tally, elapsed = run_workers(
+                dsn, start, rate=rate, duration=duration, seed=seed, limit=limit,
+                bulk_every=bulk_every, workers=workers, tick=tick,
+            )  # fmt: skip
+        else:
+            plan = plan_operations(seed, start, bulk_every=bulk_every)
+            t0 = clock()
+            deadline = t0 + duration if duration is not None else math.inf
+            tally = pace(
+                plan, PipelineSender(conn), dsn, rate=rate, t0=t0, deadline=deadline,
+                limit=limit, clock=clock, sleep=sleep, tick=tick,
+            )  # fmt: skip
+            elapsed = clock() - t0
     if progress is not None:
-        progress(WorkloadProgress(done, expected, elapsed))
+        progress(WorkloadProgress(tally.done, expected, elapsed))
     report = WorkloadReport(
         seed=seed,
         rate_asked=rate,
         duration_asked_s=duration,
         max_transactions=max_transactions,
-        transactions=done,
-        committed=committed,
-        rolled_back=rolled_back,
-        statements=statements,
+        transactions=tally.done,
+        committed=tally.committed,
+        rolled_back=tally.rolled_back,
+        statements=tally.statements,
         elapsed_s=elapsed,
-        achieved_rate=done / elapsed if elapsed > 0 else 0.0,
-        max_behind_s=behind,
-        counts={k: v for k, v in counts.items() if v},
+        achieved_rate=tally.done / elapsed if elapsed > 0 else 0.0,
+        max_behind_s=tally.behind,
+        counts={k: v for k, v in tally.counts.items() if v},
         start=start.summary(),
     )
     log.info(
         "workload.finished",
-        transactions=done,
-        committed=committed,
-        rolled_back=rolled_back,
+        transactions=tally.done,
+        committed=tally.committed,
+        rolled_back=tally.rolled_back,
         elapsed_s=round(elapsed, 3),
         achieved_rate=round(report.achieved_rate, 1),
         rate_asked=rate,
+        workers=workers,
     )
     return report
 

@@ -57,7 +57,11 @@ the CDC pipeline end to end. Every transaction is one of:
              ROLLBACK-MARKER, then ROLLBACK: they must never appear downstream
 
 Transactions are paced against a monotonic clock (transaction i is due at start + i/rate; a
-late run catches up, so the rate does not drift) over one connection in pipeline mode.
+late run catches up, so the rate does not drift) over one connection in pipeline mode, or with
+--workers N over N processes and connections: worker k sends transactions k, k+N, ... of the
+same schedule, from its own sub-plan over its own rows (users and merchants whose id mod N is
+k, and those merchants' listings and orders), so the workers never wait on each other and the
+same --seed and --max-transactions still give the same tables.
 
 Determinism: the same --seed on the same starting data writes the same statements in the same
 order. Ids continue after the largest ids already in the tables (read once at start), and
@@ -81,6 +85,7 @@ examples:
   cutover workload --rate 500 --duration 60 --seed 7
   cutover workload --prefill --orders 100000 && cutover workload --rate 1000 --duration 30
   cutover workload --max-transactions 5000 --rate 2000 --json --no-progress
+  cutover workload --rate 2000 --duration 60 --workers 2   # two connections side by side
   cutover workload --router --rate 500 --duration 600        # across switch-writes/rollback
 
 exit codes: 0 done, 2 bad flags or configuration, 3 database unreachable or schema missing."""
@@ -115,6 +120,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         metavar="N",
         help="stop after exactly N transactions (a reproducible prefix of the plan)",
+    )
+    traffic.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes writing side by side, each on its own connection and rows (default 1)",
     )
     parser.add_argument(
         "--seed", type=int, default=1, metavar="K", help="seed of the plan (default 1)"
@@ -178,6 +190,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-transactions must be at least 1, not {args.max_transactions}")
     if args.router and args.prefill:
         raise UsageError("--router writes traffic; it does not go with --prefill")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    if args.workers > 1 and args.router:
+        raise UsageError("--workers is for direct writes; --router runs one connection")
     for flag in ("orders", "users", "merchants", "products"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -219,6 +235,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
                 seed=args.seed,
                 max_transactions=args.max_transactions,
                 progress=on_tick,
+                workers=args.workers,
             )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

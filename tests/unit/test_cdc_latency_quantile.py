@@ -1,15 +1,17 @@
 """The quantiles bench/cdc_latency.py reads from the appliers' cumulative latency histogram,
-and the pure parts of its stage breakdown (bench/latency_stages.py)."""
+the settings it passes to a run, and the pure parts of its stage breakdown
+(bench/latency_stages.py)."""
 
 from __future__ import annotations
 
 import json
+import tomllib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bench.cdc_latency import quantile
+from bench.cdc_latency import consumer_section, parse_settings, quantile
 from bench.latency_stages import cycle_stats, exact_quantile
 
 INF = float("inf")
@@ -88,3 +90,18 @@ def test_tree_cpu_counts_children_that_have_ended() -> None:
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
     subprocess.run([sys.executable, "-c", burn], check=True)
     assert tree_cpu_s(os.getpid()) - before >= 0.3
+
+
+def test_settings_flags_become_typed_config_values() -> None:
+    parsed = parse_settings(["linger.ms=5", "x=0.5", "enable=true", "mode=range", "s=a=b"])
+    assert parsed == {"linger.ms": 5, "x": 0.5, "enable": True, "mode": "range", "s": "a=b"}
+    assert parse_settings(None) == {}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_settings(["linger.ms"])
+
+
+def test_consumer_settings_are_a_toml_table_under_kafka() -> None:
+    text = consumer_section({"fetch.wait.max.ms": 10, "client.rack": "a"})
+    config = tomllib.loads("[kafka]\npartitions = 6\n" + text)
+    assert config["kafka"]["consumer"] == {"fetch.wait.max.ms": 10, "client.rack": "a"}
+    assert consumer_section({}) == ""

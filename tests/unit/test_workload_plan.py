@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from cli import main as cli
+from cutover.errors import UsageError
 from devtools import workload as wl
 from devtools.workload import (
     BASE_TIME,
@@ -253,10 +254,17 @@ def test_prefill_data_is_deterministic_and_consistent() -> None:
 
 
 def test_cli_rejects_bad_flags_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--rate", "0"], ["--rate", "-5"], ["--duration", "0"], ["--orders", "0"]):
+    bad = (["--rate", "0"], ["--rate", "-5"], ["--duration", "0"], ["--orders", "0"],
+           ["--workers", "0"])  # fmt: skip
+    for argv in bad:
         assert cli.main(["workload", *argv, "--dsn", "host=127.0.0.1 port=1"]) == 2
         err = capsys.readouterr().err
         assert argv[0] in err and "must be" in err
+
+
+def test_cli_workers_write_directly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["workload", "--workers", "2", "--router", "--dsn", "host=x port=1"]) == 2
+    assert "--workers is for direct writes" in capsys.readouterr().err
 
 
 def test_cli_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,3 +281,96 @@ def test_cli_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
         INVOICE_URL_PREFIX,
     ):
         assert needle in text
+
+
+# -- workers: sub-plans over disjoint rows ---------------------------------------------------
+
+
+def _started_state() -> StartState:
+    """A shop with 1,000 users, 50 merchants, 400 listings and an open order per merchant."""
+    return StartState(
+        max_user_id=1_000,
+        max_merchant_id=50,
+        max_product_id=400,
+        max_order_id=9_050,
+        max_payment_id=9_550,
+        max_invoice_id=8_000,
+        user_ids=tuple(range(1, 1_001)),
+        merchants=tuple((m, "active") for m in range(1, 51)),
+        products=tuple(ProductState(p, p % 50 + 1, 100_000, 10, "live") for p in range(1, 401)),
+        open_orders=tuple(
+            OrderState(9_000 + m, m, "created", 9_500 + m, ((1, m + 50, 2, 100_000),))
+            for m in range(1, 51)
+        ),
+    )
+
+
+def _inserted_ids(ops: list[Operation]) -> dict[str, set[int]]:
+    """Ids of the rows the operations insert (first parameter of each INSERT), per table."""
+    out: dict[str, set[int]] = {}
+    for op in ops:
+        for text, params in op.statements:
+            if text.startswith("INSERT INTO shop.") and "order_items" not in text:
+                out.setdefault(text.split()[2], set()).add(params[0])
+    return out
+
+
+def test_one_worker_is_the_plan_as_it_was() -> None:
+    start = _started_state()
+    assert wl.worker_seed(7, 0, 1) == 7 and wl.split_start(start, 0, 1) is start
+    single = list(islice(plan_operations(7, start), 500))
+    assert list(islice(plan_operations(7, start, worker=0, workers=1), 500)) == single
+
+
+def test_workers_get_their_own_seeds_and_ids() -> None:
+    seeds = {wl.worker_seed(7, k, 3) for k in range(3)}
+    assert len(seeds) == 3 and wl.worker_seed(7, 1, 3) == wl.worker_seed(7, 1, 3)
+    assert [wl.owned_id(101, k, 3) for k in range(3)] == [102, 103, 101]
+    assert all(wl.owned_id(f, k, 4) % 4 == k and wl.owned_id(f, k, 4) >= f
+               for f in range(1, 9) for k in range(4))  # fmt: skip
+
+
+def test_sub_plans_write_disjoint_rows_and_interleave_the_sequence() -> None:
+    start = _started_state()
+    plans = [
+        list(
+            islice(
+                plan_operations(
+                    wl.worker_seed(5, k, 2), wl.split_start(start, k, 2), worker=k, workers=2,
+                    bulk_every=40,
+                ),
+                1_500,
+            )
+        )
+        for k in range(2)
+    ]  # fmt: skip
+    for k, ops in enumerate(plans):
+        assert [op.seq for op in ops[:3]] == [k, k + 2, k + 4]
+        for table, ids in _inserted_ids(ops).items():
+            assert all(i % 2 == k for i in ids), table
+    # The bulk repricing follows the global sequence: as often as in one plan, in total.
+    bulk = [op.seq for ops in plans for op in ops if op.kind == "product.bulk_reprice"]
+    assert sorted(bulk) == list(range(39, 3_000, 40))
+    # Every row a worker updates by id is one of its own.
+    users = [{p[-1] for op in ops for t, p in op.statements if t.startswith("UPDATE shop.users")}
+             for ops in plans]  # fmt: skip
+    merchants = [{p[-1] for op in ops for t, p in op.statements
+                  if t.startswith("UPDATE shop.merchants")} for ops in plans]  # fmt: skip
+    orders = [{p[-1] for op in ops for t, p in op.statements if t.startswith("UPDATE shop.orders")}
+              for ops in plans]  # fmt: skip
+    for touched in (users, merchants, orders):
+        assert touched[0] and touched[1] and not touched[0] & touched[1]
+
+
+def test_split_start_keeps_a_merchants_listings_and_orders_together() -> None:
+    start = _started_state()
+    parts = [wl.split_start(start, k, 3) for k in range(3)]
+    assert sorted(u for p in parts for u in p.user_ids) == sorted(start.user_ids)
+    assert sum(len(p.products) for p in parts) == len(start.products)
+    for k, part in enumerate(parts):
+        assert all(m % 3 == k for m, _ in part.merchants)
+        assert all(p.merchant_id % 3 == k for p in part.products)
+        assert all(o.merchant_id % 3 == k for o in part.open_orders)
+        assert part.max_order_id == start.max_order_id and part.clock == start.clock
+    with pytest.raises(UsageError, match=r"worker must be in 0\.\.2"):
+        plan_operations(1, start, worker=3, workers=3)
