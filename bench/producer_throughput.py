@@ -20,7 +20,10 @@ end. Prints a JSON document and a Markdown table; writes ``bench/results/produce
 ``--read-mode sql|stream`` sets ``[source] read_mode`` for every case. ``--compare-modes`` runs
 only (a), once per read mode on two slots created before the one backlog, one mode after the
 other, with the CPU of the PostgreSQL backends serving each (sampled from /proc); it writes
-``bench/results/producer_read_modes.json``.
+``bench/results/producer_read_modes.json``. ``--cpu`` runs only (a) and a shop workload backlog
+(``--workload-transactions``) and prints the CPU per event of the producer, of the PostgreSQL
+backends serving it and of the broker (all sampled from /proc): less sensitive to a shared
+machine's load than events/s.
 """
 
 from __future__ import annotations
@@ -150,35 +153,81 @@ def compare_modes(env: dict[str, str], workdir: Path, changes: int) -> dict[str,
             harness.init(stream_mode)
             out["write_s"] = round(write_backlog(sql_mode.source_dsn, changes), 2)
             for scenario in (sql_mode, stream_mode):
-                load = os.getloadavg()[0]
-                report_path = workdir / f"report-{scenario.tag}.json"
-                config = str(scenario.write_config())
-                cmd = [sys.executable, "-m", "cli.entry", "--config", config, "produce",
-                       "--exit-when-idle", "--no-initial-snapshot", "--json"]  # fmt: skip
-                with report_path.open("wb") as stdout, scenario.log_path.open("ab") as log:
-                    tool = subprocess.Popen(cmd, env=scenario.env(), stdout=stdout, stderr=log)
-                    usage, backends = _watch_backends(tool, scenario.source_dsn)
-                if tool.wait() != 0:
-                    raise SystemExit(f"produce failed: see {scenario.log_path}")
-                report = json.loads(report_path.read_text())
-                pg_cpu = sum(u.cpu_s for u in backends.values())
-                out[str(scenario.read_mode)] = {
-                    "events": report["events"],
-                    "produce_s": round(report["elapsed_s"], 2),
-                    "events_per_s": round(report["events"] / report["elapsed_s"]),
-                    "producer_cpu_s": round(usage.cpu_s, 2),
-                    "postgres_cpu_s": round(pg_cpu, 2),
-                    "postgres_cpu_us_per_change": round(pg_cpu / report["events"] * 1e6, 2),
-                    "postgres_cpu_s_by_backend": {
-                        name: round(u.cpu_s, 2) for name, u in sorted(backends.items())
-                    },
-                    "peak_rss_mb": round(report["peak_rss_kb"] / 1024, 1),
-                    "load_1m_start": round(load, 1),
-                    "load_1m_end": round(os.getloadavg()[0], 1),
-                }
+                out[str(scenario.read_mode)] = measured_produce(scenario, workdir)
         finally:
             stream_mode.drop_slot()
     return out
+
+
+def cpu_per_event(
+    env: dict[str, str], workdir: Path, changes: int, transactions: int
+) -> dict[str, Any]:
+    """CPU per event of the producer, PostgreSQL and the broker draining (a) the synthetic
+    backlog and (w) a shop workload backlog of ``transactions`` (timestamptz, numeric, text)."""
+    out: dict[str, Any] = {"load_1m_before": round(os.getloadavg()[0], 1)}
+    with pipeline(env, workdir) as scenario:
+        out["write_s"] = round(write_backlog(scenario.source_dsn, changes), 2)
+        out["synthetic"] = measured_produce(scenario, workdir)
+    if transactions:
+        with scratch(env["CUTOVER_SOURCE_DSN"], LEGACY_SQL, "benchlegacy") as source:
+            prefill(source, orders=2_000, seed=11)
+            with (
+                scratch(env["CUTOVER_TARGET_DSN"], None, "benchcommerce") as target,
+                harness.open_scenario(
+                    source, target, env["CUTOVER_KAFKA_BOOTSTRAP"], workdir
+                ) as scenario,
+            ):
+                harness.init(scenario)
+                run_workload(source, rate=1_000_000, max_transactions=transactions, seed=12)
+                out["workload"] = measured_produce(scenario, workdir)
+    return out
+
+
+def _broker_pids() -> list[int]:
+    state = json.loads((REPO / ".stack" / "state.json").read_text())
+    return [int(p) for p in [state.get("kafka_pid"), *state.get("more_pids", [])] if p]
+
+
+def measured_produce(scenario: Scenario, workdir: Path) -> dict[str, Any]:
+    """One ``produce --exit-when-idle`` in a subprocess, with the CPU of the producer, of the
+    PostgreSQL backends serving it and of the broker (sampled from /proc)."""
+    from bench.vs_debezium import Usage
+
+    load = os.getloadavg()[0]
+    report_path = workdir / f"report-{scenario.tag}.json"
+    config = str(scenario.write_config())
+    cmd = [sys.executable, "-m", "cli.entry", "--config", config, "produce",
+           "--exit-when-idle", "--no-initial-snapshot", "--json"]  # fmt: skip
+    broker = Usage()
+    broker.sample(_broker_pids())
+    broker_before = broker.cpu_s
+    with report_path.open("wb") as stdout, scenario.log_path.open("ab") as log:
+        tool = subprocess.Popen(cmd, env=scenario.env(), stdout=stdout, stderr=log)
+        usage, backends = _watch_backends(tool, scenario.source_dsn)
+    if tool.wait() != 0:
+        raise SystemExit(f"produce failed: see {scenario.log_path}")
+    broker.sample(_broker_pids())
+    report = json.loads(report_path.read_text())
+    events = max(1, report["events"])
+    pg_cpu = sum(u.cpu_s for u in backends.values())
+    broker_cpu = broker.cpu_s - broker_before
+    return {
+        "events": report["events"],
+        "produce_s": round(report["elapsed_s"], 2),
+        "events_per_s": round(report["events"] / report["elapsed_s"]),
+        "producer_cpu_s": round(usage.cpu_s, 2),
+        "producer_cpu_us_per_event": round(usage.cpu_s / events * 1e6, 1),
+        "broker_cpu_s": round(broker_cpu, 2),
+        "broker_cpu_us_per_event": round(broker_cpu / events * 1e6, 1),
+        "postgres_cpu_s": round(pg_cpu, 2),
+        "postgres_cpu_us_per_change": round(pg_cpu / events * 1e6, 2),
+        "postgres_cpu_s_by_backend": {
+            name: round(u.cpu_s, 2) for name, u in sorted(backends.items())
+        },
+        "peak_rss_mb": round(report["peak_rss_kb"] / 1024, 1),
+        "load_1m_start": round(load, 1),
+        "load_1m_end": round(os.getloadavg()[0], 1),
+    }
 
 
 def _watch_backends(tool: subprocess.Popen[bytes], dsn: str) -> tuple[Any, dict[str, Any]]:
@@ -333,6 +382,14 @@ def main() -> None:
     parser.add_argument(
         "--compare-modes", action="store_true", help="(a) in both read modes, PostgreSQL's CPU"
     )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="CPU per event (producer, PostgreSQL, broker): (a) and a workload backlog",
+    )
+    parser.add_argument(
+        "--workload-transactions", type=int, default=30_000, help="workload backlog for --cpu"
+    )
     args = parser.parse_args()
     env = stack_env()
     if args.read_mode:
@@ -345,6 +402,10 @@ def main() -> None:
             path = RESULTS.with_name("producer_read_modes.json")
             path.write_text(json.dumps(compared, indent=2) + "\n")
             print(json.dumps(compared, indent=2))
+            return
+        if args.cpu:
+            measured = cpu_per_event(env, workdir, args.changes, args.workload_transactions)
+            print(json.dumps(measured, indent=2))
             return
         if args.profile:
             profile_backlog(env, workdir, args.changes)
