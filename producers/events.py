@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from cutover import codec
 from cutover import envelope as env
@@ -48,7 +48,6 @@ from cutover.errors import DecodeError, UncarriableValue, UnmappableRow
 from cutover.fence import FENCE_MESSAGE_PREFIX, parse_fence_message
 from cutover.mapping import MappingSpec, TableMapping
 from cutover.origin import is_ours
-from cutover.values import UNCHANGED
 from producers import pgoutput, row_letters, truncates
 from producers.pgoutput import (
     Begin,
@@ -61,8 +60,18 @@ from producers.pgoutput import (
     Truncate,
     Update,
 )
-from producers.routes import Encoder, SourceInfo, TableRoute, avro_row, build_route, partition_for
-from producers.windows import ChunkWindow, HoldBack
+from producers.pgoutput.rows import ROW_KINDS, read_change
+from producers.routes import (
+    Encoder,
+    Pending,
+    SourceInfo,
+    TableRoute,
+    avro_row,
+    build_route,
+    encode_change,
+    partition_for,
+)
+from producers.windows import ChunkWindow, HoldBack, WindowSet
 
 __all__ = [
     "HEARTBEAT_KEY",
@@ -103,18 +112,6 @@ class TxContext:
     xid: int
     commit_lsn: int
     ts_ms: int
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One encoded-on-release event: the envelope record and where it goes."""
-
-    route: TableRoute
-    key: bytes
-    partition: int
-    record: dict[str, Any]
-    #: Set for a truncate record (one schema for all tables), else the route's encoder.
-    encoder: Encoder | None = None
 
 
 class ChangeStream:
@@ -180,11 +177,8 @@ class ChangeStream:
         self._routes: dict[int, TableRoute] = {}  # relation oid -> route
         self._relations: dict[int, Relation] = {}
         self._route_cache: dict[tuple[str, tuple[ColumnSpec, ...]], TableRoute] = {}
-        self._hold: HoldBack[_Pending] = HoldBack()
-        self._windows: dict[str, ChunkWindow] = {}
-        self._windows_by_table: dict[str, list[ChunkWindow]] = {}
-        self._closing: list[ChunkWindow] = []
-        self.completed_chunks: list[ChunkWindow] = []
+        self._hold: HoldBack[Pending] = HoldBack()
+        self._chunks = WindowSet()
         self.tx: TxContext | None = None
         # The open transaction came from one of our appliers: its changes are not events.
         self._echo = False
@@ -206,16 +200,19 @@ class ChangeStream:
 
     def add_window(self, window: ChunkWindow) -> None:
         """Register a chunk whose watermarks are (or will be) in the stream."""
-        self._windows[window.chunk_id] = window
-        self._windows_by_table.setdefault(window.route.qualified, []).append(window)
+        self._chunks.add(window)
 
     @property
     def windows(self) -> Mapping[str, ChunkWindow]:
-        return self._windows
+        return self._chunks.by_id
+
+    @property
+    def completed_chunks(self) -> list[ChunkWindow]:
+        """Chunks done (emitted, failed or fenced); the producer records and clears them."""
+        return self._chunks.completed
 
     def forget_windows(self) -> None:
-        self._windows.clear()
-        self._windows_by_table.clear()
+        self._chunks.forget()
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -265,8 +262,20 @@ class ChangeStream:
     # -- feeding -------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Handle one raw pgoutput message."""
+        """Handle one raw pgoutput message (a row change by the fused path when it can)."""
+        if type(data) is bytes and data and data[0] in ROW_KINDS and self._row_change(data):
+            return
         self.handle(pgoutput.parse_message(data))
+
+    def _row_change(self, data: bytes) -> bool:
+        """A row change of a known relation by the fused path (:func:`read_change`); False:
+        anything else, for the strict path."""
+        change = read_change(data, self._relations)
+        route = self._routes.get(change[0]) if change is not None else None
+        if change is None or route is None:
+            return False
+        self._change(route, *change[1:])
+        return True
 
     def handle(self, msg: pgoutput.Message) -> None:
         kind = type(msg)
@@ -363,10 +372,10 @@ class ChangeStream:
         tx = self.tx
         if tx is None:
             raise DecodeError("pgoutput change outside a transaction (no Begin message)")
-        if self._windows:
+        if self._chunks.by_id:
             # An echoed change too: the row's value came from the other side, which holds it;
             # a chunk row read before it must not overwrite it there.
-            self._drop_from_windows(route, old, new)
+            self._chunks.drop_changed(route, old, new)
         if self._echo:
             return
         if self.fenced and route.mapping.domain in self.fenced:
@@ -375,28 +384,12 @@ class ChangeStream:
         keyed = new if new is not None else old
         assert keyed is not None
         key, partition = route.key_of(keyed)
-        before: dict[str, object] | None = None
-        after: dict[str, object] | None = None
-        unchanged: list[str] = []
         seq = self._seq
         table = route.table
         order = self._per_table.get(table, 0) + 1
         try:
-            if old is not None:
-                before = avro_row(route, old)[0]
-            if new is not None:
-                after, unchanged = avro_row(route, new)
-            record = env.change_record(
-                route.source_block,
-                op=op,
-                before=before,
-                after=after,
-                unchanged=unchanged,
-                position=(tx.commit_lsn, seq),
-                tx_id=tx.xid,
-                commit_ms=tx.ts_ms,
-                now_ms=self._clock_ms(),
-                transaction=env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
+            pending = encode_change(
+                route, op, old, new, tx=tx, seq=seq, order=order, now_ms=self._clock_ms()
             )
         except UncarriableValue as exc:
             # Before seq and order are taken: the transaction's other events keep theirs.
@@ -404,7 +397,8 @@ class ChangeStream:
             return
         self._seq = seq + 1
         self._per_table[table] = order
-        pending = _Pending(route, key.encode(), partition, record)
+        pending.key = key.encode()
+        pending.partition = partition
         previous = self._hold.push(route.topic, partition, pending)
         if previous is not None:
             self._send(previous)
@@ -428,9 +422,7 @@ class ChangeStream:
             raise truncates.stopped(stops, tx.commit_lsn, tx.xid)
         now = self._clock_ms()
         for route in routes:
-            for window in self._windows_by_table.get(route.qualified, ()):
-                for pk in list(window.rows):  # rows read before the TRUNCATE are gone
-                    window.drop(pk)
+            self._chunks.truncated(route.qualified)
             seq = self._seq
             self._seq = seq + 1
             order = self._per_table.get(route.table, 0) + 1
@@ -447,47 +439,40 @@ class ChangeStream:
                     cascade=msg.cascade,
                     restart_identity=msg.restart_identity,
                 )
-                pending = _Pending(route, key, partition, record, self._truncate_encoder)
+                pending = Pending(route, key, partition, record, self._truncate_encoder)
                 previous = self._hold.push(route.topic, partition, pending)
                 if previous is not None:
                     self._send(previous)
             self.changes_in_batch += 1
             self.truncates += 1
 
-    def _drop_from_windows(
-        self, route: TableRoute, old: dict[str, object] | None, new: dict[str, object] | None
-    ) -> None:
-        windows = self._windows_by_table.get(route.qualified)
-        if not windows:
-            return
-        partial = new is not None and any(v is UNCHANGED for v in new.values())
-        for window in windows:
-            if old is not None:
-                window.drop(route.pk_of(old))
-            if new is not None:
-                window.drop(route.pk_of(new), partial=partial)
-
-    def _send(self, pending: _Pending) -> None:
-        route, record = pending.route, pending.record
+    def _send(self, pending: Pending) -> None:
+        route = pending.route
         if pending.encoder is not None:  # a truncate record: small, and it carries no row
-            value = pending.encoder(record)
+            assert pending.record is not None
+            value = pending.encoder(pending.record)
         else:
-            value = route.encoder(record)
-            if self._oversize(route, record, value):
+            if pending.value is not None:
+                value = bytes(pending.value)
+            else:
+                assert pending.record is not None
+                value = route.encoder(pending.record)
+            if self._oversize(route, pending, value):
                 return
         self._emit(route.topic, pending.partition, pending.key, value)
         self.events += 1
         topic = route.topic
         self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
 
-    def _oversize(self, route: TableRoute, record: dict[str, Any], value: bytes) -> bool:
+    def _oversize(self, route: TableRoute, pending: Pending, value: bytes) -> bool:
         """Withhold an event over the size limit (True); else note a withheld row it carries.
 
         Checked on the encoded value, which is produced anyway: free for every other event.
         The event's seq is then missing from its transaction (consumers need no gap-free seq)
         and, if it was the last one of its partition, the unit closes at the next heartbeat.
         """
-        row = record[env.AFTER] if record[env.AFTER] is not None else record[env.BEFORE]
+        row = pending.row
+        assert row is not None
         limit = self._max_event_bytes
         if limit is not None and len(value) > limit:
             message = f"{route.qualified}: the event is {len(value)} bytes, over the limit {limit}"
@@ -496,20 +481,23 @@ class ChangeStream:
             )
             self._refuse(exc, route, row)
             return True
-        if self.refused and not record[env.UNCHANGED_TOAST] and self.tx is not None:
+        if self.refused and not pending.partial and self.tx is not None:
             self._clear(route, row, self.tx.commit_lsn)
         return False
 
     def _commit(self, msg: Commit) -> None:
         for pending in self._hold.drain():
-            env.mark_last_in_partition(pending.record)
+            pending.mark_last()
             self._send(pending)
-        if self._closing:
+        if self._chunks.closing:
             tx = self.tx
             assert tx is not None
-            for window in self._closing:
-                self._emit_chunk(window, tx)
-            self._closing.clear()
+            self._chunks.emit_closing(
+                tx.commit_lsn,
+                self.fenced,
+                self._clock_ms,
+                lambda route, row, index, now: self._snapshot_row(route, row, tx, index, now),
+            )
         if self._echo:
             self.echo_dropped += 1
             self._echo = False
@@ -520,20 +508,8 @@ class ChangeStream:
     def _logical_message(self, msg: LogicalMessage) -> None:
         prefix = msg.prefix
         if prefix in (SNAPSHOT_LOW_PREFIX, SNAPSHOT_HIGH_PREFIX):
-            window = self._windows.get(msg.content.decode("utf-8", "replace"))
-            if window is None:
-                return  # a chunk of an earlier run (killed before it finished): ignored
-            if prefix == SNAPSHOT_LOW_PREFIX:
-                window.open()
-            elif window.state == "open" and self.tx is not None:
-                # Emitted at the Commit of this transaction, after any held-back event.
-                self._closing.append(window)
-            else:
-                # No low watermark seen: changes in the window were not filtered. The chunk
-                # is dropped unemitted; the producer reads it again under new watermarks.
-                window.fail()
-                self._remove_window(window)
-                self.completed_chunks.append(window)
+            chunk_id = msg.content.decode("utf-8", "replace")
+            self._chunks.watermark(prefix == SNAPSHOT_LOW_PREFIX, chunk_id, self.tx is not None)
             return
         if prefix == FENCE_MESSAGE_PREFIX:
             fence = parse_fence_message(msg.content)
@@ -547,54 +523,31 @@ class ChangeStream:
         if self._on_message is not None:
             self._on_message(msg, self.tx)
 
-    def _emit_chunk(self, window: ChunkWindow, tx: TxContext) -> None:
-        """Emit the rows left in a closed window as op ``r`` at the high watermark's position."""
-        route = window.route
-        window.high_lsn = tx.commit_lsn
-        if route.mapping.domain in self.fenced:
-            window.fence()  # the runner fails the request: see SnapshotRunner.chunk_done
-            self._remove_window(window)
-            self.completed_chunks.append(window)
-            return
-        rows = window.close()
-        now = self._clock_ms()
-        emitted = 0
-        for index, row in enumerate(rows):
-            if isinstance(row, row_letters.RefusedRow):  # a value that did not decode
-                self._refuse(row.error, route, row)
-                continue
-            key, partition = route.key_of(row)
-            try:
-                after, unchanged = avro_row(route, row)
-                record = env.change_record(
-                    route.source_block,
-                    op=env.SNAPSHOT_OP,
-                    before=None,
-                    after=after,
-                    unchanged=unchanged,
-                    position=(tx.commit_lsn, index),
-                    tx_id=tx.xid,
-                    commit_ms=tx.ts_ms,
-                    now_ms=now,
-                    transaction=None,
-                )
-            except UncarriableValue as exc:
-                self._refuse(exc, route, row)
-                continue
-            value = route.encoder(record)
-            if not self._oversize(route, record, value):
-                self._emit(route.topic, partition, key.encode(), value)
-                emitted += 1
-        window.emitted = emitted
-        self.snapshot_rows += emitted
-        self._remove_window(window)
-        self.completed_chunks.append(window)
-
-    def _remove_window(self, window: ChunkWindow) -> None:
-        self._windows.pop(window.chunk_id, None)
-        table_windows = self._windows_by_table.get(window.route.qualified, [])
-        if window in table_windows:
-            table_windows.remove(window)
+    def _snapshot_row(
+        self, route: TableRoute, row: dict[str, object], tx: TxContext, index: int, now: int
+    ) -> bool:
+        """Emit one row of a closing chunk as op ``r`` at the high watermark's position
+        (``index`` is its seq); False when it is withheld."""
+        if isinstance(row, row_letters.RefusedRow):  # a value that did not decode
+            self._refuse(row.error, route, row)
+            return False
+        key, partition = route.key_of(row)
+        try:
+            pending = encode_change(
+                route, env.SNAPSHOT_OP, None, row, tx=tx, seq=index, order=None, now_ms=now
+            )
+        except UncarriableValue as exc:
+            self._refuse(exc, route, row)
+            return False
+        pending.key, pending.partition = key.encode(), partition
+        value = bytes(pending.value) if pending.value is not None else b""
+        if pending.record is not None:
+            value = route.encoder(pending.record)
+        if self._oversize(route, pending, value):
+            return False
+        self._emit(route.topic, partition, pending.key, value)
+        self.snapshot_rows += 1
+        return True
 
     @property
     def in_transaction(self) -> bool:

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from uuid import UUID
 
 from cutover import codec
@@ -30,6 +30,8 @@ from cutover.codec import ColumnSpec, WriterSchema
 from cutover.errors import UncarriableValue
 from cutover.mapping import TableMapping, aggregate_key
 from cutover.values import UNCHANGED
+from producers import fast_avro
+from producers.change_encoder import ChangeEncoder, change_encoder
 
 _UUID_OID: Final = 2950
 
@@ -99,6 +101,9 @@ class TableRoute:
     # Columns whose decoded value needs a conversion or a check (uuid, numeric).
     conversions: tuple[tuple[str, Callable[[object], object]], ...] = ()
     source_block: Mapping[str, Any] = field(default_factory=dict)
+    # Writes change events from their parts (producers.change_encoder), byte for byte what
+    # ``encoder`` writes for the envelope dict; None: the dict path (another encoder factory).
+    change: ChangeEncoder | None = None
 
     @property
     def qualified(self) -> str:
@@ -143,7 +148,9 @@ def build_route(
         schema=schema,
         table=mapping.source_table,
     )
+    header = getattr(encoder, fast_avro.HEADER_ATTR, None)
     return TableRoute(
+        change=None if header is None else change_encoder(writer, header, block),
         schema=schema,
         table=mapping.source_table,
         mapping=mapping,
@@ -181,3 +188,89 @@ def avro_row(route: TableRoute, row: dict[str, object]) -> tuple[dict[str, objec
                     reason=exc.reason,
                 ) from None
     return row, unchanged
+
+
+@dataclass(slots=True)
+class Pending:
+    """One encoded-on-hold event: its value (or the record to encode) and where it goes."""
+
+    route: TableRoute
+    key: bytes
+    partition: int
+    #: The envelope record of the dict path (a truncate, or a route without a change encoder).
+    record: dict[str, Any] | None
+    #: Set for a truncate record (one schema for all tables), else the route's encoder.
+    encoder: Encoder | None = None
+    #: The value encoded by the route's change encoder, with its last_in_partition offset.
+    value: bytearray | None = None
+    last_at: int = -1
+    #: The row it carries (after, else before) and whether it lists unchanged TOAST columns.
+    row: Mapping[str, object] | None = None
+    partial: bool = False
+
+    def mark_last(self) -> None:
+        """Flag the event as the last of its transaction in its partition."""
+        if self.value is not None:
+            self.value[self.last_at] = 1
+        else:
+            assert self.record is not None
+            env.mark_last_in_partition(self.record)
+
+
+class Tx(Protocol):
+    """What an event needs of its source transaction (the producer's TxContext)."""
+
+    @property
+    def xid(self) -> int: ...
+    @property
+    def commit_lsn(self) -> int: ...
+    @property
+    def ts_ms(self) -> int: ...
+
+
+def encode_change(
+    route: TableRoute,
+    op: str,
+    old: dict[str, object] | None,
+    new: dict[str, object] | None,
+    *,
+    tx: Tx,
+    seq: int,
+    order: int | None,
+    now_ms: int,
+) -> Pending:
+    """The event of one change at (``tx``'s commit LSN, ``seq``): ``order`` is its
+    data_collection_order, None for a snapshot row (op ``r``, no transaction block). Raises
+    :class:`~cutover.errors.UncarriableValue` for a value the envelope cannot carry."""
+    before = avro_row(route, old)[0] if old is not None else None
+    after, unchanged = avro_row(route, new) if new is not None else (None, [])
+    row = after if after is not None else before
+    if route.change is not None:
+        value, last_at = route.change.change(
+            op,
+            before,
+            after,
+            unchanged,
+            commit_ms=tx.ts_ms,
+            tx_id=tx.xid,
+            lsn=tx.commit_lsn,
+            seq=seq,
+            now_ms=now_ms,
+            orders=None if order is None else (seq + 1, order),
+        )
+        return Pending(route, b"", 0, None, None, value, last_at, row, bool(unchanged))
+    record = env.change_record(
+        route.source_block,
+        op=op,
+        before=before,
+        after=after,
+        unchanged=unchanged,
+        position=(tx.commit_lsn, seq),
+        tx_id=tx.xid,
+        commit_ms=tx.ts_ms,
+        now_ms=now_ms,
+        transaction=None
+        if order is None
+        else env.transaction_block(tx.xid, tx.commit_lsn, seq + 1, order),
+    )
+    return Pending(route, b"", 0, record, None, None, -1, row, bool(unchanged))

@@ -6,14 +6,17 @@
   so a 1,000,000-row transaction streams through.
 * :class:`ChunkWindow` is one snapshot chunk between its low and high watermark (DBLog): every
   key changed in the stream inside the window is dropped from the chunk, so a streamed change
-  always wins over the chunk's older read of the row.
+  always wins over the chunk's older read of the row. :class:`WindowSet` holds a stream's
+  windows and emits what each kept when its high watermark's transaction commits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from cutover.values import UNCHANGED
 from producers.routes import TableRoute
 
 T = TypeVar("T")
@@ -103,3 +106,106 @@ class ChunkWindow:
         rows = list(self.rows.values())
         self.rows = {}
         return rows
+
+
+#: Encodes and emits one row of a closing chunk (route, row, its index = ``source.seq``, the
+#: clock for ``ts_ms``); True when the row was emitted (not withheld).
+RowSink = Callable[[TableRoute, dict[str, object], int, int], bool]
+
+
+class WindowSet:
+    """The snapshot windows of one change stream: registered, filtered, closed and emitted.
+
+    The stream tells it what it sees (:meth:`drop_changed` for every row change,
+    :meth:`truncated`, :meth:`watermark` for the chunk watermarks); at the Commit of a high
+    watermark's transaction :meth:`emit_closing` hands the rows left in each closing window to
+    the stream's ``sink`` (op ``r`` at that commit's position, so a streamed change always wins).
+    ``completed`` lists the windows that are done (emitted, failed or fenced), for the producer
+    to record once their rows are acknowledged.
+    """
+
+    __slots__ = ("_by_id", "_by_table", "_closing", "completed")
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, ChunkWindow] = {}
+        self._by_table: dict[str, list[ChunkWindow]] = {}
+        self._closing: list[ChunkWindow] = []
+        self.completed: list[ChunkWindow] = []
+
+    @property
+    def by_id(self) -> Mapping[str, ChunkWindow]:
+        return self._by_id
+
+    def add(self, window: ChunkWindow) -> None:
+        """Register a chunk whose watermarks are (or will be) in the stream."""
+        self._by_id[window.chunk_id] = window
+        self._by_table.setdefault(window.route.qualified, []).append(window)
+
+    def forget(self) -> None:
+        self._by_id.clear()
+        self._by_table.clear()
+
+    def drop_changed(
+        self, route: TableRoute, old: dict[str, object] | None, new: dict[str, object] | None
+    ) -> None:
+        """A row of ``route`` changed in the stream: its chunk rows are stale."""
+        windows = self._by_table.get(route.qualified)
+        if not windows:
+            return
+        partial = new is not None and any(v is UNCHANGED for v in new.values())
+        for window in windows:
+            if old is not None:
+                window.drop(route.pk_of(old))
+            if new is not None:
+                window.drop(route.pk_of(new), partial=partial)
+
+    def truncated(self, qualified: str) -> None:
+        """The table was truncated: the rows read before the TRUNCATE are gone."""
+        for window in self._by_table.get(qualified, ()):
+            for pk in list(window.rows):
+                window.drop(pk)
+
+    def watermark(self, low: bool, chunk_id: str, in_transaction: bool) -> None:
+        """A low (``low``) or high watermark of ``chunk_id`` was read."""
+        window = self._by_id.get(chunk_id)
+        if window is None:
+            return  # a chunk of an earlier run (killed before it finished): ignored
+        if low:
+            window.open()
+        elif window.state == "open" and in_transaction:
+            # Emitted at the Commit of this transaction, after any held-back event.
+            self._closing.append(window)
+        else:
+            # No low watermark seen: changes in the window were not filtered. The chunk is
+            # dropped unemitted; the producer reads it again under new watermarks.
+            window.fail()
+            self._finish(window)
+
+    def emit_closing(
+        self, commit_lsn: int, fenced: Collection[str], clock_ms: Callable[[], int], sink: RowSink
+    ) -> None:
+        """At the Commit of the high watermarks' transaction: emit what each window kept."""
+        for window in self._closing:
+            route = window.route
+            window.high_lsn = commit_lsn
+            if route.mapping.domain in fenced:
+                window.fence()  # the runner fails the request: see SnapshotRunner.chunk_done
+            else:
+                rows = window.close()
+                now_ms = clock_ms()
+                window.emitted = sum(
+                    sink(route, row, index, now_ms) for index, row in enumerate(rows)
+                )
+            self._finish(window)
+        self._closing.clear()
+
+    @property
+    def closing(self) -> bool:
+        return bool(self._closing)
+
+    def _finish(self, window: ChunkWindow) -> None:
+        self._by_id.pop(window.chunk_id, None)
+        table_windows = self._by_table.get(window.route.qualified, [])
+        if window in table_windows:
+            table_windows.remove(window)
+        self.completed.append(window)

@@ -164,7 +164,7 @@ def converter(type_oid: int) -> Converter:
 
 # What a converter raises for bad text: ValueError (incl. UnicodeDecodeError), InvalidOperation
 # (an ArithmeticError) from Decimal, OverflowError from the date/time constructors.
-_CONVERSION_ERRORS: Final = (ValueError, ArithmeticError, TypeError)
+CONVERSION_ERRORS: Final = (ValueError, ArithmeticError, TypeError)
 
 
 def _describe(type_oid: int, text: bytes, exc: Exception) -> str:
@@ -201,7 +201,7 @@ def decode_value(type_oid: int, text: bytes) -> object:
     """
     try:
         return converter(type_oid)(text)
-    except _CONVERSION_ERRORS as exc:
+    except CONVERSION_ERRORS as exc:
         raise UncarriableValue(
             _describe(type_oid, text, exc),
             table="",
@@ -238,7 +238,7 @@ def decode_tuple(relation: Relation, raw: RawTuple) -> dict[str, object]:
                     f"relation {relation.qualified_name} column {name}: binary-format value; "
                     "this decoder reads the text format, do not set the pgoutput 'binary' option"
                 )
-    except _CONVERSION_ERRORS as exc:
+    except CONVERSION_ERRORS as exc:
         type_oid = next(c.type_oid for c in relation.columns if c.name == name)
         text = value if isinstance(value, bytes) else b""
         raise UncarriableValue(
@@ -257,6 +257,6 @@ def _decodable_part(plan: tuple[tuple[str, Converter], ...], raw: RawTuple) -> d
     for (name, convert), value in zip(plan, raw, strict=True):
         out[name] = None
         if type(value) is bytes:
-            with contextlib.suppress(*_CONVERSION_ERRORS):
+            with contextlib.suppress(*CONVERSION_ERRORS):
                 out[name] = convert(value)
     return out

@@ -250,7 +250,14 @@ def mapping() -> MappingSpec:
     return load_mapping(REPO / "examples" / "shop" / "mapping.toml")
 
 
-def _run(mapping: MappingSpec, factory: Callable[[codec.WriterSchema], Any] | None) -> list[Any]:
+def _run(
+    mapping: MappingSpec,
+    factory: Callable[[codec.WriterSchema], Any] | None,
+    *,
+    strict: bool = False,
+) -> list[Any]:
+    """What the stream emits; ``strict``: every message parsed into its dataclass first (the
+    path of anything the fused row-change path leaves to it)."""
     sent: list[tuple[str, int, str, str]] = []
     stream = ChangeStream(
         mapping,
@@ -276,10 +283,17 @@ def _run(mapping: MappingSpec, factory: Callable[[codec.WriterSchema], Any] | No
                 for uid in (4, 5, 6)
             }
             stream.add_window(ChunkWindow(chunk_id="1:1:abc", route=route, rows=rows))
-        feed(message)
+        if strict:
+            stream.handle(parse_message(message))
+        else:
+            feed(message)
     return sent
 
 
 @pytest.mark.parametrize("factory", [encoder_for, None], ids=["fast_avro", "fastavro"])
 def test_the_encoded_stream_is_pinned(mapping: MappingSpec, factory: Any) -> None:
     assert _run(mapping, factory) == EXPECTED
+
+
+def test_the_fused_row_path_emits_what_the_strict_path_emits(mapping: MappingSpec) -> None:
+    assert _run(mapping, encoder_for, strict=True) == EXPECTED
