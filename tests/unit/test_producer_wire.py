@@ -14,6 +14,7 @@ import hashlib
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ import pytest
 
 from cutover import codec
 from cutover.codec import ColumnSpec
+from cutover.errors import DecodeError
 from cutover.mapping import MappingSpec, load_mapping
+from producers import fast_avro
+from producers.change_encoder import change_encoder
 from producers.events import (
     SNAPSHOT_HIGH_PREFIX,
     SNAPSHOT_LOW_PREFIX,
@@ -29,8 +33,9 @@ from producers.events import (
     ChunkWindow,
     SourceInfo,
 )
-from producers.fast_avro import encoder_for
+from producers.fast_avro import encoder_for, write_long
 from producers.pgoutput import Relation, parse_message
+from producers.pgoutput.rows import read_change
 
 REPO = Path(__file__).resolve().parents[2]
 BOOL, BYTEA, INT8, INT2, INT4, TEXT, JSON = 16, 17, 20, 21, 23, 25, 114
@@ -297,3 +302,125 @@ def test_the_encoded_stream_is_pinned(mapping: MappingSpec, factory: Any) -> Non
 
 def test_the_fused_row_path_emits_what_the_strict_path_emits(mapping: MappingSpec) -> None:
     assert _run(mapping, encoder_for, strict=True) == EXPECTED
+
+
+# --- the fast paths decide nothing the strict path would decide differently ------------------
+
+
+def _stream(mapping: MappingSpec, **options: Any) -> tuple[ChangeStream, list[Any]]:
+    sent: list[Any] = []
+    stream = ChangeStream(
+        mapping,
+        SourceInfo(version="1", name="shop", db="legacy"),
+        partitions={"shop.payment": 6, "shop.data": 6, "shop.merchant": 4},
+        topic_for=lambda d: f"shop.{d}",
+        emit=lambda t, p, k, v: sent.append((t, p, k, v)),
+        on_schema=lambda route, changes: None,
+        clock_ms=lambda: 1,
+        encoder_factory=encoder_for,
+        **options,
+    )
+    stream.feed(ITEMS_REL)
+    stream.feed(_begin(0x100, 1))
+    return stream, sent
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _insert(ITEMS, _item(1, 1))[:-2],  # truncated value
+        _insert(ITEMS, _item(1, 1)) + b"\x00",  # trailing byte
+        _insert(ITEMS, _tuple(_t(b"1"), _t(b"1"))),  # fewer columns than the Relation
+        _insert(ITEMS, _tuple(_t(b"1"), b"b" + struct.pack(">i", 1) + b"\x01", N, N, N)),
+        b"I" + struct.pack(">I", ITEMS) + b"X" + _item(1, 1),  # no 'N' mark
+        _update(ITEMS, _item(1, 1), old=_item(1, 1))[:-1],
+        _delete(ITEMS, _item(1, 1)) + b"N",
+        _insert(999, _item(1, 1)),  # a relation never described
+    ],
+    ids=["truncated", "trailing", "count", "binary", "mark", "update", "delete", "relation"],
+)
+def test_a_malformed_row_change_raises_the_strict_paths_error(
+    mapping: MappingSpec, message: bytes
+) -> None:
+    strict, _ = _stream(mapping)
+    with pytest.raises(DecodeError) as expected:
+        strict.handle(parse_message(message))
+    fused, sent = _stream(mapping)
+    with pytest.raises(DecodeError) as got:
+        fused.feed(message)
+    assert str(got.value) == str(expected.value)
+    assert sent == []
+
+
+def test_an_undecodable_value_is_withheld_by_the_strict_path(mapping: MappingSpec) -> None:
+    letters: list[Any] = []
+    stream, sent = _stream(mapping, on_letter=letters.append)
+    bad = _tuple(_t(b"7"), _t(b"1"), _t(b"x"), _t(b"2"), _t(b"1.00"))  # product_id 'x'
+    assert read_change(_insert(ITEMS, bad), {ITEMS: _parsed(ITEMS_REL)}) is None
+    stream.feed(_insert(ITEMS, bad))
+    stream.feed(_insert(ITEMS, _item(7, 2)))
+    stream.feed(_commit(0x100))
+    assert [letter.reason for letter in letters] == ["undecodable_int8"]
+    assert [k for _, _, k, _ in sent] == [b"7"]
+
+
+def _parsed(message: bytes) -> Relation:
+    rel = parse_message(message)
+    assert isinstance(rel, Relation)
+    return rel
+
+
+def test_read_change_gives_the_rows_of_insert_update_and_delete() -> None:
+    rels = {ITEMS: _parsed(ITEMS_REL)}
+    row = {"order_id": 1, "line_no": 2, "product_id": 9001, "qty": 2}
+    got = read_change(_insert(ITEMS, _item(1, 2)), rels)
+    assert got is not None and got[:3] == (ITEMS, "c", None) and got[3] is not None
+    assert {k: v for k, v in got[3].items() if k != "unit_price_idr"} == row
+    key = _tuple(_t(b"1"), _t(b"2"), N, N, N)
+    upd = read_change(_update(ITEMS, _item(1, 2), old=key), rels)
+    assert upd is not None and upd[1] == "u" and upd[2] is not None
+    assert upd[2]["line_no"] == 2 and upd[2]["qty"] is None
+    dele = read_change(_delete(ITEMS, key), rels)
+    assert dele is not None and dele[1:] == (
+        "d",
+        {"order_id": 1, "line_no": 2, "product_id": None, "qty": None, "unit_price_idr": None},
+        None,
+    )
+
+
+def test_a_schema_of_another_layout_keeps_the_record_path() -> None:
+    writer = codec.writer_schema(codec.truncate_schema())
+    assert change_encoder(writer, writer.header, {}) is None
+
+
+@pytest.mark.parametrize(
+    "n",
+    [0, 1, -1, 63, -64, 8191, 8192, -8193, (1 << 13) - 1, 1 << 27, -(1 << 27) - 1, 1 << 41,
+     (1 << 55) - 1, 1 << 55, -(1 << 55), (1 << 63) - 1, -(1 << 63), 1_764_000_000_123_456],
+)  # fmt: skip
+def test_varints_by_table_are_the_loops(n: int) -> None:
+    out = bytearray()
+    write_long(out, n)
+    z = (n << 1) ^ (n >> 63)
+    expected = bytearray()
+    while z >= 0x80:
+        expected.append((z & 0x7F) | 0x80)
+        z >>= 7
+    expected.append(z)
+    assert out == expected
+
+
+def test_decimal_encodings_kept_by_text_still_check_each_representation() -> None:
+    kept: dict[str, bytes] = {}
+    first, again, other = bytearray(), bytearray(), bytearray()
+    fast_avro._decimal_field(first, Decimal("800.00"), 14, 2, kept)
+    fast_avro._decimal_field(again, Decimal("800.00"), 14, 2, kept)
+    fast_avro._decimal_field(other, Decimal("800.0"), 14, 2, kept)  # the same value
+    assert first == again == other
+    assert bytes(first) == bytes([6]) + (80000).to_bytes(3, "big", signed=True)
+    # Equal to a kept value, but a scale the schema does not allow: refused every time.
+    with pytest.raises(ValueError, match="Scale"):
+        fast_avro._decimal_field(bytearray(), Decimal("800.000"), 14, 2, kept)
+    with pytest.raises(ValueError, match="precision"):
+        fast_avro._decimal_field(bytearray(), Decimal("1234567890123.45"), 14, 2, kept)
+    assert set(kept) == {"800.00", "800.0"}
