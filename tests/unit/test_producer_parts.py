@@ -141,6 +141,11 @@ def test_producer_config_forces_idempotence_and_acks_all() -> None:
     assert producer_config(KafkaSettings(producer={"acks": -1}), "cdc")["acks"] == "all"
 
 
+def test_the_cdc_producer_lingers_for_bigger_batches_by_default() -> None:
+    # Bigger batches cost the broker less per event; checkpoints flush, which sends at once.
+    assert producer_config(KafkaSettings(), "cdc")["linger.ms"] == 100
+
+
 @pytest.mark.parametrize(
     ("key", "value"), [("acks", 1), ("acks", "0"), ("enable.idempotence", False)]
 )
