@@ -14,9 +14,9 @@ is checked against the writer schema when the encoder is built (:func:`change_en
 None for any other layout, and the caller keeps the dict path), and unit tests compare both
 paths (tests/unit/test_producer_wire.py pins the bytes).
 
-``last_in_partition`` is the second-to-last byte group's end: :meth:`ChangeEncoder.change`
-returns the buffer and the offset of that boolean, so a held-back event is marked by setting
-one byte (``buf[offset] = 1``) instead of being encoded late.
+``transaction.last_in_partition`` is a one-byte boolean near the end of the value:
+:meth:`ChangeEncoder.change` returns the buffer and that byte's offset, so a held-back event is
+marked by setting one byte (``buf[offset] = 1``) instead of being encoded when released.
 """
 
 from __future__ import annotations
