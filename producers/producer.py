@@ -45,6 +45,7 @@ SIGTERM/SIGINT finish the current checkpoint and exit 0; crash points for fault 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -204,6 +205,10 @@ class CdcProducer:
             direction = self.direction
             self.store = ControlStore(ctl, direction.producer_schema, direction.capture_side)
             status = self._start()
+            # What was built so far (modules, settings, clients) lives as long as the run: kept
+            # out of the cyclic collector's full passes, which would walk it in vain (the change
+            # path makes no reference cycles); given back at the end (in-process callers).
+            gc.freeze()
             self.log.info(
                 "producer.started",
                 direction=self.direction.way,
@@ -220,6 +225,7 @@ class CdcProducer:
             try:
                 self._loop(started)
             finally:
+                gc.unfreeze()
                 self.reader.close()
                 self.report.elapsed_s = time.monotonic() - started
                 self.report.peak_rss_kb = peak_rss_kb()
