@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cutover import envelope as env
 from cutover.codec import WriterSchema
@@ -41,6 +41,17 @@ _OPS: Final = ("c", "u", "d", "r")
 OP_BYTE: Final = {op: 2 * i for i, op in enumerate(_OPS)}
 
 RowWriter = Callable[[bytearray, Mapping[str, Any]], None]
+
+
+class Tx(Protocol):
+    """What an event needs of its source transaction (the producer's TxContext)."""
+
+    @property
+    def xid(self) -> int: ...
+    @property
+    def commit_lsn(self) -> int: ...
+    @property
+    def ts_ms(self) -> int: ...
 
 
 def _names(record: Any) -> tuple[str, ...]:
@@ -126,24 +137,22 @@ class ChangeEncoder:
             self._tx_key = key
         return self._tx_source
 
-    def change(
+    def change(  # noqa: PLR0917 - once per event: positional binds cheapest
         self,
         op: str,
         before: Mapping[str, Any] | None,
         after: Mapping[str, Any] | None,
         unchanged: Sequence[str],
-        *,
-        commit_ms: int,
-        tx_id: int,
-        lsn: int,
+        tx: Tx,
         seq: int,
+        order: int | None,
         now_ms: int,
-        orders: tuple[int, int] | None,
     ) -> tuple[bytearray, int]:
         """The encoded event and the offset of its ``last_in_partition`` byte (-1: none).
 
-        ``orders`` is (total_order, data_collection_order) of a streamed change; None writes a
-        null transaction block (a snapshot row, flagged in ``source.snapshot``)."""
+        ``seq`` is the event's position in ``tx``; ``order`` its data_collection_order in a
+        streamed change (total_order is ``seq + 1``), None for a snapshot row (a null
+        transaction block, flagged in ``source.snapshot``)."""
         out = bytearray(self._head)
         append = out.append
         if before is None:
@@ -156,7 +165,7 @@ class ChangeEncoder:
         else:
             append(2)
             self._row(out, after)
-        out += self._source(commit_ms, tx_id, lsn, orders is None)
+        out += self._source(tx.ts_ms, tx.xid, tx.commit_lsn, order is None)
         write_long(out, seq)
         append(OP_BYTE[op])
         if now_ms != self._now:
@@ -165,12 +174,12 @@ class ChangeEncoder:
             self._now, self._now_b = now_ms, bytes(now)
         out += self._now_b
         last = -1
-        if orders is None:
+        if order is None:
             append(0)
         else:
             out += self._tx_id
-            write_long(out, orders[0])
-            write_long(out, orders[1])
+            write_long(out, seq + 1)
+            write_long(out, order)
             last = len(out)
             append(0)
         if unchanged:

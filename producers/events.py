@@ -179,6 +179,7 @@ class ChangeStream:
         self._route_cache: dict[tuple[str, tuple[ColumnSpec, ...]], TableRoute] = {}
         self._hold: HoldBack[Pending] = HoldBack()
         self._chunks = WindowSet()
+        self._window_ids = self._chunks.by_id  # the same dict: tested once per change
         self.tx: TxContext | None = None
         # The open transaction came from one of our appliers: its changes are not events.
         self._echo = False
@@ -372,7 +373,7 @@ class ChangeStream:
         tx = self.tx
         if tx is None:
             raise DecodeError("pgoutput change outside a transaction (no Begin message)")
-        if self._chunks.by_id:
+        if self._window_ids:
             # An echoed change too: the row's value came from the other side, which holds it;
             # a chunk row read before it must not overwrite it there.
             self._chunks.drop_changed(route, old, new)
@@ -383,7 +384,7 @@ class ChangeStream:
             return
         keyed = new if new is not None else old
         assert keyed is not None
-        key, partition = route.key_of(keyed)
+        key, partition = route.key_bytes_of(keyed)
         seq = self._seq
         table = route.table
         order = self._per_table.get(table, 0) + 1
@@ -397,7 +398,7 @@ class ChangeStream:
             return
         self._seq = seq + 1
         self._per_table[table] = order
-        pending.key = key.encode()
+        pending.key = key
         pending.partition = partition
         previous = self._hold.push(route.topic, partition, pending)
         if previous is not None:
@@ -531,7 +532,7 @@ class ChangeStream:
         if isinstance(row, row_letters.RefusedRow):  # a value that did not decode
             self._refuse(row.error, route, row)
             return False
-        key, partition = route.key_of(row)
+        key, partition = route.key_bytes_of(row)
         try:
             pending = encode_change(
                 route, env.SNAPSHOT_OP, None, row, tx=tx, seq=index, order=None, now_ms=now
@@ -539,7 +540,7 @@ class ChangeStream:
         except UncarriableValue as exc:
             self._refuse(exc, route, row)
             return False
-        pending.key, pending.partition = key.encode(), partition
+        pending.key, pending.partition = key, partition
         value = bytes(pending.value) if pending.value is not None else b""
         if pending.record is not None:
             value = route.encoder(pending.record)

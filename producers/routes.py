@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final, Protocol
+from typing import Any, Final
 from uuid import UUID
 
 from cutover import codec
@@ -31,7 +31,7 @@ from cutover.errors import UncarriableValue
 from cutover.mapping import TableMapping, aggregate_key
 from cutover.values import UNCHANGED
 from producers import fast_avro
-from producers.change_encoder import ChangeEncoder, change_encoder
+from producers.change_encoder import ChangeEncoder, Tx, change_encoder
 
 _UUID_OID: Final = 2950
 
@@ -113,6 +113,11 @@ class TableRoute:
         """(message key, partition) of a row: the aggregate id, crc32 partitioning."""
         key = aggregate_key(self.mapping, row)
         return key, partition_for(key, self.partitions)
+
+    def key_bytes_of(self, row: Mapping[str, object]) -> tuple[bytes, int]:
+        """:meth:`key_of` with the key as the message's bytes (encoded once)."""
+        key = aggregate_key(self.mapping, row).encode()
+        return key, zlib.crc32(key) % self.partitions
 
     def pk_of(self, row: Mapping[str, object]) -> tuple[object, ...]:
         return tuple(row.get(c) for c in self.mapping.primary_key)
@@ -217,17 +222,6 @@ class Pending:
             env.mark_last_in_partition(self.record)
 
 
-class Tx(Protocol):
-    """What an event needs of its source transaction (the producer's TxContext)."""
-
-    @property
-    def xid(self) -> int: ...
-    @property
-    def commit_lsn(self) -> int: ...
-    @property
-    def ts_ms(self) -> int: ...
-
-
 def encode_change(
     route: TableRoute,
     op: str,
@@ -246,18 +240,7 @@ def encode_change(
     after, unchanged = avro_row(route, new) if new is not None else (None, [])
     row = after if after is not None else before
     if route.change is not None:
-        value, last_at = route.change.change(
-            op,
-            before,
-            after,
-            unchanged,
-            commit_ms=tx.ts_ms,
-            tx_id=tx.xid,
-            lsn=tx.commit_lsn,
-            seq=seq,
-            now_ms=now_ms,
-            orders=None if order is None else (seq + 1, order),
-        )
+        value, last_at = route.change.change(op, before, after, unchanged, tx, seq, order, now_ms)
         return Pending(route, b"", 0, None, None, value, last_at, row, bool(unchanged))
     record = env.change_record(
         route.source_block,
