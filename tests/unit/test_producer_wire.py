@@ -10,6 +10,7 @@ a change to any of them is a change of the wire format that consumers already re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from collections.abc import Callable
@@ -32,10 +33,12 @@ from producers.events import (
     ChangeStream,
     ChunkWindow,
     SourceInfo,
+    TxContext,
 )
 from producers.fast_avro import encoder_for, write_long
 from producers.pgoutput import Relation, parse_message
 from producers.pgoutput.rows import read_change
+from producers.routes import build_route, encode_change
 
 REPO = Path(__file__).resolve().parents[2]
 BOOL, BYTEA, INT8, INT2, INT4, TEXT, JSON = 16, 17, 20, 21, 23, 25, 114
@@ -424,3 +427,27 @@ def test_decimal_encodings_kept_by_text_still_check_each_representation() -> Non
     with pytest.raises(ValueError, match="precision"):
         fast_avro._decimal_field(bytearray(), Decimal("1234567890123.45"), 14, 2, kept)
     assert set(kept) == {"800.00", "800.0"}
+
+
+def test_the_change_encoder_keeps_the_framing_the_factory_chose(mapping: MappingSpec) -> None:
+    # A schema registry's factory: the Confluent header in place of the single-object one.
+    header = codec.confluent_header(7)
+
+    def factory(ws: codec.WriterSchema) -> Any:
+        return encoder_for(dataclasses.replace(ws, header=header))
+
+    rel = _parsed(ITEMS_REL)
+    cols = [ColumnSpec(c.name, c.type_oid, c.type_modifier) for c in rel.columns]
+    route = build_route(
+        mapping.tables["order_items"], "shop", cols, topic="shop.payment", partitions=6,
+        source=SourceInfo(version="1", name="shop", db="legacy"), encoder_factory=factory,
+    )  # fmt: skip
+    assert route.change is not None
+    tx = TxContext(9, 0x200, 1_764_000_000_000)
+    row = {"order_id": 1, "line_no": 2, "product_id": 3, "qty": 4, "unit_price_idr": None}
+    fast = encode_change(route, "c", None, dict(row), tx=tx, seq=0, order=1, now_ms=5)
+    plain = dataclasses.replace(route, change=None)
+    slow = encode_change(plain, "c", None, dict(row), tx=tx, seq=0, order=1, now_ms=5)
+    assert fast.value is not None and slow.record is not None
+    assert bytes(fast.value) == route.encoder(slow.record)
+    assert bytes(fast.value).startswith(header)
