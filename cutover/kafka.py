@@ -84,7 +84,15 @@ _GROUPLESS_DROP: Final = ("group.instance.id", "partition.assignment.strategy")
 _NEVER_COMMIT: Final[dict[str, Any]] = {"enable.auto.commit": False}
 _CONSUMER_DEFAULTS: Final[dict[ConsumerPurpose, dict[str, Any]]] = {
     # Bounded prefetch: part of the apply consumer's memory budget (librdkafka's default: 64 MB).
-    "apply": {"auto.offset.reset": "earliest", "queued.max.messages.kbytes": 32768},
+    # A fetch answers at 64 KB or after 25 ms, not at every produce request: fewer, fuller
+    # fetches cost the broker and the appliers less CPU per event (bench.cdc_latency runs at
+    # 2,000 events/s: broker 171-206 against 184-278 µs per event), at most 25 ms of latency.
+    "apply": {
+        "auto.offset.reset": "earliest",
+        "queued.max.messages.kbytes": 32768,
+        "fetch.min.bytes": 65536,
+        "fetch.wait.max.ms": 25,
+    },
     "router": {"enable.partition.eof": False, "fetch.wait.max.ms": 100},
     "schemas": {},
     "replay": {},
