@@ -29,6 +29,7 @@ Database errors from any step go to ``source.recover``, which may reconnect and 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -181,6 +182,22 @@ class Decoder:
         return refreshed
 
 
+# The apply loop allocates ~40 objects per event (decoded records, rows, operations) and makes
+# almost no reference cycles: with CPython's default threshold (700) the cyclic collector ran
+# every ~20 events and its full collections walked every live batch, ~19 µs of CPU per event
+# (bench/apply_throughput.py). Cycles are still collected, just less often.
+_GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect cycles less often, and never scan what exists at start (modules, the mapping,
+    the schemas): ``gc.freeze`` moves it to the permanent generation."""
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 < _GC_GEN0_THRESHOLD:
+        gc.set_threshold(_GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def _crash() -> None:
     """Die like ``kill -9`` would: no flush, no rollback, no finally."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -259,6 +276,7 @@ class ApplyEngine:
 
     def run(self, source: Source, stop: threading.Event | None = None) -> ApplySummary:
         """Apply every batch of ``source`` until it is done or ``stop`` is set."""
+        tune_gc()
         try:
             while stop is None or not stop.is_set():
                 try:

