@@ -49,6 +49,7 @@ if str(REPO) not in sys.path:  # run as a script: make the repository importable
 
 import psycopg  # noqa: E402
 
+from bench.latency_stages import postmaster_of, tree_cpu_s  # noqa: E402
 from consumers.apply import ApplyConsumer, ApplyOptions, CommitInfo  # noqa: E402
 from cutover import logging as cutover_logging  # noqa: E402
 from devtools.apply_support import (  # noqa: E402
@@ -360,7 +361,13 @@ def backlog(env: dict[str, str], dsn: str, events: int, batch: int) -> dict[str,
             dsn, topics, group="bench-backlog", batch_max_events=batch, consumer={}
         )
         obs = Observer()
+        # CPU from the consumer's start to its last COMMIT: this process (the applier's thread
+        # and librdkafka's; producing is over) and the commerce cluster (postmaster, backends).
+        postmaster = postmaster_of(dsn)
+        load_start = os.getloadavg()
+        cpu0, db0 = time.process_time(), tree_cpu_s(postmaster)
         start = _run_consumer(settings, obs, lambda: obs.events >= produced, timeout=3600)
+        applier_cpu, db_cpu = time.process_time() - cpu0, tree_cpu_s(postmaster) - db0
         (t_first, first_events), (t_last, _n) = obs.commits[0], obs.commits[-1]
         rate = (produced - first_events) / (t_last - t_first)
         with psycopg.connect(dsn) as conn:
@@ -385,6 +392,11 @@ def backlog(env: dict[str, str], dsn: str, events: int, batch: int) -> dict[str,
             "commerce_rows": rows[0] if rows else None,
             "dead_letters": dead[0] if dead else None,
             "process_peak_rss_mb": round(_rss_mb()),
+            "cpu_us_per_event": {
+                "applier": round(applier_cpu / produced * 1e6, 1),
+                "postgresql_commerce": round(db_cpu / produced * 1e6, 1),
+            },
+            "load_average_start_end": [load_start, os.getloadavg()],
             "note": "apply side only: the backlog was produced before the consumer started",
         }
     finally:
@@ -678,6 +690,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| apply rate, {b['events']:,}-event backlog (apply side only) | "
             f"{b['events_per_s']:,} events/s | >= 20,000 events/s |"
+        )
+        cpu = b["cpu_us_per_event"]
+        lines.append(
+            f"| CPU per event: applier, PostgreSQL commerce | {cpu['applier']} µs, "
+            f"{cpu['postgresql_commerce']} µs | - |"
         )
         lines.append(
             f"| bench process peak RSS (producing, then draining) | "

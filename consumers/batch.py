@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from consumers.events import Change, Event, Position
 from cutover.errors import CutoverError
@@ -138,7 +139,9 @@ def row_key(key: Sequence[object]) -> str:
     A JSON array of the key values in target-key order; for integer and text keys it is exactly
     what PostgreSQL prints for ``jsonb_build_array(k1, k2, ...)::text``.
     """
-    if all(type(k) is int for k in key):  # the usual case, 5x faster than json.dumps
+    if len(key) == 1 and type(key[0]) is int:  # the usual case: one integer
+        return f"[{key[0]}]"
+    if all(type(k) is int for k in key):  # 5x faster than json.dumps
         return "[" + ", ".join([str(k) for k in key]) + "]"
     return json.dumps(list(key), ensure_ascii=False, default=str)
 
@@ -197,19 +200,28 @@ def to_ops(table: TableMapping, change: Change, origin: int) -> list[RowOp]:
 
 
 def merge(ops: Iterable[RowOp]) -> list[RowOp]:
-    """Fold the operations per (target table, key) in position order; see the module doc."""
-    ordered = sorted(ops, key=lambda op: op.position)  # stable: batch order breaks ties
+    """Fold the operations per (target table, key) in position order; see the module doc.
+
+    The input operations are never changed: a key's first operation is taken as it is, and
+    copied only when a second one folds into it (most keys have one operation per batch).
+    """
+    ordered = sorted(ops, key=_position)  # stable: batch order breaks ties
     merged: dict[tuple[str, tuple[object, ...]], RowOp] = {}
+    copied: set[tuple[str, tuple[object, ...]]] = set()
     for op in ordered:
         slot = (op.table.target_table, op.key)
         prev = merged.get(slot)
         if prev is None:
-            merged[slot] = RowOp(
-                op.table, op.key, op.position, op.delete, dict(op.values), list(op.origins)
-            )
+            merged[slot] = op
             continue
         if op.position == prev.position and op.delete == prev.delete:
             continue  # the same event twice in one batch (a redelivery): changes nothing
+        if slot not in copied:
+            copied.add(slot)
+            prev = merged[slot] = RowOp(
+                prev.table, prev.key, prev.position, prev.delete, dict(prev.values),
+                list(prev.origins),
+            )  # fmt: skip
         prev.origins.extend(op.origins)
         prev.position = op.position
         if op.delete:
@@ -221,6 +233,9 @@ def merge(ops: Iterable[RowOp]) -> list[RowOp]:
         else:
             prev.values.update(op.values)
     return list(merged.values())
+
+
+_position = attrgetter("position")
 
 
 def column_groups(ops: Iterable[RowOp]) -> dict[tuple[str, ...], list[RowOp]]:

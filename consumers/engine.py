@@ -29,6 +29,7 @@ Database errors from any step go to ``source.recover``, which may reconnect and 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -181,6 +182,22 @@ class Decoder:
         return refreshed
 
 
+# The apply loop allocates ~40 objects per event (decoded records, rows, operations) and makes
+# almost no reference cycles: with CPython's default threshold (700) the cyclic collector ran
+# every ~20 events and its full collections walked every live batch, ~19 µs of CPU per event
+# (bench/apply_throughput.py). Cycles are still collected, just less often.
+_GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect cycles less often, and never scan what exists at start (modules, the mapping,
+    the schemas): ``gc.freeze`` moves it to the permanent generation."""
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 < _GC_GEN0_THRESHOLD:
+        gc.set_threshold(_GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def _crash() -> None:
     """Die like ``kill -9`` would: no flush, no rollback, no finally."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -259,6 +276,7 @@ class ApplyEngine:
 
     def run(self, source: Source, stop: threading.Event | None = None) -> ApplySummary:
         """Apply every batch of ``source`` until it is done or ``stop`` is set."""
+        tune_gc()
         try:
             while stop is None or not stop.is_set():
                 try:
@@ -341,6 +359,8 @@ class ApplyEngine:
             upd = tx.pending.get(tp)
             if upd is None:
                 upd = tx.pending[tp] = OffsetUpdate(tp[0], tp[1], entries[0].offset)
+            sample = tx.latency_sample
+            seen, lsn, ts = False, 0, 0  # any change; the newest source LSN and commit time
             for entry in entries:
                 event = entry.event
                 if entry.error is not None or event is None:
@@ -350,14 +370,21 @@ class ApplyEngine:
                     if self.observe:
                         metrics.heartbeat_seen(domain, event.ts_ms)
                 else:
-                    if len(tx.latency_sample) < _LATENCY_SAMPLE:
-                        tx.latency_sample.append(event.ts_ms)
+                    if len(sample) < _LATENCY_SAMPLE:
+                        sample.append(event.ts_ms)
                     changes.append(event)
                     refs.append((tp, entry))
-                    upd.last_source_lsn = max(upd.last_source_lsn or 0, event.lsn)
-                    upd.last_source_ts_ms = max(upd.last_source_ts_ms or 0, event.ts_ms)
+                    # Plain comparisons: two max() calls per event cost more than the rest.
+                    seen = True
+                    if event.lsn > lsn:  # noqa: PLR1730
+                        lsn = event.lsn
+                    if event.ts_ms > ts:  # noqa: PLR1730
+                        ts = event.ts_ms
                     if keep_ts:
                         tx.source_ts.append(event.ts_ms)
+            if seen:
+                upd.last_source_lsn = max(upd.last_source_lsn or 0, lsn)
+                upd.last_source_ts_ms = max(upd.last_source_ts_ms or 0, ts)
             # Only offsets of whole units are ever committed: at COMMIT every partition of the
             # transaction ended on a closing event (streaming ones are committed when closed).
             upd.next_offset = entries[-1].offset + 1

@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from consumers import sql as q
-from consumers.batch import RowOp, column_groups, merge, to_ops
+from consumers.batch import RowOp, column_groups, merge, row_key, to_ops
 from consumers.events import Change, Position
 from cutover import pg
 from cutover.control_store import CONSUMER_TABLES, ControlStore, dead_letters, offsets
@@ -312,15 +312,16 @@ class Sink:
                     write = copy.write_row
                     for n, group in enumerate(groups.values()):
                         for op in group:
-                            get = op.values.get
-                            row = [get(c) for c in columns]
-                            row.extend((op.position[0], op.position[1], False, n, op.row_key))
+                            row = list(map(op.values.get, columns))
+                            lsn, seq = op.position
+                            row += (lsn, seq, False, n, row_key(op.key))
                             write(row)
                     for op in deletes:
                         row = [None] * len(columns)
                         for i, value in zip(key_at, op.key, strict=True):
                             row[i] = value
-                        row.extend((op.position[0], op.position[1], True, None, op.row_key))
+                        lsn, seq = op.position
+                        row += (lsn, seq, True, None, row_key(op.key))
                         write(row)
                 schema = self.mapping.target_schema
                 for n, cols in enumerate(groups):

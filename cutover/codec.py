@@ -49,11 +49,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 import schemas
 from cutover import envelope as env
+from cutover.avro_decode import Decoder, decoder_for
 from cutover.errors import (
     ConfigError,
     DecodeError,
@@ -262,6 +263,8 @@ class SchemaStore:
     def __init__(self, resolve: Callable[[int], str] | None = None) -> None:
         self._by_fp: dict[int, WriterSchema] = {}
         self._by_id: dict[int, WriterSchema] = {}
+        # The compiled reader of each writer schema (cutover.avro_decode), made on first use.
+        self._decoders: dict[int, Decoder] = {}
         self.resolve = resolve
 
     def add(self, schema: Mapping[str, Any] | WriterSchema) -> WriterSchema:
@@ -307,17 +310,21 @@ class SchemaStore:
     def decode(self, data: bytes) -> tuple[WriterSchema, dict[str, Any]]:
         """Decode a message of either framing (:func:`framing`); UnknownSchema if its
         single-object fingerprint is not known."""
-        if framing(data) == "confluent":
-            ws, offset = self.by_id(read_schema_id(data)), CONFLUENT_HEADER_SIZE
-        else:
-            fp = read_fingerprint(data)
+        if data[:2] == MAGIC and len(data) >= HEADER_SIZE:  # the usual case, checked first
+            fp: int = _FP.unpack_from(data, 2)[0]
             found = self._by_fp.get(fp)
             if found is None:
                 raise UnknownSchema(fp)
             ws, offset = found, HEADER_SIZE
+        else:
+            framing(data)  # DecodeError unless Confluent-framed
+            ws, offset = self.by_id(read_schema_id(data)), CONFLUENT_HEADER_SIZE
+        decode = self._decoders.get(ws.fingerprint)
+        if decode is None:
+            decode = self._decoders[ws.fingerprint] = decoder_for(ws.json, ws.parsed, ws.name)
         try:
-            record = schemaless_reader(io.BytesIO(data[offset:]), ws.parsed, None)
-        except Exception as exc:  # fastavro raises many kinds for corrupt bodies
+            record = decode(data, offset)
+        except Exception as exc:  # damaged bodies raise many kinds (see cutover.avro_decode)
             raise DecodeError(
                 f"corrupt Avro body for schema {ws.name} ({ws.fingerprint_hex}): "
                 f"{type(exc).__name__}: {exc}"

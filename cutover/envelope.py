@@ -346,18 +346,22 @@ def _change(record: Mapping[str, Any]) -> Change:
         raise DecodeError(f"change event op {op!r} is none of c, u, d, r")
     row = _row(op, record)
     snapshot = op == SNAPSHOT_OP or source.get(SRC_SNAPSHOT) == "true"
-    closes = _closes(record.get(TRANSACTION), snapshot)
+    tx = record.get(TRANSACTION)
+    closes = True if tx is None or snapshot else _closes(tx, snapshot)
     schema, table = _table_of(source)
-    before = record.get(BEFORE)
+    before = record.get(BEFORE) if op == "u" else None
+    lsn, seq, ts_ms = source[SRC_LSN], source[SRC_SEQ], source[SRC_TS_MS]
+    # Positional, and int() only where the decoder did not give an int already: this runs
+    # once per consumed event.
     return Change(
-        schema=schema,
-        table=table,
-        op=op,
-        lsn=int(source[SRC_LSN]),
-        seq=int(source[SRC_SEQ]),
-        ts_ms=int(source[SRC_TS_MS]),
-        row=row,
-        before=before if op == "u" and isinstance(before, dict) else None,
-        closes=closes,
-        snapshot=snapshot,
+        schema,
+        table,
+        op,
+        lsn if type(lsn) is int else int(lsn),
+        seq if type(seq) is int else int(seq),
+        ts_ms if type(ts_ms) is int else int(ts_ms),
+        row,
+        before if isinstance(before, dict) else None,
+        closes,
+        snapshot,
     )

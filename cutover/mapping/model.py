@@ -123,6 +123,8 @@ class TableMapping:
     _plan: tuple[tuple[str, Step], ...] = field(init=False, repr=False, compare=False)
     # The inverse of each column, in file order (the reverse engine's plan).
     _inverses: tuple[Inverse, ...] = field(init=False, repr=False, compare=False)
+    # ``target_columns``, built once: the apply path asks for it per row.
+    _target_columns: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         plan = tuple(
@@ -133,11 +135,12 @@ class TableMapping:
             c.transform.inverse(self.target_table, c.target, c.reverse) for c in self.columns
         )
         object.__setattr__(self, "_inverses", inverses)
+        object.__setattr__(self, "_target_columns", tuple(c.target for c in self.columns))
 
     @property
     def target_columns(self) -> tuple[str, ...]:
         """The mapped target columns, in file order (without the bookkeeping columns)."""
-        return tuple(c.target for c in self.columns)
+        return self._target_columns
 
     def column(self, target: str) -> ColumnMapping:
         """The mapping of target column ``target`` (KeyError if it is not mapped)."""
