@@ -29,12 +29,13 @@ Database errors from any step go to ``source.recover``, which may reconnect and 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -189,13 +190,22 @@ class Decoder:
 _GC_GEN0_THRESHOLD = 50_000
 
 
-def tune_gc() -> None:
+@contextlib.contextmanager
+def tuned_gc() -> Iterator[None]:
     """Collect cycles less often, and never scan what exists at start (modules, the mapping,
-    the schemas): ``gc.freeze`` moves it to the permanent generation."""
+    the schemas): ``gc.freeze`` moves it to the permanent generation. Garbage is collected
+    first (frozen, it would never be freed), and both are undone at the end, so an in-process
+    caller (tests, the replay sandbox) gets its collector back as it was."""
+    before = gc.get_threshold()
+    gc.collect()
     gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    if gen0 < _GC_GEN0_THRESHOLD:
-        gc.set_threshold(_GC_GEN0_THRESHOLD, gen1, gen2)
+    if before[0] < _GC_GEN0_THRESHOLD:
+        gc.set_threshold(_GC_GEN0_THRESHOLD, before[1], before[2])
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def _crash() -> None:
@@ -276,20 +286,20 @@ class ApplyEngine:
 
     def run(self, source: Source, stop: threading.Event | None = None) -> ApplySummary:
         """Apply every batch of ``source`` until it is done or ``stop`` is set."""
-        tune_gc()
-        try:
-            while stop is None or not stop.is_set():
-                try:
-                    batch = source.next_batch()
-                    if batch is None:
-                        break
-                    self.step(source, batch)
-                except DatabaseError as exc:
-                    if not source.recover(exc):
-                        raise
-        except BaseException:
-            self.rollback("error")
-            raise
+        with tuned_gc():
+            try:
+                while stop is None or not stop.is_set():
+                    try:
+                        batch = source.next_batch()
+                        if batch is None:
+                            break
+                        self.step(source, batch)
+                    except DatabaseError as exc:
+                        if not source.recover(exc):
+                            raise
+            except BaseException:
+                self.rollback("error")
+                raise
         return self.summary
 
     def step(self, source: Source, batch: Batch) -> None:

@@ -12,7 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from cli.main import build_parser, main
 from consumers.apply import ApplyConsumer
 from consumers.batch import Entry
-from consumers.engine import Tx, tune_gc
+from consumers.engine import Tx, tuned_gc
 from consumers.rebalance import OwnedPartition
 from cutover import kafka
 from cutover.config import ApplySettings, KafkaSettings, Settings, SourceSettings, TargetSettings
@@ -216,9 +216,12 @@ def test_the_apply_loop_collects_cycles_less_often() -> None:
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        tune_gc()
-        assert gc.get_threshold() == (50_000, 10, 10)
-        assert gc.get_freeze_count() > 0  # what existed at start is never scanned again
+        with tuned_gc():
+            assert gc.get_threshold() == (50_000, 10, 10)
+            assert gc.get_freeze_count() > 0  # what existed at start is never scanned again
+        # Undone for an in-process caller: nothing stays frozen, the threshold is back.
+        assert gc.get_threshold() == (700, 10, 10)
+        assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
