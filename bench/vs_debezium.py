@@ -414,7 +414,7 @@ DEBEZIUM_CONNECTOR: dict[str, Any] = {
 
 
 SETTINGS = (
-    "cutover: defaults (read_mode stream, linger 20 ms, lz4, Avro); Debezium 3.6.1 on Connect "
+    "cutover: defaults (read_mode stream, linger.ms 100, lz4, Avro); Debezium 3.6.1 on Connect "
     "4.1.1 standalone: JSON schemas off, max.batch.size 20,480, max.queue.size 81,920, poll "
     "100 ms, linger 50 ms, batch.size 1 MB, -Xmx2G"
 )
