@@ -31,6 +31,8 @@ from typing import Any, Final
 from fastavro import parse_schema, schemaless_reader
 from fastavro.read import LOGICAL_READERS
 
+from cutover.codegen import SourceBuilder
+
 #: ``decode(data, offset)``: the record encoded in ``data`` from ``offset`` on.
 Decoder = Callable[[bytes, int], dict[str, Any]]
 
@@ -68,27 +70,12 @@ _HELPERS: Final[dict[str, Any]] = {
 }
 
 
-class _Gen:
+class _Gen(SourceBuilder):
     """Emits the lines of one decode function (locals: ``data``, ``pos``, ``end_of_data``)."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.consts: dict[str, Any] = {}
-        self.names: dict[str, Any] = {}
+        super().__init__()
         self.expanding: set[int] = set()
-        self._n = 0
-
-    def var(self, stem: str) -> str:
-        self._n += 1
-        return f"{stem}{self._n}"
-
-    def const(self, value: Any) -> str:
-        name = self.var("C")
-        self.consts[name] = value
-        return name
-
-    def emit(self, depth: int, line: str) -> None:
-        self.lines.append("    " * depth + line)
 
     # -- names (the parsed schema defines each named type once, later uses name it) --------
 
@@ -277,10 +264,7 @@ def _generate(schema: Any, name: str) -> Decoder:
     gen.emit(1, "end_of_data = len(data)")
     gen.value(schema, "record", 1, "")
     gen.emit(1, "return record")
-    source = "def decode(data, pos):\n" + "\n".join(gen.lines) + "\n"
-    scope: dict[str, Any] = {**_HELPERS, **gen.consts}
-    exec(compile(source, f"<avro decoder {name}>", "exec"), scope)
-    decode: Decoder = scope["decode"]
+    decode: Decoder = gen.build("decode(data, pos)", f"avro decoder {name}", _HELPERS)
     return decode
 
 

@@ -30,6 +30,7 @@ import fastavro._write
 from fastavro import parse_schema
 
 from cutover.codec import WriterSchema
+from cutover.codegen import SourceBuilder
 
 # The compiled writer's entry point; not in fastavro's stubs.
 _write_data = fastavro._write.write_data  # type: ignore[attr-defined]
@@ -216,25 +217,7 @@ _HELPERS: Final[dict[str, Any]] = {
 # --- the generator ----------------------------------------------------------------------------
 
 
-class _Gen:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.consts: dict[str, Any] = {}
-        self.names: dict[str, Any] = {}
-        self._n = 0
-
-    def var(self, stem: str) -> str:
-        self._n += 1
-        return f"{stem}{self._n}"
-
-    def const(self, value: Any) -> str:
-        name = self.var("C")
-        self.consts[name] = value
-        return name
-
-    def emit(self, depth: int, line: str) -> None:
-        self.lines.append("    " * depth + line)
-
+class _Gen(SourceBuilder):
     def resolve(self, schema: Any, namespace: str) -> Any:
         if isinstance(schema, str) and schema not in _PRIMITIVES:
             full = schema if "." in schema else f"{namespace}.{schema}" if namespace else schema
@@ -355,10 +338,8 @@ def _generate(writer: WriterSchema) -> Encoder:
     gen.emit(1, "append = out.append")
     gen.record(schema, "record", 1, namespace)
     gen.emit(1, "return bytes(out)")
-    source = "def encode(record):\n" + "\n".join(gen.lines) + "\n"
-    scope: dict[str, Any] = {**_HELPERS, **gen.consts, "HEADER": writer.header}
-    exec(compile(source, f"<avro encoder {writer.name}>", "exec"), scope)
-    encode: Encoder = scope["encode"]
+    helpers = {**_HELPERS, "HEADER": writer.header}
+    encode: Encoder = gen.build("encode(record)", f"avro encoder {writer.name}", helpers)
     return encode
 
 
@@ -384,10 +365,8 @@ def row_writer(record: dict[str, Any], namespace: str) -> Callable[[bytearray, A
     inner = gen.register(record, namespace)
     gen.emit(1, "append = out.append")
     gen.record(record, "row", 1, inner)
-    source = "def write(out, row):\n" + "\n".join(gen.lines) + "\n"
-    scope: dict[str, Any] = {**_HELPERS, **gen.consts}
-    exec(compile(source, f"<avro row writer {record.get('name')}>", "exec"), scope)
-    write: Callable[[bytearray, Any], None] = scope["write"]
+    label = f"avro row writer {record.get('name')}"
+    write: Callable[[bytearray, Any], None] = gen.build("write(out, row)", label, _HELPERS)
     return write
 
 
