@@ -27,7 +27,7 @@ from cutover import capture
 from cutover.config import Settings
 from cutover.control_store import LEGACY_SCHEMA, ControlStore, dead_letters, offsets
 from cutover.control_store import producer as producer_state
-from cutover.errors import CutoverError, DatabaseError, KafkaError, redact_dsn
+from cutover.errors import CutoverError, DatabaseError, redact_dsn
 from cutover.kafka import fetch_watermarks, kafka_consumer
 from cutover.mapping import load_mapping
 
@@ -37,7 +37,8 @@ Conn = psycopg.Connection[Any]
 LEGACY_CONTROL_SCHEMA = LEGACY_SCHEMA
 
 
-def _err(exc: BaseException) -> str:
+def probe_error(exc: BaseException) -> str:
+    """The first line of a failed probe's error, as evidence (DSNs redacted)."""
     # Evidence is printed: a libpq parse error may echo a piece of a DSN password.
     text = redact_dsn(str(getattr(exc, "message", None) or exc).strip())
     return text.splitlines()[0] if text else type(exc).__name__
@@ -55,7 +56,7 @@ def verify_evidence(conn: Conn, control_schema: str, domain: str) -> VerifyEvide
             [domain, domain],
         ).fetchone()
     except psycopg.Error as exc:
-        return VerifyEvidence(error=_err(exc))
+        return VerifyEvidence(error=probe_error(exc))
     if row is None:
         return VerifyEvidence()
     return VerifyEvidence(
@@ -63,19 +64,24 @@ def verify_evidence(conn: Conn, control_schema: str, domain: str) -> VerifyEvide
     )
 
 
-def lag_evidence(settings: Settings, conn: Conn, domain: str, consumer: Any) -> LagEvidence:
-    topic = settings.kafka.topic(domain)
-    store = ControlStore(conn, settings.target.control_schema, "target")
+def stored_lag(store: ControlStore, group_id: str, topic: str, consumer: Any) -> LagEvidence:
+    """Events of ``topic`` not yet applied: its high watermarks against the offsets ``group_id``
+    stored in ``store`` (none stored: everything is lag)."""
     try:
         stored: dict[int, int] = {}
         if store.exists(offsets.TABLE):
-            rows = offsets.read_group(store, settings.apply.group_id, topic)
+            rows = offsets.read_group(store, group_id, topic)
             stored = {o.partition: o.next_offset for o in rows}
         marks = fetch_watermarks(consumer, topic)
-    except (psycopg.Error, DatabaseError, KafkaError) as exc:
-        return LagEvidence(topic=topic, error=_err(exc))
+    except (psycopg.Error, CutoverError) as exc:
+        return LagEvidence(topic=topic, error=probe_error(exc))
     per = apply_lag(marks, stored)
     return LagEvidence(topic=topic, partitions=per, total=sum(per.values()))
+
+
+def lag_evidence(settings: Settings, conn: Conn, domain: str, consumer: Any) -> LagEvidence:
+    store = ControlStore(conn, settings.target.control_schema, "target")
+    return stored_lag(store, settings.apply.group_id, settings.kafka.topic(domain), consumer)
 
 
 def dead_letter_evidence(settings: Settings, conn: Conn, domain: str) -> DeadLetterEvidence:
@@ -89,7 +95,7 @@ def dead_letter_evidence(settings: Settings, conn: Conn, domain: str) -> DeadLet
             )
         count, ids = dead_letters.open_of_domain(store, domain, settings.kafka.topic(domain))
     except (psycopg.Error, DatabaseError) as exc:
-        return DeadLetterEvidence(error=_err(exc))
+        return DeadLetterEvidence(error=probe_error(exc))
     return DeadLetterEvidence(open=count, sample_ids=ids)
 
 
@@ -101,7 +107,7 @@ def with_producer_letters(dl: DeadLetterEvidence, legacy: Conn, domain: str) -> 
             return dl  # no producer ran since `cutover init` created it: none withheld
         count, ids = dead_letters.producer_open_of_domain(store, domain)
     except (psycopg.Error, DatabaseError) as exc:
-        return replace(dl, error=_err(exc))
+        return replace(dl, error=probe_error(exc))
     return replace(dl, producer_open=count, producer_ids=ids)
 
 
@@ -112,7 +118,7 @@ def heartbeat_evidence(settings: Settings, legacy: Conn) -> HeartbeatEvidence:
             return HeartbeatEvidence(error="the producer never ran (no cutover.producer_state)")
         beat = producer_state.read_heartbeat(store, settings.source.slot)
     except (psycopg.Error, DatabaseError) as exc:
-        return HeartbeatEvidence(error=_err(exc))
+        return HeartbeatEvidence(error=probe_error(exc))
     if beat is None or beat.age_s is None:
         return HeartbeatEvidence(
             error=f"no heartbeat recorded for slot {settings.source.slot} in cutover.producer_state"
@@ -129,7 +135,7 @@ def slot_evidence(settings: Settings, legacy: Conn) -> SlotEvidence:
             [slot],
         ).fetchone()
     except psycopg.Error as exc:
-        return SlotEvidence(slot=slot, error=_err(exc))
+        return SlotEvidence(slot=slot, error=probe_error(exc))
     if row is None:
         return SlotEvidence(slot=slot, exists=False)
     return SlotEvidence(slot=slot, exists=True, wal_status=row[0], active=bool(row[1]))
@@ -140,7 +146,7 @@ def capture_evidence(settings: Settings, legacy: Conn, domain: str) -> CaptureEv
         mapping = load_mapping(settings.mapping_path)
         found = capture.blocks(legacy, settings.source.publication, mapping, domain)
     except (CutoverError, psycopg.Error) as exc:  # a failed probe fails its gate only
-        return CaptureEvidence(error=_err(exc))
+        return CaptureEvidence(error=probe_error(exc))
     return CaptureEvidence(blocks=tuple(found))
 
 
@@ -162,11 +168,11 @@ def collect(settings: Settings, domain: str, *, consumer: Any | None = None) -> 
         try:
             legacy = _connect(settings.source.dsn)
         except psycopg.Error as exc:
-            failed_legacy = f"legacy database unreachable: {_err(exc)}"
+            failed_legacy = f"legacy database unreachable: {probe_error(exc)}"
         try:
             commerce = _connect(settings.target.dsn)
         except psycopg.Error as exc:
-            failed_commerce = f"commerce database unreachable: {_err(exc)}"
+            failed_commerce = f"commerce database unreachable: {probe_error(exc)}"
         if consumer is None:
             consumer = kafka_consumer(settings)
         schema = settings.target.control_schema

@@ -33,7 +33,13 @@ from typing import Any, TypeAlias
 
 import psycopg
 
-from control.gate_evidence import dead_letter_evidence, lag_evidence, verify_evidence
+from control.gate_evidence import (
+    dead_letter_evidence,
+    lag_evidence,
+    probe_error,
+    stored_lag,
+    verify_evidence,
+)
 from control.gates import (
     DeadLetterEvidence,
     Evidence,
@@ -42,7 +48,6 @@ from control.gates import (
     LagEvidence,
     SlotEvidence,
     VerifyEvidence,
-    apply_lag,
     apply_lag_gate,
     dead_letters_gate,
     verify_gate,
@@ -51,9 +56,8 @@ from control.write_switch import LEGACY_FENCE_SCHEMA, ReversePath, reverse_path
 from cutover import fence
 from cutover.config import GateSettings, Settings
 from cutover.control_store import READS_SWITCHED, WRITES_SWITCHED, ControlStore, load_states
-from cutover.control_store import offsets as stored_offsets
-from cutover.errors import CutoverError, redact_dsn
-from cutover.kafka import fetch_watermarks, kafka_consumer
+from cutover.errors import CutoverError
+from cutover.kafka import kafka_consumer
 
 __all__ = [
     "WRITE_GATE_TABLE",
@@ -231,11 +235,6 @@ def evaluate_write(action: str, ev: WriteEvidence, limits: GateSettings) -> list
 # ---------------------------------------------------------------------------------------------
 
 
-def _err(exc: BaseException) -> str:
-    text = redact_dsn(str(getattr(exc, "message", None) or exc).strip())
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _state(settings: Settings, commerce: Conn, domain: str) -> tuple[str | None, float | None]:
     st = load_states(commerce, settings.target.control_schema).get(domain)
     if st is None:
@@ -253,18 +252,9 @@ def _fences(settings: Settings, legacy: Conn, commerce: Conn, domain: str) -> Fe
 
 def reverse_lag(settings: Settings, legacy: Conn, domain: str, consumer: Any) -> LagEvidence:
     """Events of ``domain``'s reverse topic not yet applied into legacy (one measurement)."""
-    topic = settings.kafka.reverse_topic(domain)
     store = ControlStore(legacy, settings.reverse.control_schema, "source")
-    try:
-        stored: dict[int, int] = {}
-        if store.exists(stored_offsets.TABLE):
-            rows = stored_offsets.read_group(store, settings.reverse.group_id, topic)
-            stored = {o.partition: o.next_offset for o in rows}
-        marks = fetch_watermarks(consumer, topic)
-    except (psycopg.Error, CutoverError) as exc:
-        return LagEvidence(topic=topic, error=_err(exc))
-    per = apply_lag(marks, stored)
-    return LagEvidence(topic=topic, partitions=per, total=sum(per.values()))
+    topic = settings.kafka.reverse_topic(domain)
+    return stored_lag(store, settings.reverse.group_id, topic, consumer)
 
 
 #: How long a lag probe re-measures before it reports a lag above zero (see _settled).
@@ -291,12 +281,12 @@ def collect_write(settings: Settings, domain: str) -> WriteEvidence:
     try:
         legacy = psycopg.connect(settings.source.dsn, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
-        return WriteEvidence(domain, error=f"legacy database unreachable: {_err(exc)}")
+        return WriteEvidence(domain, error=f"legacy database unreachable: {probe_error(exc)}")
     try:
         commerce = psycopg.connect(settings.target.dsn, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
         legacy.close()
-        return WriteEvidence(domain, error=f"commerce database unreachable: {_err(exc)}")
+        return WriteEvidence(domain, error=f"commerce database unreachable: {probe_error(exc)}")
     consumer = kafka_consumer(settings)
     try:
         ev = WriteEvidence(domain)
@@ -304,11 +294,11 @@ def collect_write(settings: Settings, domain: str) -> WriteEvidence:
             state, soak = _state(settings, commerce, domain)
             ev = replace(ev, state=state, soak_s=soak)
         except (psycopg.Error, CutoverError) as exc:
-            ev = replace(ev, error=_err(exc))
+            ev = replace(ev, error=probe_error(exc))
         try:
             fences = _fences(settings, legacy, commerce, domain)
         except (psycopg.Error, CutoverError) as exc:
-            fences = FenceEvidence(error=_err(exc))
+            fences = FenceEvidence(error=probe_error(exc))
         return replace(
             ev,
             verify=verify_evidence(commerce, settings.target.control_schema, domain),
