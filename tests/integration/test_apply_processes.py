@@ -158,19 +158,33 @@ def test_members_joining_and_dying_under_load_lose_and_duplicate_nothing(
 
     # Load: the stream is produced while the members come and go.
     done = threading.Event()
-    # The last tenth of the stream waits for the membership changes, however slow the machine
-    # is to start processes: the changes must happen under load, never after it.
+    # The last tenth of the stream trickles while the members change and its final part waits
+    # for the changes, however slow the machine is to start processes and however fast the
+    # members apply: a joining member must find events to apply (with the whole bulk applied
+    # before it joins, it would never commit), and the changes must happen under load.
     changes_done = threading.Event()
     held_back = len(msgs) - len(msgs) // 10
+    reserve = len(msgs) - 100
 
     def feed() -> None:
         prod = producer(topics.bootstrap)
-        for i in range(0, len(msgs), 200):  # about 2,000 events/s for ~20 s
-            if i >= held_back:
-                changes_done.wait(600)
-            produce(topics.bootstrap, msgs[i : i + 200], prod)
+
+        def send(chunk: list[Message]) -> None:
+            produce(topics.bootstrap, chunk, prod)
             prod.flush(10)
+
+        i = 0
+        while i < held_back:  # about 2,000 events/s
+            send(msgs[i : min(i + 200, held_back)])
+            i = min(i + 200, held_back)
             time.sleep(0.1)
+        while i < reserve and not changes_done.is_set():  # ~10 events/s for up to ~80 s
+            send(msgs[i : i + 5])
+            i += 5
+            time.sleep(0.5)
+        changes_done.wait(600)
+        for j in range(i, len(msgs), 200):
+            send(msgs[j : j + 200])
         assert prod.flush(30) == 0
         done.set()
 
